@@ -1,0 +1,47 @@
+"""Exact parameter count and model FLOPs per token, from the config alone (no model is built).
+
+FLOPs are *model* FLOPs (2 per multiply-add, forward + backward = 3x forward): the matmuls of every
+projection plus QK^T and PV over the keys each query really sees under its layer's pattern, the
+count coming from the same rule the kernels use (patterns.keys_per_query). Kernel overheads such as
+the half-empty key blocks of the chunked backend are not counted, as MFU convention requires.
+"""
+
+from __future__ import annotations
+
+from longctx_megatron.config.model_config import ModelConfig
+from longctx_megatron.model.attention.patterns import pattern_for
+
+
+def _layer_matmul_params(config: ModelConfig) -> int:
+    qkv = config.d_model * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+    out = config.n_heads * config.head_dim * config.d_model
+    mlp = 3 * config.d_model * config.d_ff
+    return qkv + out + mlp
+
+
+def estimate_params(config: ModelConfig) -> int:
+    """Number of parameters; tied input/output embeddings count once."""
+    per_layer = _layer_matmul_params(config) + 2 * config.d_model  # + two RMSNorm weights
+    embeddings = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
+    return config.n_layers * per_layer + embeddings + config.d_model  # + final norm
+
+
+def mean_keys_per_query(config: ModelConfig, seq_len: int) -> list[float]:
+    """Per layer: visible keys per query averaged over positions 0..seq_len-1 and over heads."""
+    means = []
+    for spec in config.layer_plan():
+        pattern = pattern_for(spec, config.group_size)
+        if spec.kind == "dilated":  # offsets differ by KV head; one query head per KV head suffices
+            heads = range(0, config.n_heads, config.group_size)
+        else:
+            heads = range(1)
+        total = sum(pattern.keys_per_query(seq_len, head).double().mean().item() for head in heads)
+        means.append(total / len(heads))
+    return means
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token at ``seq_len`` (forward + backward when ``training``)."""
+    dense = 2 * (config.n_layers * _layer_matmul_params(config) + config.vocab_size * config.d_model)
+    attention = sum(4 * config.n_heads * config.head_dim * keys for keys in mean_keys_per_query(config, seq_len))
+    return (dense + attention) * (3 if training else 1)

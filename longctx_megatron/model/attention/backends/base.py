@@ -1,0 +1,69 @@
+"""What an attention backend is: a way to compute ``softmax(QK^T/sqrt(d)) V`` under a pattern.
+
+Tensors are (batch, heads, seq, head_dim); K and V carry the KV heads (GQA: query head h reads
+KV head h // group_size). Backends either compute a pattern whole (the dense reference) or provide
+two primitives, causal attention and causal sliding-window attention, from which
+:mod:`..decompose` builds every pattern (dilated by regrouping, global tokens by an LSE merge).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from longctx_megatron.model.attention.patterns import Pattern
+
+
+class BackendUnavailable(RuntimeError):
+    """The selected backend cannot run here (missing package, wrong device, unsupported pattern)."""
+
+
+class AttentionBackend(ABC):
+    name: str = "?"
+
+    def unsupported_reason(self, pattern: Pattern, q: torch.Tensor) -> str | None:
+        """Why this backend cannot run ``pattern`` on ``q``'s device/dtype, or None when it can."""
+        return None
+
+    def check(self, pattern: Pattern, q: torch.Tensor) -> None:
+        reason = self.unsupported_reason(pattern, q)
+        if reason is not None:
+            raise BackendUnavailable(f"attention backend {self.name!r} cannot run {pattern}: {reason}")
+
+    @abstractmethod
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, dropout_p: float = 0.0
+    ) -> torch.Tensor:
+        """Attention output (B, H, T, D) of q (B, H, T, D) over k, v (B, Hkv, T, D) under ``pattern``."""
+
+
+class DecomposedBackend(AttentionBackend):
+    """A backend defined by its two primitives; patterns are assembled in :mod:`..decompose`."""
+
+    def attend(self, q, k, v, pattern, dropout_p=0.0):
+        from longctx_megatron.model.attention.decompose import attend_decomposed
+
+        self.check(pattern, q)
+        return attend_decomposed(self, q, k, v, pattern, dropout_p)
+
+    @abstractmethod
+    def causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Full causal attention."""
+
+    @abstractmethod
+    def window(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int,
+        key_valid: torch.Tensor | None,
+        need_lse: bool,
+        dropout_p: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Causal sliding window: query i sees keys j with 0 <= i - j < window and key_valid[b, j].
+
+        Returns (out, lse) where lse (B, H, T, float32, natural log) is given when ``need_lse`` and
+        must carry gradients; rows with no visible key give out 0 and lse -inf.
+        """

@@ -1,0 +1,64 @@
+"""Pure-PyTorch block-local attention: O(T * W) time and memory, CPU and GPU, with autograd.
+
+The sequence is cut into blocks of C = min(W, T) queries; block b attends to key blocks b - 1 and
+b, which hold every key its window can reach. Scores exist only for those 2C keys per query, so
+doubling T doubles the work instead of quadrupling it. Full causal attention goes to SDPA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longctx_megatron.model.attention.backends.base import DecomposedBackend
+from longctx_megatron.model.attention.softmax import masked_attention
+
+
+def _pair_blocks(x: torch.Tensor, n_blocks: int, block: int, dim: int) -> torch.Tensor:
+    """Split ``dim`` (length (n+1)*C) into blocks and join each block with its predecessor: (..., n, 2C, ...)."""
+    x = x.unflatten(dim, (n_blocks + 1, block))
+    return torch.cat([x.narrow(dim, 0, n_blocks), x.narrow(dim, 1, n_blocks)], dim=dim + 1)
+
+
+def chunked_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    key_valid: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal window attention (see DecomposedBackend.window); returns (out, lse)."""
+    batch, n_heads, seq_len, head_dim = q.shape
+    n_kv = k.shape[1]
+    block = min(window, seq_len)
+    n_blocks = -(-seq_len // block)
+    tail = n_blocks * block - seq_len
+    # One leading block of (invalid) keys lets block 0 look back like every other block.
+    q_blocks = F.pad(q, (0, 0, 0, tail)).view(batch, n_kv, n_heads // n_kv, n_blocks, block, head_dim)
+    k_blocks = _pair_blocks(F.pad(k, (0, 0, block, tail)), n_blocks, block, dim=2).unsqueeze(2)
+    v_blocks = _pair_blocks(F.pad(v, (0, 0, block, tail)), n_blocks, block, dim=2).unsqueeze(2)
+    valid = torch.ones(batch, seq_len, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    valid = _pair_blocks(F.pad(valid, (block, tail), value=False), n_blocks, block, dim=1)  # (B, n, 2C)
+    # Query a of a block vs key c of its pair: distance i - j = C + a - c.
+    distance = block + torch.arange(block, device=q.device)[:, None] - torch.arange(2 * block, device=q.device)
+    in_window = (distance >= 0) & (distance < window)
+    mask = (in_window & valid[:, :, None, :])[:, None, None]  # (B, 1, 1, n, C, 2C)
+    out, lse = masked_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
+    out = out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :seq_len]
+    lse = lse.reshape(batch, n_heads, n_blocks * block)[:, :, :seq_len]
+    return out, lse
+
+
+def sdpa_causal(q, k, v, dropout_p: float) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=True)
+
+
+class ChunkedBackend(DecomposedBackend):
+    name = "chunked"
+
+    def causal(self, q, k, v, dropout_p):
+        return sdpa_causal(q, k, v, dropout_p)
+
+    def window(self, q, k, v, window, key_valid, need_lse, dropout_p):
+        return chunked_window_attention(q, k, v, window, key_valid, dropout_p)

@@ -1,0 +1,59 @@
+"""FlexAttention block-sparse kernels (CUDA under torch.compile); the window mask comes from patterns.py.
+
+Only the sliding-window primitive uses a block mask: global tokens would touch every 128x128 tile
+and make the mask dense, so they are merged by log-sum-exp in decompose.py instead (FlexAttention's
+LSE carries gradients). On CPU FlexAttention runs eagerly, forward only (no backward), which is
+still useful to check masks against the oracle.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from longctx_megatron.model.attention.backends.base import BackendUnavailable, DecomposedBackend
+from longctx_megatron.model.attention.backends.chunked import sdpa_causal
+from longctx_megatron.model.attention.patterns import SlidingPattern
+
+try:
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+except ImportError:  # older torch
+    flex_attention = None
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+class FlexBackend(DecomposedBackend):
+    name = "flex"
+
+    def unsupported_reason(self, pattern, q):
+        if flex_attention is None:
+            return "this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
+        if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+            return "FlexAttention has no backward pass on CPU; use 'chunked' to train on CPU"
+        return None
+
+    def causal(self, q, k, v, dropout_p):
+        return sdpa_causal(q, k, v, dropout_p)
+
+    def window(self, q, k, v, window, key_valid, need_lse, dropout_p):
+        if dropout_p > 0.0:
+            raise BackendUnavailable("FlexAttention has no attention dropout; set attention_dropout=0 or use 'chunked'")
+        rule = SlidingPattern(window).mask_mod
+
+        def mask_mod(b, h, q_idx, kv_idx):  # create_block_mask wants a plain function
+            visible = rule(b, h, q_idx, kv_idx)
+            return visible if key_valid is None else visible & key_valid[b, kv_idx]
+        batch, seq_len = q.shape[0], q.shape[2]
+        on_gpu = q.device.type == "cuda"
+        block_mask = create_block_mask(
+            mask_mod, batch if key_valid is not None else None, None, seq_len, seq_len,
+            device=q.device, _compile=on_gpu,
+        )
+        kernel = _compiled_flex() if on_gpu else flex_attention
+        out, aux = kernel(q, k, v, block_mask=block_mask, enable_gqa=True, return_aux=AuxRequest(lse=True))
+        return out, aux.lse

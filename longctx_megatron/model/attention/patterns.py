@@ -1,0 +1,102 @@
+"""The one definition of each attention pattern's visibility rule.
+
+Every rule is causal and written as a FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx)`` on
+integer tensors, so the same function builds the dense oracle mask (broadcast index grids) and the
+FlexAttention block mask. ``keys_per_query`` is the closed-form row count of the same rule, used for
+FLOPs accounting and checked against the mask in the tests. ``h`` is the query head index local to
+this module; dilated offsets follow the *global* KV head (``first_kv_head``), so tensor-parallel
+shards see the same rule as the single-process model.
+
+Rules (i = query position, j = key position, both sequence indices):
+
+* full:    j <= i.
+* sliding: 0 <= i - j < W, or (G > 0) j is global (j % G == 0) and j <= i, or i is global and j <= i.
+* dilated: with s = (global KV head index) % r, d = i - j - s: d >= 0, d % r == 0 and d < W * r.
+  Head groups with different offsets s cover every residue, so the union over heads of a query's
+  keys is its whole span of W * r positions (see docs/decisions/0002-attention-patterns-and-backends.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longctx_megatron.config.layer_plan import LayerSpec
+
+
+@dataclass(frozen=True)
+class FullPattern:
+    kind = "full"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    def keys_per_query(self, seq_len: int, head: int = 0) -> torch.Tensor:
+        return torch.arange(1, seq_len + 1)
+
+
+@dataclass(frozen=True)
+class SlidingPattern:
+    window: int
+    global_every: int = 0
+    kind = "sliding"
+
+    def is_global(self, idx):
+        return (idx % self.global_every) == 0
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        visible = (q_idx - kv_idx) < self.window
+        if self.global_every:
+            visible = visible | self.is_global(kv_idx) | self.is_global(q_idx)
+        return (kv_idx <= q_idx) & visible
+
+    def keys_per_query(self, seq_len: int, head: int = 0) -> torch.Tensor:
+        i = torch.arange(seq_len)
+        local = torch.clamp(i + 1, max=self.window)
+        if not self.global_every:
+            return local
+        older_globals = torch.where(i >= self.window, (i - self.window) // self.global_every + 1, 0)
+        return torch.where(self.is_global(i), i + 1, local + older_globals)
+
+
+@dataclass(frozen=True)
+class DilatedPattern:
+    window: int
+    dilation: int
+    group_size: int = 1  # query heads per KV head
+    first_kv_head: int = 0  # global index of this module's first KV head (tensor parallelism)
+    kind = "dilated"
+
+    def kv_head_shift(self, kv_head):
+        """Offset of a local KV head: its global index modulo the dilation."""
+        return (self.first_kv_head + kv_head) % self.dilation
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        d = q_idx - kv_idx - self.kv_head_shift(h // self.group_size)
+        return (d >= 0) & (d % self.dilation == 0) & (d < self.window * self.dilation)
+
+    def keys_per_query(self, seq_len: int, head: int = 0) -> torch.Tensor:
+        i = torch.arange(seq_len)
+        shift = self.kv_head_shift(head // self.group_size)
+        reachable = torch.clamp((i - shift) // self.dilation + 1, max=self.window)
+        return torch.where(i >= shift, reachable, 0)
+
+
+Pattern = FullPattern | SlidingPattern | DilatedPattern
+
+
+def pattern_for(spec: LayerSpec, group_size: int = 1, first_kv_head: int = 0) -> Pattern:
+    if spec.kind == "full":
+        return FullPattern()
+    if spec.kind == "sliding":
+        return SlidingPattern(spec.window, spec.global_every)
+    return DilatedPattern(spec.window, spec.dilation, group_size, first_kv_head)
+
+
+def dense_mask(pattern: Pattern, seq_len: int, n_heads: int, device=None) -> torch.Tensor:
+    """Boolean (n_heads, T, T) visibility mask of ``pattern``: the O(T^2) oracle."""
+    idx = torch.arange(seq_len, device=device)
+    heads = torch.arange(n_heads, device=device)[:, None, None]
+    mask = pattern.mask_mod(0, heads, idx[None, :, None], idx[None, None, :])
+    return mask.expand(n_heads, seq_len, seq_len)

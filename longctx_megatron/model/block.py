@@ -1,0 +1,29 @@
+"""Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longctx_megatron.config.layer_plan import LayerSpec
+from longctx_megatron.config.model_config import ModelConfig
+from longctx_megatron.model.attention.layer import SelfAttention
+from longctx_megatron.model.mlp import SwiGLU
+from longctx_megatron.model.norm import RMSNorm
+
+
+class TransformerBlock(torch.nn.Module):
+    def __init__(self, config: ModelConfig, spec: LayerSpec, attention_backend: str = "auto"):
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention = SelfAttention(
+            config.d_model, config.n_heads, config.n_kv_heads, spec, config.attention_dropout, attention_backend
+        )
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.d_ff)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        p = self.hidden_dropout if self.training else 0.0
+        x = x + F.dropout(self.attention(self.attention_norm(x), cos, sin), p)
+        return x + F.dropout(self.mlp(self.mlp_norm(x)), p)

@@ -1,0 +1,54 @@
+"""Parameter initialisation defined on global tensors, one parameter at a time.
+
+Each parameter's values come from a generator seeded by (seed, global parameter name), so they do
+not depend on construction order, device or parallel layout: a tensor-parallel rank takes its slice
+of the same global tensor, and memory peaks at one tensor even for the 7B model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from longctx_megatron.config.model_config import ModelConfig
+
+# Projections writing into the residual stream get std / sqrt(2 * n_layers) (GPT-2 / Megatron).
+OUTPUT_PROJECTIONS = ("attention.out.weight", "mlp.down.weight")
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_std(name: str, shape: torch.Size, config: ModelConfig) -> float | None:
+    """Standard deviation of parameter ``name``'s normal init; None for norm weights (ones)."""
+    if len(shape) == 1:
+        return None
+    fan_out, fan_in = shape
+    if config.init_method == "xavier":
+        std = math.sqrt(2.0 / (fan_in + fan_out))
+    elif config.init_method == "kaiming":
+        std = 1.0 / math.sqrt(fan_in)
+    else:
+        std = config.init_std
+    if name.endswith(OUTPUT_PROJECTIONS):
+        std /= math.sqrt(2.0 * config.n_layers)
+    return std
+
+
+def init_global_tensor(name: str, shape: torch.Size, config: ModelConfig, seed: int) -> torch.Tensor:
+    """The float32 CPU value of global parameter ``name``."""
+    std = init_std(name, shape, config)
+    if std is None:
+        return torch.ones(shape)
+    generator = torch.Generator().manual_seed(parameter_seed(seed, name))
+    return torch.randn(shape, generator=generator) * std
+
+
+@torch.no_grad()
+def initialize_parameters(model: torch.nn.Module, config: ModelConfig, seed: int) -> None:
+    for name, param in model.named_parameters():
+        param.copy_(init_global_tensor(name, param.shape, config, seed))

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="longctx_megatron",
+    version="0.1.0",
+    description="Megatron-style training of long-context language models with heterogeneous attention",
+    packages=find_packages(include=["longctx_megatron", "longctx_megatron.*"]),
+    python_requires=">=3.10",
+    # Pinned so that the CPU build installs on CPU machines; GPU users install the CUDA build of the
+    # same version first (see README), which satisfies the pin.
+    install_requires=["torch==2.13.0", "numpy", "pyyaml"],
+    extras_require={
+        "dev": [
+            "pytest",
+            "pytest-xdist",
+            "pytest-timeout",
+            "sentencepiece",
+            "tensorboard",
+            "transformers",
+            "safetensors",
+            "ruff",
+        ],
+        "gpu": ["flash-attn"],
+    },
+)
