@@ -33,7 +33,7 @@ class FlexBackend(DecomposedBackend):
     def unsupported_reason(self, pattern, q):
         if flex_attention is None:
             return "this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
-        if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+        if q.device.type != "cuda" and q.requires_grad:
             return "FlexAttention has no backward pass on CPU; use 'chunked' to train on CPU"
         return None
 
