@@ -7,10 +7,11 @@ list of :class:`LayerSpec`, the only form the model reads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from longctx_megatron.config.errors import ConfigError
-from longctx_megatron.config.rope import RopeConfig
+from longctx_megatron.config.rope import RopeConfig, check_fields
 
 ATTENTION_KINDS = ("sliding", "dilated", "full")
 
@@ -25,21 +26,36 @@ class LayerSpec:
     ``window`` counts visible keys: for ``sliding`` the W most recent positions (self included),
     for ``dilated`` W keys spaced ``dilation`` apart (a span of W * dilation positions).
     ``global_every`` G > 0 makes every position p with p % G == 0 a global token (sliding only).
+    ``rope`` None means "the config's RoPE for this kind" (resolved by ModelConfig.layer_plan).
     """
 
     kind: str
     window: int = 0
     global_every: int = 0
     dilation: int = 1
-    rope: RopeConfig = field(default_factory=RopeConfig)
+    rope: RopeConfig | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ATTENTION_KINDS:
             raise ConfigError(
                 f"unknown attention kind {self.kind!r}; known kinds: {', '.join(ATTENTION_KINDS)}"
             )
-        if isinstance(self.rope, dict):  # from YAML/JSON
-            object.__setattr__(self, "rope", RopeConfig(**self.rope))
+        if self.rope is not None:
+            object.__setattr__(self, "rope", RopeConfig.from_dict(self.rope, "rope"))
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> LayerSpec:
+        """Build from a YAML/JSON mapping; errors name ``where`` (e.g. ``layers[3]``)."""
+        if isinstance(data, cls):
+            return data
+        check_fields(cls, data, where)
+        data = dict(data)
+        if data.get("rope") is not None:
+            data["rope"] = RopeConfig.from_dict(data["rope"], f"{where}.rope")
+        try:
+            return cls(**data)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
 
     def describe(self) -> str:
         if self.kind == "sliding":
@@ -61,11 +77,15 @@ def parse_layout(text: str) -> list[tuple[str, int]]:
                 f"attention_layout={text!r}: unknown attention kind {kind!r}; "
                 f"known kinds: {', '.join(ATTENTION_KINDS)}"
             )
-        if not sep or not count.strip().isdigit() or int(count) <= 0:
+        try:
+            layers = int(count) if sep and count.strip().isascii() else 0
+        except ValueError:
+            layers = 0
+        if layers <= 0:
             raise ConfigError(
                 f"attention_layout={text!r}: {item.strip()!r} needs a positive layer count, e.g. '{kind}:4'"
             )
-        pairs.append((kind, int(count)))
+        pairs.append((kind, layers))
     return pairs
 
 

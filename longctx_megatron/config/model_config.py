@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.layer_plan import (
@@ -50,14 +50,13 @@ class ModelConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.rope, dict):
-            self.rope = RopeConfig(**self.rope)
+        # Mappings (from YAML/JSON) become dataclasses here, with errors naming where they are.
+        self.rope = RopeConfig.from_dict(self.rope, "rope")
         self.rope_by_kind = {
-            kind: RopeConfig(**value) if isinstance(value, dict) else value
-            for kind, value in self.rope_by_kind.items()
+            kind: RopeConfig.from_dict(value, f"rope_by_kind.{kind}") for kind, value in self.rope_by_kind.items()
         }
         if self.layers is not None:
-            self.layers = [LayerSpec(**s) if isinstance(s, dict) else s for s in self.layers]
+            self.layers = [LayerSpec.from_dict(spec, f"layers[{i}]") for i, spec in enumerate(self.layers)]
         self.validate()
 
     @property
@@ -82,16 +81,19 @@ class ModelConfig:
         return flops_per_token(self, seq_len, training)
 
     def layer_plan(self) -> list[LayerSpec]:
-        """One resolved spec per layer, in order."""
+        """One resolved spec per layer, in order; every spec has its RoPE filled in."""
         if self.layers is not None:
-            return list(self.layers)
+            return [spec if spec.rope else replace(spec, rope=self._rope_for(spec.kind)) for spec in self.layers]
         layout = parse_layout(self.attention_layout) if self.attention_layout else scale_layout(
             DEFAULT_LAYOUT, self.n_layers
         )
         return [self._spec_for(kind) for kind, count in layout for _ in range(count)]
 
+    def _rope_for(self, kind: str) -> RopeConfig:
+        return self.rope_by_kind.get(kind, self.rope)
+
     def _spec_for(self, kind: str) -> LayerSpec:
-        rope = self.rope_by_kind.get(kind, self.rope)
+        rope = self._rope_for(kind)
         if kind == "sliding":
             return LayerSpec(kind, window=self.sliding_window, global_every=self.global_every, rope=rope)
         if kind == "dilated":
@@ -102,7 +104,7 @@ class ModelConfig:
     def validate(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         if self.d_model % self.n_heads:
             raise ConfigError(
@@ -125,9 +127,9 @@ class ModelConfig:
                 raise ConfigError(f"{name}={value} must be in [0, 1]")
         if self.init_method not in INIT_METHODS:
             raise ConfigError(f"init_method={self.init_method!r} is unknown; choose one of {', '.join(INIT_METHODS)}")
-        if self.init_std <= 0:
+        if not self.init_std > 0:  # also rejects NaN
             raise ConfigError(f"init_std={self.init_std} must be > 0")
-        if self.norm_eps <= 0:
+        if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps={self.norm_eps} must be > 0")
         if self.layers is not None and self.attention_layout:
             raise ConfigError("give either attention_layout or layers, not both (layers is the explicit plan)")
@@ -145,7 +147,8 @@ class ModelConfig:
 
     def _validate_layer(self, index: int, spec: LayerSpec) -> None:
         where = f"layer {index} ({spec.kind})"
-        spec.rope.validate(f"{where} rope")
+        if spec.rope.scaling == "ntk" and self.head_dim <= 2:
+            raise ConfigError(f"{where}: ntk RoPE scaling needs head_dim > 2 (head_dim={self.head_dim})")
         if spec.kind == "full":
             return
         field_name = "sliding_window" if spec.kind == "sliding" else "dilated_window"

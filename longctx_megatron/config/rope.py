@@ -7,7 +7,8 @@ The scaling names follow Hugging Face's ``rope_scaling`` so checkpoints convert 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from longctx_megatron.config.errors import ConfigError
 
@@ -32,19 +33,30 @@ class RopeConfig:
     def __post_init__(self) -> None:
         self.validate("rope")
 
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> RopeConfig:
+        """Build from a YAML/JSON mapping; errors name ``where`` (e.g. ``layers[3].rope``)."""
+        if isinstance(data, cls):
+            return data
+        check_fields(cls, data, where)
+        try:
+            return cls(**data)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+
     def validate(self, where: str) -> None:
         if self.scaling not in ROPE_SCALING_TYPES:
             raise ConfigError(
                 f"{where}.scaling={self.scaling!r} is unknown; choose one of {', '.join(ROPE_SCALING_TYPES)}"
             )
-        if self.theta <= 0:
+        if not self.theta > 0:  # also rejects NaN
             raise ConfigError(f"{where}.theta={self.theta} must be > 0 (10000 is the usual base)")
-        if self.scaling != "none" and self.factor < 1.0:
+        if self.scaling != "none" and not self.factor >= 1.0:
             raise ConfigError(
                 f"{where}.factor={self.factor} must be >= 1 for {self.scaling} scaling "
                 "(it is the context-length multiplier)"
             )
-        if self.original_max_position <= 0:
+        if not self.original_max_position > 0:
             raise ConfigError(f"{where}.original_max_position={self.original_max_position} must be > 0")
         if self.scaling == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
             raise ConfigError(
@@ -55,3 +67,13 @@ class RopeConfig:
             raise ConfigError(
                 f"{where}: yarn scaling needs beta_fast ({self.beta_fast}) > beta_slow ({self.beta_slow}) > 0"
             )
+
+
+def check_fields(cls: type, data: Any, where: str) -> None:
+    """``data`` must be a mapping whose keys are fields of dataclass ``cls``."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")

@@ -12,37 +12,17 @@ from typing import Any
 import yaml
 
 from longctx_megatron.config.errors import ConfigError
-from longctx_megatron.config.layer_plan import LayerSpec
 from longctx_megatron.config.model_config import ModelConfig
-from longctx_megatron.config.rope import RopeConfig
+from longctx_megatron.config.rope import check_fields
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _check_keys(data: dict, cls: type, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
-
-
-def config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"a model config must be a mapping, got {type(data).__name__}")
-    _check_keys(data, ModelConfig, "model config")
-    data = dict(data)
-    if isinstance(data.get("rope"), dict):
-        _check_keys(data["rope"], RopeConfig, "rope")
-    for kind, rope in (data.get("rope_by_kind") or {}).items():
-        if isinstance(rope, dict):
-            _check_keys(rope, RopeConfig, f"rope_by_kind.{kind}")
-    for index, layer in enumerate(data.get("layers") or []):
-        if isinstance(layer, dict):
-            _check_keys(layer, LayerSpec, f"layers[{index}]")
-            if isinstance(layer.get("rope"), dict):
-                _check_keys(layer["rope"], RopeConfig, f"layers[{index}].rope")
+def config_from_dict(data: Any) -> ModelConfig:
+    """Nested mappings (rope, layers) are checked by the dataclasses themselves."""
+    check_fields(ModelConfig, data, "a model config")
     return ModelConfig(**data)
 
 
@@ -51,6 +31,15 @@ def _suffix(path: Path) -> str:
     if suffix not in (".yaml", ".yml", ".json"):
         raise ConfigError(f"{path}: config files must end in .yaml, .yml or .json")
     return suffix
+
+
+def _file_mode(path: Path) -> int:
+    """The existing file's mode, or 0666 minus the umask for a new file."""
+    if path.exists():
+        return path.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def save_config(config: ModelConfig, path: str | os.PathLike) -> None:
@@ -65,6 +54,7 @@ def save_config(config: ModelConfig, path: str | os.PathLike) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep what open() would give
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from longctx_megatron.config.layer_plan import LayerSpec
+from longctx_megatron.config.rope import RopeConfig
 from longctx_megatron.model.attention import factory
 from longctx_megatron.model.attention.patterns import Pattern, pattern_for
 from longctx_megatron.model.rope import RotaryEmbedding, apply_rotary
@@ -48,7 +49,8 @@ class SelfAttention(torch.nn.Module):
         self.first_kv_head = 0
         self.qkv = torch.nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out = torch.nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-        self.rotary = RotaryEmbedding(self.head_dim, spec.rope)
+        # A spec from ModelConfig.layer_plan() has its RoPE resolved; a bare spec gets the default.
+        self.rotary = RotaryEmbedding(self.head_dim, spec.rope or RopeConfig())
 
     @property
     def n_kv_heads(self) -> int:
