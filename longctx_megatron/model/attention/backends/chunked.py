@@ -1,8 +1,9 @@
-"""Pure-PyTorch block-local attention: O(T * W) time and memory, CPU and GPU, with autograd.
+"""Pure-PyTorch block-local attention: O(T * W) time, O(T * D) activation memory, CPU and GPU.
 
 The sequence is cut into blocks of C = min(W, T) queries; block b attends to key blocks b - 1 and
 b, which hold every key its window can reach. Scores exist only for those 2C keys per query, so
-doubling T doubles the work instead of quadrupling it. Full causal attention goes to SDPA.
+doubling T doubles the work instead of quadrupling it, and they are recomputed in the backward
+pass rather than stored (recompute.py). Full causal attention goes to SDPA.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.model.attention.backends.base import DecomposedBackend
+from longctx_megatron.model.attention.backends.recompute import RecomputedBlockAttention
 from longctx_megatron.model.attention.softmax import masked_attention
 
 
@@ -44,7 +46,10 @@ def chunked_window_attention(
     distance = block + torch.arange(block, device=q.device)[:, None] - torch.arange(2 * block, device=q.device)
     in_window = (distance >= 0) & (distance < window)
     mask = (in_window & valid[:, :, None, :])[:, None, None]  # (B, 1, 1, n, C, 2C)
-    out, lse = masked_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
+    if dropout_p > 0.0:
+        out, lse = masked_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
+    else:
+        out, lse = RecomputedBlockAttention.apply(q_blocks, k_blocks, v_blocks, mask)
     out = out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :seq_len]
     lse = lse.reshape(batch, n_heads, n_blocks * block)[:, :, :seq_len]
     return out, lse
