@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -13,9 +15,12 @@ from longctx_megatron.model.norm import RMSNorm
 
 
 class TransformerBlock(torch.nn.Module):
+    """``dropout_rng`` is the context for hidden dropout (a per-rank generator under sequence parallelism)."""
+
     def __init__(self, config: ModelConfig, spec: LayerSpec, attention_backend: str = "auto"):
         super().__init__()
         self.hidden_dropout = config.hidden_dropout
+        self.dropout_rng = contextlib.nullcontext
         self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attention = SelfAttention(
             config.d_model, config.n_heads, config.n_kv_heads, spec, config.attention_dropout, attention_backend
@@ -25,5 +30,9 @@ class TransformerBlock(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         p = self.hidden_dropout if self.training else 0.0
-        x = x + F.dropout(self.attention(self.attention_norm(x), cos, sin), p)
-        return x + F.dropout(self.mlp(self.mlp_norm(x)), p)
+        attention = self.attention(self.attention_norm(x), cos, sin)
+        with self.dropout_rng():
+            x = x + F.dropout(attention, p)
+        mlp = self.mlp(self.mlp_norm(x))
+        with self.dropout_rng():
+            return x + F.dropout(mlp, p)

@@ -16,6 +16,7 @@ from longctx_megatron.config.model_config import ModelConfig
 
 # Projections writing into the residual stream get std / sqrt(2 * n_layers) (GPT-2 / Megatron).
 OUTPUT_PROJECTIONS = ("attention.out.weight", "mlp.down.weight")
+FUSED_PAIRS = ("mlp.gate_up.weight",)
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -28,6 +29,8 @@ def init_std(name: str, shape: torch.Size, config: ModelConfig) -> float | None:
     if len(shape) == 1:
         return None
     fan_out, fan_in = shape
+    if name.endswith(FUSED_PAIRS):  # two matrices stacked: each has half the rows
+        fan_out //= 2
     if config.init_method == "xavier":
         std = math.sqrt(2.0 / (fan_in + fan_out))
     elif config.init_method == "kaiming":
@@ -49,6 +52,16 @@ def init_global_tensor(name: str, shape: torch.Size, config: ModelConfig, seed: 
 
 
 @torch.no_grad()
-def initialize_parameters(model: torch.nn.Module, config: ModelConfig, seed: int) -> None:
+def initialize_parameters(model: torch.nn.Module, config: ModelConfig, seed: int, shards=None) -> None:
+    """Fill every parameter from its global tensor.
+
+    ``shards`` maps the names of sharded parameters to objects with ``global_shape`` and
+    ``take(global_tensor)`` (tensor parallelism's ShardSpec); those parameters get their slice.
+    """
+    shards = shards or {}
     for name, param in model.named_parameters():
-        param.copy_(init_global_tensor(name, param.shape, config, seed))
+        shard = shards.get(name)
+        if shard is None:
+            param.copy_(init_global_tensor(name, param.shape, config, seed))
+        else:
+            param.copy_(shard.take(init_global_tensor(name, torch.Size(shard.global_shape), config, seed)))

@@ -50,7 +50,7 @@ def test_design_default_parameter_count():
     assert sum(p.numel() for p in model.parameters()) == 5_802_037_248
     # Shape-only: nothing was allocated.
     params = list(model.parameters())
-    assert len(params) == 1 + 32 * 7 + 1  # embedding, (norm, qkv, out, norm, gate, up, down) x 32, final norm
+    assert len(params) == 1 + 32 * 6 + 1  # embedding, (norm, qkv, out, norm, gate_up, down) x 32, final norm
     assert all(p.is_meta for p in params)
     assert all(p.device.type == "meta" for p in params)
     assert list(model.buffers()) == []

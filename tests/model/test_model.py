@@ -84,7 +84,7 @@ def test_init_scales(method):
     config = tiny_config(d_model=256, d_ff=512, n_layers=8, init_method=method, attention_layout="full:8")
     model = build_model(config, device="meta")
     shapes = dict((n, p.shape) for n, p in model.named_parameters())
-    gate = init_global_tensor("layers.0.mlp.gate.weight", shapes["layers.0.mlp.gate.weight"], config, 0)
+    gate = init_global_tensor("layers.0.mlp.gate_up.weight", shapes["layers.0.mlp.gate_up.weight"], config, 0)[:512]
     down = init_global_tensor("layers.0.mlp.down.weight", shapes["layers.0.mlp.down.weight"], config, 0)
     fan_out, fan_in = gate.shape
     want = {"normal": 0.02, "xavier": math.sqrt(2 / (fan_in + fan_out)), "kaiming": 1 / math.sqrt(fan_in)}[method]

@@ -8,6 +8,8 @@ self-contained set of heads, which is what a tensor-parallel rank holds.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from longctx_megatron.config.layer_plan import LayerSpec
@@ -28,8 +30,11 @@ def split_qkv(qkv: torch.Tensor, group_size: int, head_dim: int):
 
 
 class SelfAttention(torch.nn.Module):
-    """Head counts are read from the weights, so a tensor-parallel shard needs no other class;
-    ``first_kv_head`` (the global index of this module's first KV head) is set by the parallelizer."""
+    """Head counts are read from the weights, so a tensor-parallel shard needs no other class.
+
+    Set by the parallelizer: ``first_kv_head``, the global index of this module's first KV head, and
+    ``dropout_rng``, the context in which attention dropout draws its masks.
+    """
 
     def __init__(
         self,
@@ -47,6 +52,7 @@ class SelfAttention(torch.nn.Module):
         self.attention_dropout = attention_dropout
         self.backend = backend
         self.first_kv_head = 0
+        self.dropout_rng = contextlib.nullcontext
         self.qkv = torch.nn.Linear(d_model, (n_heads + 2 * n_kv_heads) * self.head_dim, bias=False)
         self.out = torch.nn.Linear(n_heads * self.head_dim, d_model, bias=False)
         # A spec from ModelConfig.layer_plan() has its RoPE resolved; a bare spec gets the default.
@@ -66,7 +72,8 @@ class SelfAttention(torch.nn.Module):
         pattern = self.pattern
         backend = factory.select(self.backend, pattern, q)
         dropout_p = self.attention_dropout if self.training else 0.0
-        out = backend.attend(q, k, v, pattern, dropout_p)
+        with self.dropout_rng():
+            out = backend.attend(q, k, v, pattern, dropout_p)
         return self.out(out.transpose(1, 2).flatten(2))
 
     def extra_repr(self) -> str:

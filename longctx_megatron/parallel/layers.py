@@ -1,0 +1,151 @@
+"""Megatron's tensor-parallel layers. Each holds its slice of a global weight, described by ``weight_shard``.
+
+The ShardSpec lives on the module, not the parameter: ``to_empty`` (materialising a meta model)
+replaces parameter objects and would drop attributes set on them.
+
+* ColumnParallelLinear: output features split; input copied in (or all-gathered from sequence shards).
+* RowParallelLinear: input features split; output all-reduced (or reduce-scattered to sequence shards).
+* VocabParallelEmbedding: vocabulary rows split (padded to a multiple of TP x 128), masked lookup.
+* VocabParallelHead: logits for this rank's vocabulary slice and the vocab-parallel loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from longctx_megatron.model.head import masked_mean
+from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
+from longctx_megatron.parallel.state import ParallelContext
+
+VOCAB_PADDING_MULTIPLE = 128  # per tensor-parallel rank, as Megatron's make-vocab-size-divisible-by
+
+
+def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
+    multiple = VOCAB_PADDING_MULTIPLE * tp_size
+    return math.ceil(vocab_size / multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """This rank's slice of a global parameter: chunk ``rank`` of ``size`` along ``dim``.
+
+    ``global_shape`` is the model's (unpadded) shape; ``dim`` is zero-padded to ``padded`` first.
+    With ``parts`` > 1 the dimension holds that many stacked matrices (SwiGLU's [gate; up]) and
+    each is split on its own, so the rank's slice is [part0_r; part1_r; ...].
+    """
+
+    dim: int
+    rank: int
+    size: int
+    global_shape: tuple[int, ...]
+    padded: int
+    parts: int = 1
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the global tensor ``full``."""
+        missing = self.padded - full.shape[self.dim]
+        if missing:
+            pad_shape = list(full.shape)
+            pad_shape[self.dim] = missing
+            full = torch.cat([full, full.new_zeros(pad_shape)], dim=self.dim)
+        parts = full.chunk(self.parts, dim=self.dim)
+        return torch.cat([part.chunk(self.size, dim=self.dim)[self.rank] for part in parts], dim=self.dim)
+
+    def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The global (unpadded) tensor from every rank's slice, in rank order: the inverse of take."""
+        split = [shard.chunk(self.parts, dim=self.dim) for shard in shards]
+        full = torch.cat([torch.cat([s[p] for s in split], dim=self.dim) for p in range(self.parts)], dim=self.dim)
+        return full.narrow(self.dim, 0, self.global_shape[self.dim])
+
+
+def _sharded_weight(module, global_shape, dim, ctx: ParallelContext, padded=None, device=None, parts=1) -> None:
+    """Give ``module`` its ``weight`` slice and the ``weight_shard`` describing it."""
+    padded = global_shape[dim] if padded is None else padded
+    if padded % (ctx.tp_size * parts):
+        raise ValueError(f"dimension {dim} of {tuple(global_shape)} does not split over {ctx.tp_size} ranks")
+    local_shape = list(global_shape)
+    local_shape[dim] = padded // ctx.tp_size
+    module.weight = torch.nn.Parameter(torch.empty(local_shape, device=device))
+    module.weight_shard = ShardSpec(dim, ctx.tp_rank, ctx.tp_size, tuple(global_shape), padded, parts)
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """``padded_out_features`` zero-pads the output dimension first (a vocabulary-sized output);
+    ``parts`` > 1 splits each of that many stacked output blocks separately (fused [gate; up])."""
+
+    def __init__(self, in_features, out_features, ctx: ParallelContext, gather_output=False,
+                 sequence_parallel=False, padded_out_features=None, parts=1, device=None):
+        super().__init__()
+        if gather_output and parts > 1:
+            raise ValueError("gather_output would interleave the stacked parts; gather them separately")
+        self.group, self.gather_output, self.sequence_parallel = ctx.tp_group, gather_output, sequence_parallel
+        _sharded_weight(self, (out_features, in_features), 0, ctx, padded_out_features, device, parts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:
+            x = mappings.gather_from_sequence_parallel_region(x, self.group)
+        else:
+            x = mappings.copy_to_tensor_parallel_region(x, self.group)
+        y = F.linear(x, self.weight)
+        return mappings.gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(torch.nn.Module):
+    def __init__(self, in_features, out_features, ctx: ParallelContext, input_is_parallel=True,
+                 sequence_parallel=False, device=None):
+        super().__init__()
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("sequence parallelism needs input_is_parallel=True")
+        self.group, self.input_is_parallel, self.sequence_parallel = ctx.tp_group, input_is_parallel, sequence_parallel
+        _sharded_weight(self, (out_features, in_features), 1, ctx, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = mappings.scatter_to_tensor_parallel_region(x, self.group)
+        y = F.linear(x, self.weight)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(y, self.group)
+        return mappings.reduce_from_tensor_parallel_region(y, self.group)
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    def __init__(self, vocab_size, dim, ctx: ParallelContext, sequence_parallel=False, device=None):
+        super().__init__()
+        self.group, self.sequence_parallel = ctx.tp_group, sequence_parallel
+        padded = padded_vocab_size(vocab_size, ctx.tp_size)
+        _sharded_weight(self, (vocab_size, dim), 0, ctx, padded=padded, device=device)
+        self.vocab_start = ctx.tp_rank * (padded // ctx.tp_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        elsewhere = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(elsewhere, 0), self.weight).masked_fill(elsewhere[..., None], 0.0)
+        if self.sequence_parallel:
+            return mappings.reduce_scatter_to_sequence_parallel_region(out, self.group)
+        return mappings.reduce_from_tensor_parallel_region(out, self.group)
+
+
+class VocabParallelHead(torch.nn.Module):
+    """Drop-in for LanguageModelHead: ``weight`` is this rank's vocabulary slice (tied or not)."""
+
+    def __init__(self, vocab_size: int, ctx: ParallelContext, sequence_parallel=False):
+        super().__init__()
+        self.vocab_size, self.group, self.sequence_parallel = vocab_size, ctx.tp_group, sequence_parallel
+        self.tp_rank = ctx.tp_rank
+
+    def forward(self, hidden, weight, labels=None, loss_mask=None):
+        if self.sequence_parallel:
+            hidden = mappings.gather_from_sequence_parallel_region(hidden, self.group)
+        else:
+            hidden = mappings.copy_to_tensor_parallel_region(hidden, self.group)
+        logits = F.linear(hidden, weight)
+        if labels is None:
+            return logits, None
+        vocab_start = self.tp_rank * weight.shape[0]
+        losses = vocab_parallel_cross_entropy(logits, labels, self.group, vocab_start, self.vocab_size)
+        return logits, masked_mean(losses, labels, loss_mask)

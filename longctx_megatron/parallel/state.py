@@ -1,0 +1,153 @@
+"""Process groups for tensor, data and pipeline parallelism, in Megatron-LM's rank order.
+
+Global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank: tensor-parallel ranks are adjacent
+(same node, fastest links), then data parallel, then pipeline. The groups live in a
+``ParallelContext`` that is passed explicitly to whatever needs it; nothing is global.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from longctx_megatron.config.errors import ConfigError
+
+
+class ParallelLayoutError(ConfigError):
+    """The requested parallel layout cannot be built (sizes, backend, model shape)."""
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    world_size: int
+    rank: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: dist.ProcessGroup | None
+    pp_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    tp_ranks: tuple[int, ...]  # global ranks of my tensor-parallel group, in TP-rank order
+    pp_ranks: tuple[int, ...]
+    dp_ranks: tuple[int, ...]
+
+    @property
+    def tp_src_rank(self) -> int:
+        """Global rank of TP rank 0 in my group (broadcasts within the TP group start there)."""
+        return self.tp_ranks[0]
+
+    @property
+    def dp_src_rank(self) -> int:
+        return self.dp_ranks[0]
+
+    @property
+    def pp_first_rank(self) -> int:
+        return self.pp_ranks[0]
+
+    @property
+    def pp_last_rank(self) -> int:
+        return self.pp_ranks[-1]
+
+
+Groups = list[list[int]]
+
+
+def layout_ranks(world_size: int, tensor: int, pipeline: int) -> tuple[Groups, Groups, Groups]:
+    """(tp groups, dp groups, pp groups) as lists of global ranks, Megatron order."""
+    data = world_size // (tensor * pipeline)
+
+    def rank(tp: int, dp: int, pp: int) -> int:
+        return pp * data * tensor + dp * tensor + tp
+
+    tp_groups = [[rank(t, d, p) for t in range(tensor)] for p in range(pipeline) for d in range(data)]
+    dp_groups = [[rank(t, d, p) for d in range(data)] for p in range(pipeline) for t in range(tensor)]
+    pp_groups = [[rank(t, d, p) for p in range(pipeline)] for d in range(data) for t in range(tensor)]
+    return tp_groups, dp_groups, pp_groups
+
+
+def check_layout(world_size: int, tensor: int, pipeline: int, data: int | None) -> int:
+    """Validate sizes and return the data-parallel size."""
+    for name, value in (("tensor", tensor), ("pipeline", pipeline)):
+        if value < 1:
+            raise ParallelLayoutError(f"{name}-model-parallel size {value} must be >= 1")
+    if world_size % (tensor * pipeline):
+        raise ParallelLayoutError(
+            f"world size {world_size} is not divisible by tensor ({tensor}) x pipeline ({pipeline}) = "
+            f"{tensor * pipeline}; launch a multiple of {tensor * pipeline} processes or change the sizes"
+        )
+    derived = world_size // (tensor * pipeline)
+    if data is not None and data != derived:
+        raise ParallelLayoutError(
+            f"data-parallel size {data} does not match world size {world_size} / (tensor {tensor} x "
+            f"pipeline {pipeline}) = {derived}"
+        )
+    return derived
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ParallelLayoutError("backend 'nccl' needs CUDA devices; use 'gloo' on CPU")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun or a test launcher
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # a plain single process
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+
+def initialize_parallel(
+    tensor: int = 1,
+    pipeline: int = 1,
+    data: int | None = None,
+    backend: str | None = None,
+    timeout_minutes: float = 10.0,
+) -> ParallelContext:
+    """Create the process groups (initialising torch.distributed if needed) and return the context.
+
+    Every rank must call this with the same arguments: group creation is collective.
+    """
+    if not dist.is_initialized():
+        _init_process_group(backend or default_backend(), datetime.timedelta(minutes=timeout_minutes))
+    elif backend is not None and dist.get_backend() != backend:
+        raise ParallelLayoutError(f"torch.distributed already uses backend {dist.get_backend()!r}, not {backend!r}")
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    data = check_layout(world_size, tensor, pipeline, data)
+    tp_groups, dp_groups, pp_groups = layout_ranks(world_size, tensor, pipeline)
+    mine = {}
+    for kind, groups in (("tp", tp_groups), ("dp", dp_groups), ("pp", pp_groups)):
+        for ranks in groups:
+            group = dist.new_group(ranks)  # collective: every rank creates every group
+            if rank in ranks:
+                mine[kind] = (group, tuple(ranks))
+    return ParallelContext(
+        world_size=world_size, rank=rank, tp_size=tensor, pp_size=pipeline, dp_size=data,
+        tp_rank=mine["tp"][1].index(rank), pp_rank=mine["pp"][1].index(rank), dp_rank=mine["dp"][1].index(rank),
+        tp_group=mine["tp"][0], pp_group=mine["pp"][0], dp_group=mine["dp"][0],
+        tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1],
+    )
+
+
+def check_model_fits_layout(config, ctx: ParallelContext) -> None:
+    """The model shape must split evenly over the tensor-parallel ranks."""
+    tp = ctx.tp_size
+    if config.n_heads % tp:
+        raise ParallelLayoutError(f"tensor-model-parallel size {tp} must divide n_heads={config.n_heads}")
+    if config.n_kv_heads % tp:
+        raise ParallelLayoutError(
+            f"tensor-model-parallel size {tp} must divide n_kv_heads={config.n_kv_heads} (each rank owns whole "
+            f"KV heads and their query heads); use a tensor size among "
+            f"{[d for d in range(1, config.n_kv_heads + 1) if config.n_kv_heads % d == 0]}"
+        )
+    if config.d_ff % tp:
+        raise ParallelLayoutError(f"tensor-model-parallel size {tp} must divide d_ff={config.d_ff}")
