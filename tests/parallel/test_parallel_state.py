@@ -1,0 +1,86 @@
+"""Process-group layout (Megatron rank order) and start-up errors for bad layouts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from longctx_megatron.config import ModelConfig
+from longctx_megatron.parallel import state
+from longctx_megatron.parallel.state import ParallelLayoutError, check_layout, check_model_fits_layout, layout_ranks
+from tests.distributed import run_on_ranks
+
+
+def test_megatron_rank_order():
+    tp, dp, pp = layout_ranks(8, tensor=2, pipeline=2)
+    assert tp == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dp == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert pp == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    tp, dp, pp = layout_ranks(8, tensor=8, pipeline=1)
+    assert tp == [list(range(8))] and dp == [[r] for r in range(8)] and pp == [[r] for r in range(8)]
+
+
+@pytest.mark.parametrize(
+    "world,tensor,pipeline,data,message",
+    [
+        (6, 4, 1, None, "world size 6 is not divisible by tensor (4) x pipeline (1) = 4"),
+        (8, 2, 3, None, "world size 8 is not divisible by tensor (2) x pipeline (3) = 6"),
+        (8, 2, 2, 4, "data-parallel size 4 does not match world size 8 / (tensor 2 x pipeline 2) = 2"),
+        (4, 0, 1, None, "tensor-model-parallel size 0 must be >= 1"),
+    ],
+)
+def test_bad_sizes_fail_before_any_group(world, tensor, pipeline, data, message):
+    with pytest.raises(ParallelLayoutError, match=re.escape(message)):
+        check_layout(world, tensor, pipeline, data)
+
+
+def _context(tp: int) -> state.ParallelContext:
+    return state.ParallelContext(
+        world_size=tp, rank=0, tp_size=tp, pp_size=1, dp_size=1, tp_rank=0, pp_rank=0, dp_rank=0,
+        tp_group=None, pp_group=None, dp_group=None, tp_ranks=tuple(range(tp)), pp_ranks=(0,), dp_ranks=(0,),
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides,tp,message",
+    [
+        (dict(n_heads=8, n_kv_heads=2), 4, "tensor-model-parallel size 4 must divide n_kv_heads=2 (each rank owns "
+                                          "whole KV heads and their query heads); use a tensor size among [1, 2]"),
+        (dict(n_heads=6, n_kv_heads=6, d_model=96), 4, "tensor-model-parallel size 4 must divide n_heads=6"),
+        (dict(d_ff=90), 4, "tensor-model-parallel size 4 must divide d_ff=90"),
+    ],
+)
+def test_model_shape_must_split(overrides, tp, message):
+    config = ModelConfig(**{**dict(d_model=64, n_layers=1, n_heads=8, n_kv_heads=4, d_ff=96, vocab_size=50,
+                                   max_seq_len=64, attention_layout="full:1"), **overrides})
+    with pytest.raises(ParallelLayoutError, match=re.escape(message)):
+        check_model_fits_layout(config, _context(tp))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_nccl_without_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr(state.dist, "is_initialized", lambda: False)
+    with pytest.raises(ParallelLayoutError, match="backend 'nccl' needs CUDA devices; use 'gloo' on CPU"):
+        state.initialize_parallel(tensor=1, backend="nccl")
+
+
+def _groups_body(rank, world_size):
+    ctx = state.initialize_parallel(tensor=2, pipeline=2, backend="gloo")
+    return dict(
+        tp=ctx.tp_ranks, dp=ctx.dp_ranks, pp=ctx.pp_ranks, ranks=(ctx.tp_rank, ctx.dp_rank, ctx.pp_rank),
+        sizes=(ctx.tp_size, ctx.dp_size, ctx.pp_size), src=(ctx.tp_src_rank, ctx.pp_first_rank, ctx.pp_last_rank),
+    )
+
+
+@pytest.mark.slow
+def test_initialize_parallel_under_env_launch():
+    """Four ranks launched with env:// variables (as torchrun does) get TP=2 x PP=2 groups."""
+    result = run_on_ranks(_groups_body, 4)
+    assert [r["tp"] for r in result] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [r["pp"] for r in result] == [(0, 2), (1, 3), (0, 2), (1, 3)]
+    assert [r["dp"] for r in result] == [(0,), (1,), (2,), (3,)]
+    assert [r["ranks"] for r in result] == [(0, 0, 0), (1, 0, 0), (0, 0, 1), (1, 0, 1)]
+    assert all(r["sizes"] == (2, 1, 2) for r in result)
+    assert result[3]["src"] == (2, 1, 3)
