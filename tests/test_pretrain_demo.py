@@ -5,7 +5,7 @@ from __future__ import annotations
 import pretrain_longctx
 from longctx_megatron.data.builtin_corpus import builtin_documents, builtin_token_stream, random_batches
 from longctx_megatron.data.tokenizers import ByteTokenizer
-from longctx_megatron.training.single_process import RunSettings, demo_config, train
+from longctx_megatron.training.simple_trainer import RunSettings, demo_config, train
 
 
 def test_builtin_corpus_is_real_text():

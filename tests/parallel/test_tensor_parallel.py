@@ -9,9 +9,11 @@ import torch.distributed as dist
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.grad_norm import grad_norm
 from longctx_megatron.parallel.layers import ShardSpec
 from longctx_megatron.parallel.state import initialize_parallel
 from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, tensor_parallel_shards
+from longctx_megatron.training.simple_trainer import RunSettings, demo_config, train
 from tests.distributed import run_on_ranks
 
 COMMON = dict(
@@ -65,6 +67,8 @@ def _parity_body(rank, world_size, tp):
                 logits = gather_global(logits, vocab, ctx.tp_group)
             torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, c=case: f"{c} logits: {m}")
+            torch.testing.assert_close(grad_norm(model, ctx), grad_norm(reference, None), rtol=1e-5, atol=0,
+                                       msg=lambda m, c=case: f"{c} grad norm: {m}")
             worst = 0.0
             shards = tensor_parallel_shards(model)
             for pname, param in model.named_parameters():
@@ -129,3 +133,21 @@ def test_collectives_per_layer():
         "all_gather": (2 * n_layers + 1, (2 * n_layers + 1) * activation_bytes),
         "reduce_scatter": (2 * n_layers + 1, (2 * n_layers + 1) * activation_bytes),
     }
+
+
+SHORT_RUN = dict(train_iters=4, seq_length=64, micro_batch_size=2, log_interval=4, attention_backend="chunked")
+
+
+def _trainer_body(rank, world_size, sequence_parallel):
+    settings = RunSettings(**SHORT_RUN, tensor_parallel=world_size, sequence_parallel=sequence_parallel)
+    return train(demo_config(), settings, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_training_follows_single_process_training():
+    """Four optimizer steps (AdamW, clipping by the TP-global norm) give the single-process losses."""
+    single = train(demo_config(), RunSettings(**SHORT_RUN), log=lambda *_: None)
+    for sequence_parallel in (False, True):
+        losses = run_on_ranks(_trainer_body, 2, sequence_parallel)
+        assert losses[0] == losses[1]  # every TP rank computes the same loss
+        assert losses[0] == pytest.approx(single, rel=1e-4)

@@ -1,7 +1,8 @@
-"""Single-process training of a model on a token stream: the built-in demo job.
+"""Training of one model replica, optionally tensor-parallel across ranks: the built-in demo job.
 
-The distributed trainer (pipeline, data parallel, checkpoints) replaces this loop; until then it
-shows the model end to end on real text and measures tokens/s and model TFLOP/s.
+Every rank of the tensor-parallel group reads the same batches (same seed) and holds its shard of
+the weights. The distributed trainer (pipeline, data parallel, checkpoints) replaces this loop; until
+then it shows the model end to end on real text and measures tokens/s and model TFLOP/s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.data.builtin_corpus import builtin_token_stream, random_batches
 from longctx_megatron.data.tokenizers import ByteTokenizer
 from longctx_megatron.model.build import build_model
+from longctx_megatron.parallel.grad_norm import clip_grad_norm
+from longctx_megatron.parallel.state import initialize_parallel
+from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads
+
+
+def _silent(*_args) -> None:
+    """Log sink of ranks other than 0."""
 
 
 @dataclass
@@ -30,6 +38,8 @@ class RunSettings:
     log_interval: int = 10
     attention_backend: str = "auto"
     device: str = "cpu"
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
 
 
 def demo_config() -> ModelConfig:
@@ -40,15 +50,38 @@ def demo_config() -> ModelConfig:
     )
 
 
-def train(config: ModelConfig, settings: RunSettings, log=print) -> list[float]:
-    """Train on the built-in corpus; returns the loss of every iteration."""
-    tokenizer = ByteTokenizer()
-    if config.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"vocab_size={config.vocab_size} is smaller than the byte tokenizer's {tokenizer.vocab_size}")
+def check_settings(config: ModelConfig, settings: RunSettings) -> None:
+    """Errors a run would otherwise hit only after start-up."""
+    if config.vocab_size < ByteTokenizer.vocab_size:
+        raise ValueError(
+            f"vocab_size={config.vocab_size} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size}"
+        )
     if settings.seq_length > config.max_seq_len:
         raise ValueError(f"seq_length={settings.seq_length} exceeds the model's max_seq_len={config.max_seq_len}")
-    torch.manual_seed(settings.seed)
-    model = build_model(config, settings.device, settings.seed, settings.attention_backend)
+    if settings.sequence_parallel and settings.seq_length % settings.tensor_parallel:
+        raise ValueError(
+            f"--sequence-parallel needs --seq-length ({settings.seq_length}) divisible by "
+            f"--tensor-model-parallel-size ({settings.tensor_parallel})"
+        )
+
+
+def train(config: ModelConfig, settings: RunSettings, log=print) -> list[float]:
+    """Train on the built-in corpus; returns the loss of every iteration."""
+    check_settings(config, settings)
+    tokenizer = ByteTokenizer()
+    parallel = None
+    if settings.tensor_parallel > 1:
+        parallel = initialize_parallel(tensor=settings.tensor_parallel)
+        if parallel.dp_size * parallel.pp_size > 1:
+            raise ValueError(
+                f"launched {parallel.world_size} processes for tensor-model-parallel size "
+                f"{settings.tensor_parallel}: data and pipeline parallelism are not available yet"
+            )
+        if parallel.rank != 0:
+            log = _silent
+    torch.manual_seed(settings.seed)  # dropout outside tensor-parallel regions; TP reseeds per rank
+    model = build_model(config, settings.device, settings.seed, settings.attention_backend,
+                        parallel=parallel, sequence_parallel=settings.sequence_parallel)
     stream = builtin_token_stream(tokenizer)
     batches = random_batches(stream, settings.micro_batch_size, settings.seq_length, settings.seed)
     optimizer = torch.optim.AdamW(
@@ -59,8 +92,11 @@ def train(config: ModelConfig, settings: RunSettings, log=print) -> list[float]:
         optimizer, lambda it: min(1.0, (it + 1) / max(1, settings.warmup_iters))
     )
     flops_per_token = config.flops_per_token(settings.seq_length)
+    layout = f"tensor-parallel {settings.tensor_parallel}"
+    if settings.sequence_parallel:
+        layout += ", sequence-parallel"
     log(
-        f"model: {config.estimate_params():,} parameters, layers: "
+        f"model: {config.estimate_params():,} parameters ({layout}), layers: "
         + ", ".join(spec.describe() for spec in config.layer_plan())
     )
     log(f"data: built-in corpus (CPython reference docs), {stream.numel():,} byte tokens")
@@ -72,7 +108,9 @@ def train(config: ModelConfig, settings: RunSettings, log=print) -> list[float]:
         _, loss = model(tokens, labels=labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.clip_grad)
+        if settings.sequence_parallel:
+            allreduce_sequence_parallel_grads(model, parallel)
+        grad_norm = clip_grad_norm(model, settings.clip_grad, parallel)
         optimizer.step()
         schedule.step()
         losses.append(loss.item())

@@ -1,0 +1,43 @@
+"""Gradient norm and clipping over a tensor-parallel model, each parameter counted once.
+
+Sharded parameters contribute their local squares summed over the TP group; parameters replicated
+on every TP rank (norm weights) contribute once. Every TP rank gets the same norm, so clipping
+keeps the shards consistent. (Pipeline and data parallelism extend this in the trainer.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longctx_megatron.parallel.state import ParallelContext
+from longctx_megatron.parallel.tensor import tensor_parallel_shards
+
+
+def grad_norm(model: torch.nn.Module, ctx: ParallelContext | None) -> torch.Tensor:
+    """The L2 norm of the global gradient (float32 scalar)."""
+    shards = tensor_parallel_shards(model)
+    device = next(model.parameters()).device
+    sharded = torch.zeros((), device=device)
+    replicated = torch.zeros((), device=device)
+    for name, param in model.named_parameters():
+        if param.grad is None:
+            continue
+        square = param.grad.detach().float().pow(2).sum()
+        if name in shards:
+            sharded += square
+        else:
+            replicated += square
+    if ctx is not None and ctx.tp_size > 1:
+        dist.all_reduce(sharded, group=ctx.tp_group)
+    return (sharded + replicated).sqrt()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping."""
+    norm = grad_norm(model, ctx)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for param in model.parameters():
+        if param.grad is not None:
+            param.grad.mul_(scale.to(param.grad.dtype))
+    return norm
