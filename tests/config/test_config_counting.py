@@ -16,24 +16,7 @@ from longctx_megatron.model.attention.patterns import (
     pattern_for,
 )
 from longctx_megatron.model.build import build_model
-
-TINY = dict(
-    d_model=64,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=128,
-    vocab_size=100,
-    max_seq_len=256,
-    sliding_window=32,
-    global_every=8,
-    dilated_window=8,
-    dilation=2,
-)
-
-
-def tiny(**overrides) -> ModelConfig:
-    return ModelConfig(**{**TINY, **overrides})
+from tests.config.tiny_config import tiny
 
 
 def built_params(config: ModelConfig) -> int:

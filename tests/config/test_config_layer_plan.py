@@ -11,19 +11,7 @@ import pytest
 from longctx_megatron.config import LayerSpec, ModelConfig, RopeConfig
 from longctx_megatron.config.layer_plan import DEFAULT_LAYOUT, parse_layout, scale_layout
 from longctx_megatron.model.build import build_model
-
-TINY = dict(
-    d_model=64,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=128,
-    vocab_size=100,
-    max_seq_len=256,
-    sliding_window=32,
-    global_every=8,
-    dilated_window=8,
-    dilation=2,
-)
+from tests.config.tiny_config import TINY_SHAPE as TINY
 
 LLAMA3 = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, original_max_position=64)
 YARN = RopeConfig(scaling="yarn", factor=4.0, original_max_position=64, beta_fast=16.0, beta_slow=2.0)

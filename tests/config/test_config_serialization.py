@@ -13,20 +13,7 @@ import yaml
 
 from longctx_megatron.config import ConfigError, LayerSpec, ModelConfig, RopeConfig, load_config, save_config
 from longctx_megatron.config.serialization import config_from_dict, config_to_dict
-
-TINY = dict(
-    d_model=64,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=128,
-    vocab_size=100,
-    max_seq_len=256,
-    sliding_window=32,
-    global_every=8,
-    dilated_window=8,
-    dilation=2,
-)
+from tests.config.tiny_config import TINY
 
 LLAMA3 = RopeConfig(theta=500000.0, scaling="llama3", factor=8.0, original_max_position=64)
 YARN = RopeConfig(theta=20000.0, scaling="yarn", factor=4.0, original_max_position=64, beta_fast=16.0, beta_slow=2.0)

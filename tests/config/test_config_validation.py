@@ -9,25 +9,9 @@ import pytest
 
 from longctx_megatron.config import ATTENTION_KINDS, ConfigError, LayerSpec, ModelConfig, RopeConfig
 from longctx_megatron.config.layer_plan import parse_layout
+from tests.config.tiny_config import tiny
 
 # 4 layers -> default plan sliding, sliding, dilated, full (indices 0, 1, 2, 3).
-TINY = dict(
-    d_model=64,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
-    d_ff=128,
-    vocab_size=100,
-    max_seq_len=256,
-    sliding_window=32,
-    global_every=8,
-    dilated_window=8,
-    dilation=2,
-)
-
-
-def tiny(**overrides) -> ModelConfig:
-    return ModelConfig(**{**TINY, **overrides})
 
 
 def _rope_bypassing_validation(**fields) -> RopeConfig:
