@@ -7,6 +7,8 @@ parallelism dimension 1. Every collective goes through ``all_reduce``, ``all_gat
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -55,69 +57,22 @@ def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
-class _CopyToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+class _Collective(torch.autograd.Function):
+    """``forward(x)`` in the forward pass and ``backward(grad)`` in the backward pass: the two halves
+    of each mapping below are collectives (or local slices) that are each other's adjoint."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad, ctx.group), None
-
-
-class _ReduceFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce(x, group)
+    def forward(ctx, x, forward, backward):
+        ctx.backward = backward
+        return forward(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return ctx.backward(grad), None, None
 
 
-class _ScatterToRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return split(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, ctx.dim, ctx.group), None, None
-
-
-class _GatherFromRegion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, group):
-        ctx.dim, ctx.group = dim, group
-        return all_gather(x, dim, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split(grad, ctx.dim, ctx.group), None, None
-
-
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, SEQUENCE_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return reduce_scatter(grad, SEQUENCE_DIM, ctx.group), None
-
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter(x, SEQUENCE_DIM, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_gather(grad, SEQUENCE_DIM, ctx.group), None
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _single(group) -> bool:
@@ -126,34 +81,53 @@ def _single(group) -> bool:
 
 def copy_to_tensor_parallel_region(x, group):
     """Identity forward; all-reduce of the gradient (input of a column-parallel layer)."""
-    return x if _single(group) else _CopyToRegion.apply(x, group)
+    if _single(group):
+        return x
+    return _Collective.apply(x, _identity, functools.partial(all_reduce, group=group))
 
 
 def reduce_from_tensor_parallel_region(x, group):
     """All-reduce forward; identity backward (output of a row-parallel layer)."""
-    return x if _single(group) else _ReduceFromRegion.apply(x, group)
+    if _single(group):
+        return x
+    return _Collective.apply(x, functools.partial(all_reduce, group=group), _identity)
 
 
 def scatter_to_tensor_parallel_region(x, group):
     """Keep this rank's slice of the last dimension; backward all-gathers."""
-    return x if _single(group) else _ScatterToRegion.apply(x, -1, group)
+    if _single(group):
+        return x
+    return _Collective.apply(x, functools.partial(split, dim=-1, group=group),
+                             functools.partial(all_gather, dim=-1, group=group))
 
 
 def gather_from_tensor_parallel_region(x, group):
     """All-gather along the last dimension; backward keeps this rank's slice."""
-    return x if _single(group) else _GatherFromRegion.apply(x, -1, group)
+    if _single(group):
+        return x
+    return _Collective.apply(x, functools.partial(all_gather, dim=-1, group=group),
+                             functools.partial(split, dim=-1, group=group))
 
 
 def scatter_to_sequence_parallel_region(x, group):
     """Keep this rank's sequence chunk; backward all-gathers."""
-    return x if _single(group) else _ScatterToRegion.apply(x, SEQUENCE_DIM, group)
+    if _single(group):
+        return x
+    return _Collective.apply(x, functools.partial(split, dim=SEQUENCE_DIM, group=group),
+                             functools.partial(all_gather, dim=SEQUENCE_DIM, group=group))
 
 
 def gather_from_sequence_parallel_region(x, group):
     """All-gather the sequence forward; reduce-scatter the gradient backward."""
-    return x if _single(group) else _GatherFromSequence.apply(x, group)
+    if _single(group):
+        return x
+    return _Collective.apply(x, functools.partial(all_gather, dim=SEQUENCE_DIM, group=group),
+                             functools.partial(reduce_scatter, dim=SEQUENCE_DIM, group=group))
 
 
 def reduce_scatter_to_sequence_parallel_region(x, group):
     """Reduce-scatter along the sequence forward; all-gather the gradient backward."""
-    return x if _single(group) else _ReduceScatterToSequence.apply(x, group)
+    if _single(group):
+        return x
+    return _Collective.apply(x, functools.partial(reduce_scatter, dim=SEQUENCE_DIM, group=group),
+                             functools.partial(all_gather, dim=SEQUENCE_DIM, group=group))
