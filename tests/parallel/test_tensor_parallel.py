@@ -11,8 +11,13 @@ from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.grad_norm import grad_norm
 from longctx_megatron.parallel.layers import ShardSpec
+from longctx_megatron.parallel.random import model_parallel_rng
 from longctx_megatron.parallel.state import initialize_parallel
-from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, tensor_parallel_shards
+from longctx_megatron.parallel.tensor import (
+    allreduce_sequence_parallel_grads,
+    apply_tensor_parallel,
+    tensor_parallel_shards,
+)
 from longctx_megatron.training.simple_trainer import RunSettings, demo_config, train
 from tests.distributed import run_on_ranks
 
@@ -67,6 +72,11 @@ def _parity_body(rank, world_size, tp):
                 logits = gather_global(logits, vocab, ctx.tp_group)
             torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-6,
                                        msg=lambda m, c=case: f"{c} logits: {m}")
+            # Sharding an already materialised model copies slices of its weights: same shard.
+            resharded = apply_tensor_parallel(build_model(config, seed=11, attention_backend="chunked"), ctx,
+                                              model_parallel_rng(11, ctx.tp_rank), sequence_parallel)
+            for (pname, param), (_, other) in zip(model.named_parameters(), resharded.named_parameters(), strict=True):
+                assert torch.equal(param, other), f"{case}: {pname} differs when sharding a built model"
             torch.testing.assert_close(grad_norm(model, ctx), grad_norm(reference, None), rtol=1e-5, atol=0,
                                        msg=lambda m, c=case: f"{c} grad norm: {m}")
             worst = 0.0
