@@ -84,9 +84,11 @@ def train(config: ModelConfig, settings: RunSettings, log=print) -> list[float]:
                         parallel=parallel, sequence_parallel=settings.sequence_parallel)
     stream = builtin_token_stream(tokenizer)
     batches = random_batches(stream, settings.micro_batch_size, settings.seq_length, settings.seed)
+    matrices = [p for p in model.parameters() if p.dim() > 1]
+    vectors = [p for p in model.parameters() if p.dim() <= 1]  # norm weights: no weight decay, as Megatron
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, betas=(0.9, 0.95),
-        fused=settings.device.startswith("cuda"),
+        [{"params": matrices, "weight_decay": settings.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+        lr=settings.lr, betas=(0.9, 0.95), fused=settings.device.startswith("cuda"),
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: min(1.0, (it + 1) / max(1, settings.warmup_iters))
@@ -121,7 +123,8 @@ def train(config: ModelConfig, settings: RunSettings, log=print) -> list[float]:
             log(
                 f"iteration {iteration:5d}/{settings.train_iters} | loss {losses[-1]:.4f} | "
                 f"grad norm {grad_norm.item():.3f} | lr {schedule.get_last_lr()[0]:.2e} | "
-                f"{rate:,.0f} tokens/s | {rate * flops_per_token / 1e12:.4f} TFLOP/s"
+                f"{rate:,.0f} tokens/s | {rate * flops_per_token / settings.tensor_parallel / 1e12:.4f} "
+                "TFLOP/s per device"
             )
             window_tokens, window_start = 0, time.perf_counter()
     return losses
