@@ -11,23 +11,16 @@ replaces parameter objects and would drop attributes set on them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.model.head import masked_mean
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from longctx_megatron.parallel.state import ParallelContext
-
-VOCAB_PADDING_MULTIPLE = 128  # per tensor-parallel rank, as Megatron's make-vocab-size-divisible-by
-
-
-def padded_vocab_size(vocab_size: int, tp_size: int) -> int:
-    multiple = VOCAB_PADDING_MULTIPLE * tp_size
-    return math.ceil(vocab_size / multiple) * multiple
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     ShardSpec,
     VocabParallelEmbedding,
     VocabParallelHead,
-    padded_vocab_size,
 )
 from longctx_megatron.parallel.random import RNGStatesTracker
 from longctx_megatron.parallel.state import ParallelContext, check_model_fits_layout

@@ -14,7 +14,7 @@ import torch
 
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.data.builtin_corpus import builtin_token_stream, random_batches
-from longctx_megatron.data.tokenizers import ByteTokenizer
+from longctx_megatron.data.tokenizers import ByteTokenizer, check_vocab_matches
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.grad_norm import clip_grad_norm
 from longctx_megatron.parallel.state import initialize_parallel
@@ -52,10 +52,7 @@ def demo_config() -> ModelConfig:
 
 def check_settings(config: ModelConfig, settings: RunSettings) -> None:
     """Errors a run would otherwise hit only after start-up."""
-    if config.vocab_size < ByteTokenizer.vocab_size:
-        raise ValueError(
-            f"vocab_size={config.vocab_size} is smaller than the byte tokenizer's {ByteTokenizer.vocab_size}"
-        )
+    check_vocab_matches(config.vocab_size, ByteTokenizer())
     if settings.seq_length > config.max_seq_len:
         raise ValueError(f"seq_length={settings.seq_length} exceeds the model's max_seq_len={config.max_seq_len}")
     if settings.sequence_parallel and settings.seq_length % settings.tensor_parallel:

@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.model.head import masked_mean
 from longctx_megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
-from longctx_megatron.parallel.layers import VocabParallelEmbedding, padded_vocab_size
+from longctx_megatron.parallel.layers import VocabParallelEmbedding
 from longctx_megatron.parallel.state import initialize_parallel
 from tests.distributed import run_on_ranks
 
