@@ -1,0 +1,126 @@
+"""tools/preprocess_data.py end to end on a slice of the Python standard library's source."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import preprocess_data  # tools/ is on pytest's pythonpath (pyproject.toml)
+import pytest
+
+from longctx_megatron.data.indexed_dataset import IndexedDataset
+from longctx_megatron.data.tokenizers import ByteTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def stdlib_documents(count: int = 40) -> list[str]:
+    """Real text every machine has: source files of the standard library, in a stable order."""
+    folder = Path(json.__file__).resolve().parents[1]
+    files = sorted(p for p in folder.glob("*.py") if p.stat().st_size < 60_000)[:count]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+def write_jsonl(path: Path, records, gz: bool = False) -> None:
+    opener = gzip.open if gz else open
+    with opener(path, "wt", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(record if isinstance(record, str) else json.dumps(record))
+            handle.write("\n")
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT)
+
+
+def test_end_to_end_matches_in_process_tokenisation(tmp_path):
+    documents = stdlib_documents()
+    write_jsonl(tmp_path / "part1.jsonl", [{"text": d, "id": i} for i, d in enumerate(documents[:25])])
+    write_jsonl(tmp_path / "part2.jsonl.gz", [{"text": d} for d in documents[25:]], gz=True)
+    result = run_tool("--input", str(tmp_path / "part*"), "--json-keys", "text", "--tokenizer-type", "ByteTokenizer",
+                      "--output-prefix", str(tmp_path / "out" / "corpus"), "--append-eod", "--workers", "2",
+                      "--log-interval", "10")
+    assert result.returncode == 0, result.stderr
+    assert "docs/s" in result.stderr and "MB/s" in result.stderr and "ETA" in result.stderr
+    dataset = IndexedDataset(str(tmp_path / "out" / "corpus_text_document"))
+    tokenizer = ByteTokenizer()
+    assert len(dataset) == len(documents) and len(dataset.document_indices) == len(documents) + 1
+    assert dataset.dtype == np.uint16  # smallest dtype for a 257-token vocabulary
+    for index, text in enumerate(documents):
+        np.testing.assert_array_equal(dataset[index], tokenizer.encode(text) + [tokenizer.eod])
+    assert dataset.num_tokens == sum(len(tokenizer.encode(d)) + 1 for d in documents)
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+
+
+def _args(tmp_path, *extra):
+    return preprocess_data.parse_args([
+        "--input", str(tmp_path / "in.jsonl"), "--tokenizer-type", "ByteTokenizer",
+        "--output-prefix", str(tmp_path / "out"), "--append-eod", *extra,
+    ])
+
+
+def test_one_and_two_workers_write_identical_files(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in stdlib_documents(12)])
+    outputs = []
+    for workers in ("1", "2"):
+        args = _args(tmp_path, "--workers", workers)
+        args.output_prefix = str(tmp_path / f"w{workers}")
+        preprocess_data.preprocess(args, log=lambda *_: None)
+        outputs.append([Path(f"{args.output_prefix}_text_document{s}").read_bytes() for s in (".bin", ".idx")])
+    assert outputs[0] == outputs[1]
+
+
+def test_bad_lines_are_skipped_counted_and_reported(tmp_path):
+    good = [{"text": d} for d in stdlib_documents(30)]
+    write_jsonl(tmp_path / "in.jsonl", good[:10] + ["{not json"] + good[10:20] + [{"title": "no text"}, {"text": ""}]
+                + good[20:])
+    lines = []
+    stats = preprocess_data.preprocess(_args(tmp_path, "--max-bad-fraction", "0.1"), log=lines.append)
+    assert (stats.documents, stats.bad, stats.empty) == (30, 2, 1)
+    report = "\n".join(lines)
+    assert f"{tmp_path / 'in.jsonl'}:11: malformed JSON" in report
+    assert f"{tmp_path / 'in.jsonl'}:22: missing key 'text'" in report
+    assert "2 bad line(s), 1 empty document(s)" in report
+    assert len(IndexedDataset(str(tmp_path / "out_text_document"))) == 30
+
+
+def test_too_many_bad_lines_fail_and_write_nothing(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}, "garbage", "[1, 2]", {"text": "also fine"}])
+    with pytest.raises(ValueError, match=r"2 of 4 lines were malformed or missing a key \(50.00% > "
+                                         r"--max-bad-fraction 0.10%\)"):
+        preprocess_data.preprocess(_args(tmp_path), log=lambda *_: None)
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_interrupted_run_leaves_no_index(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in stdlib_documents(10)])
+    calls = []
+
+    def interrupted(line):
+        calls.append(line)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(line)
+
+    original = preprocess_data.encode_line
+    monkeypatch.setattr(preprocess_data, "encode_line", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_data.preprocess(_args(tmp_path), log=lambda *_: None)
+    assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def test_input_errors(tmp_path):
+    result = run_tool("--input", str(tmp_path / "missing*.jsonl"), "--tokenizer-type", "ByteTokenizer",
+                      "--output-prefix", str(tmp_path / "out"))
+    assert result.returncode == 1 and "matches no file" in result.stderr
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "x"}])
+    result = run_tool("--input", str(tmp_path / "in.jsonl"), "--tokenizer-type", "SentencePieceTokenizer",
+                      "--output-prefix", str(tmp_path / "out"))
+    assert result.returncode == 1 and "--tokenizer-model" in result.stderr
+    assert not list(tmp_path.glob("out*"))

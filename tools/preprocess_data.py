@@ -1,0 +1,248 @@
+"""Tokenise JSONL corpora into Megatron-LM indexed datasets ({prefix}_{key}_document.bin/.idx).
+
+    python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --json-keys text \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model \\
+        --output-prefix data/corpus --workers 8 --append-eod
+
+Flags and output names follow Megatron-LM's tool, so its datasets and ours are interchangeable.
+The input is streamed in bounded batches (memory does not grow with the corpus), tokenised by a
+pool of workers and written in input order. Malformed lines and documents missing a key are
+skipped, counted and the first few reported with file and line; the run fails if they exceed
+--max-bad-fraction. Outputs are written under temporary names: the .bin is renamed into place
+first and the .idx (which makes the dataset visible) last, only when the whole run succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from longctx_megatron.data.indexed_dataset import (
+    IndexedDatasetBuilder,
+    data_file_path,
+    index_file_path,
+    optimal_dtype,
+)
+from longctx_megatron.data.tokenizers import build_tokenizer
+
+BATCH_LINES = 2048  # lines in flight per batch: bounds memory whatever the corpus size
+REPORTED_BAD_LINES = 5
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", nargs="+", required=True, help="JSONL files or globs (.jsonl or .jsonl.gz)")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract (default: text)")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
+    group.add_argument("--tokenizer-model", help="tokenizer model file or directory")
+    group.add_argument("--vocab-size", type=int, help="vocabulary size (NullTokenizer)")
+    group.add_argument("--append-eod", action="store_true", help="append the end-of-document token")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True)
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1)
+    group.add_argument("--log-interval", type=int, default=10000, help="documents between progress lines")
+    group.add_argument("--max-bad-fraction", type=float, default=0.001,
+                       help="fail when malformed lines or missing keys exceed this fraction (default 0.001)")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.log_interval < 1:
+        parser.error("--workers and --log-interval must be positive")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        parser.error("--max-bad-fraction must be in [0, 1]")
+    return args
+
+
+def resolve_inputs(patterns: list[str]) -> list[str]:
+    """Expand globs, keep order, and fail on a pattern that matches nothing."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [path for path in matches if os.path.isfile(path)]
+        if not matches:
+            raise ValueError(f"--input {pattern!r} matches no file")
+        files.extend(matches)
+    return files
+
+
+@dataclass
+class Progress:
+    """Byte position over all inputs, for MB/s and the ETA."""
+
+    total_bytes: int
+    done_bytes: int = 0  # bytes of finished files
+    current: object = None  # raw handle of the file being read
+
+    def position(self) -> int:
+        return self.done_bytes + (self.current.tell() if self.current is not None else 0)
+
+
+def read_lines(files: list[str], progress: Progress) -> Iterator[tuple[str, int, bytes]]:
+    """(file, line number, raw line) for every non-blank line, streaming."""
+    for path in files:
+        with open(path, "rb") as raw:
+            progress.current = raw
+            lines = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield path, number, line
+            progress.current = None
+        progress.done_bytes += os.path.getsize(path)
+
+
+_worker_state = {}
+
+
+def _init_worker(tokenizer_type, tokenizer_model, vocab_size, keys, append_eod) -> None:
+    tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
+    _worker_state.update(tokenizer=tokenizer, keys=keys, append_eod=append_eod,
+                         dtype=optimal_dtype(tokenizer.vocab_size))
+
+
+def encode_line(line: bytes) -> tuple[str, object]:
+    """("ok", {key: tokens}) or ("bad", reason). Empty documents come back as empty arrays."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return "bad", f"malformed JSON ({error.msg if hasattr(error, 'msg') else error})"
+    if not isinstance(record, dict):
+        return "bad", f"expected a JSON object, got {type(record).__name__}"
+    state = _worker_state
+    encoded = {}
+    for key in state["keys"]:
+        text = record.get(key)
+        if not isinstance(text, str):
+            return "bad", f"missing key {key!r}" if text is None else f"key {key!r} is not a string"
+        ids = state["tokenizer"].encode(text)
+        if ids and state["append_eod"]:
+            ids.append(state["tokenizer"].eod)
+        encoded[key] = np.asarray(ids, dtype=state["dtype"])
+    return "ok", encoded
+
+
+@dataclass
+class Stats:
+    documents: int = 0
+    tokens: int = 0
+    empty: int = 0
+    bad: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+
+
+def _batches(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def preprocess(args: argparse.Namespace, log=print) -> Stats:
+    files = resolve_inputs(args.input)
+    init = (args.tokenizer_type, args.tokenizer_model, args.vocab_size, args.json_keys, args.append_eod)
+    _init_worker(*init)  # also validates the tokenizer before any work starts
+    tokenizer, dtype = _worker_state["tokenizer"], _worker_state["dtype"]
+    outputs = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    temp = {key: (f"{data_file_path(prefix)}.tmp-{os.getpid()}", f"{index_file_path(prefix)}.tmp-{os.getpid()}")
+            for key, prefix in outputs.items()}
+    builders = {key: IndexedDatasetBuilder(temp[key][0], dtype=dtype) for key in outputs}
+    progress = Progress(total_bytes=sum(os.path.getsize(path) for path in files))
+    stats, start = Stats(), time.perf_counter()
+    log(f"tokenizer {args.tokenizer_type} (vocab {tokenizer.vocab_size}, eod {tokenizer.eod}), token dtype "
+        f"{np.dtype(dtype).name}; {len(files)} input file(s), {progress.total_bytes / 2**20:.1f} MB")
+    pool = multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, init) if args.workers > 1 else None
+    try:
+        for batch in _batches(read_lines(files, progress), BATCH_LINES * args.workers):
+            lines = [line for _, _, line in batch]
+            results = pool.map(encode_line, lines, chunksize=64) if pool else [encode_line(line) for line in lines]
+            for (path, number, _), (status, value) in zip(batch, results, strict=True):
+                _record(stats, builders, path, number, status, value)
+                if stats.documents and stats.documents % args.log_interval == 0:
+                    _log_progress(log, stats, progress, start)
+        _check_bad_fraction(stats, args.max_bad_fraction)
+        for key in outputs:
+            builders[key].finalize(temp[key][1])
+        for key, prefix in outputs.items():
+            if os.path.exists(index_file_path(prefix)):
+                os.remove(index_file_path(prefix))  # never leave an old .idx beside the new .bin
+            os.replace(temp[key][0], data_file_path(prefix))
+            os.replace(temp[key][1], index_file_path(prefix))
+    except BaseException:
+        for path in (p for pair in temp.values() for p in pair):
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    _log_progress(log, stats, progress, start, final=True)
+    return stats
+
+
+def _record(stats: Stats, builders, path: str, number: int, status: str, value) -> None:
+    if status == "bad":
+        stats.bad += 1
+        if len(stats.bad_examples) < REPORTED_BAD_LINES:
+            stats.bad_examples.append(f"{path}:{number}: {value}")
+        return
+    if all(len(tokens) == 0 for tokens in value.values()):
+        stats.empty += 1
+        return
+    for key, tokens in value.items():
+        builders[key].add_item(tokens)
+        builders[key].end_document()
+    stats.documents += 1
+    stats.tokens += sum(len(tokens) for tokens in value.values())
+
+
+def _check_bad_fraction(stats: Stats, max_fraction: float) -> None:
+    seen = stats.documents + stats.empty + stats.bad
+    if seen == 0:
+        raise ValueError("the input holds no documents")
+    if stats.bad / seen > max_fraction:
+        examples = "\n  ".join(stats.bad_examples)
+        raise ValueError(f"{stats.bad} of {seen} lines were malformed or missing a key "
+                         f"({stats.bad / seen:.2%} > --max-bad-fraction {max_fraction:.2%}); first ones:\n  {examples}")
+
+
+def _log_progress(log, stats: Stats, progress: Progress, start: float, final: bool = False) -> None:
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    position = progress.total_bytes if final else progress.position()
+    rate = position / elapsed
+    eta = (progress.total_bytes - position) / rate if rate > 0 else 0.0
+    line = (f"{stats.documents:,} documents, {stats.tokens:,} tokens | {stats.documents / elapsed:,.0f} docs/s, "
+            f"{rate / 2**20:.2f} MB/s | {elapsed:.1f} s" + ("" if final else f", ETA {eta:.0f} s"))
+    if final:
+        line += f" | skipped: {stats.bad} bad line(s), {stats.empty} empty document(s)"
+        for example in stats.bad_examples:
+            line += f"\n  {example}"
+    log(line)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        preprocess(args, log=lambda message: print(message, file=sys.stderr, flush=True))
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
