@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pretrain_longctx
-from longctx_megatron.data.builtin_corpus import builtin_documents, builtin_token_stream, random_batches
+from longctx_megatron.data.builtin_corpus import builtin_documents, builtin_token_stream, random_batches, write_jsonl
 from longctx_megatron.data.tokenizers import ByteTokenizer
 from longctx_megatron.training.simple_trainer import RunSettings, demo_config, train
 
@@ -16,6 +18,14 @@ def test_builtin_corpus_is_real_text():
     tokens, labels = next(random_batches(stream, 3, 64, seed=0))
     assert tokens.shape == labels.shape == (3, 64)
     assert torch_equal_shifted(tokens, labels)
+
+
+def test_builtin_corpus_as_jsonl(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    assert write_jsonl(str(path)) == len(builtin_documents())
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["text"] for r in records] == builtin_documents()
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.jsonl"]
 
 
 def torch_equal_shifted(tokens, labels) -> bool:

@@ -6,6 +6,11 @@ so the default training run has real text with no download.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import tempfile
+
 import torch
 
 from longctx_megatron.data.tokenizers import ByteTokenizer
@@ -36,3 +41,26 @@ def random_batches(stream: torch.Tensor, batch: int, seq_len: int, seed: int):
         starts = torch.randint(0, stream.numel() - seq_len - 1, (batch, 1), generator=generator)
         window = stream[starts + offsets]
         yield window[:, :-1], window[:, 1:]
+
+
+def write_jsonl(path: str) -> int:
+    """Write the built-in documents as JSONL ({"title", "text"} per line), atomically; returns the count."""
+    from pydoc_data.topics import topics
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".corpus.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for name in sorted(topics):
+                handle.write(json.dumps({"title": name, "text": topics[name]}) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return len(topics)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write the built-in corpus as JSONL (an example input for tools/).")
+    parser.add_argument("output", help="path of the .jsonl file to write")
+    print(f"wrote {write_jsonl(parser.parse_args().output)} documents")
