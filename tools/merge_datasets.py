@@ -18,8 +18,7 @@ import sys
 
 from longctx_megatron.data.indexed_dataset import (
     IndexedDataset,
-    IndexedDatasetBuilder,
-    data_file_path,
+    building_dataset,
     dataset_exists,
     index_file_path,
 )
@@ -62,21 +61,9 @@ def _merge(prefixes: list[str], output_prefix: str) -> IndexedDataset:
                 f"dtype mismatch: {index_file_path(prefixes[0])} holds {datasets[0].dtype} tokens "
                 f"but {index_file_path(prefix)} holds {dataset.dtype}"
             )
-    bin_path, idx_path = data_file_path(output_prefix), index_file_path(output_prefix)
-    temp_bin, temp_idx = f"{bin_path}.tmp-{os.getpid()}", f"{idx_path}.tmp-{os.getpid()}"
-    try:
-        builder = IndexedDatasetBuilder(temp_bin, dtype=datasets[0].dtype)
+    with building_dataset(output_prefix, datasets[0].dtype) as builder:
         for prefix in prefixes:
             builder.add_index(prefix)
-        builder.finalize(temp_idx)
-        if os.path.exists(idx_path):
-            os.remove(idx_path)  # an old index must not be paired with the new .bin, even briefly
-        os.replace(temp_bin, bin_path)
-        os.replace(temp_idx, idx_path)
-    finally:
-        for path in (temp_bin, temp_idx):
-            if os.path.exists(path):
-                os.remove(path)
     return IndexedDataset(output_prefix)
 
 

@@ -15,6 +15,7 @@ first and the .idx (which makes the dataset visible) last, only when the whole r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import gzip
 import json
@@ -27,12 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from longctx_megatron.data.indexed_dataset import (
-    IndexedDatasetBuilder,
-    data_file_path,
-    index_file_path,
-    optimal_dtype,
-)
+from longctx_megatron.data.indexed_dataset import building_dataset, optimal_dtype
 from longctx_megatron.data.tokenizers import build_tokenizer
 
 BATCH_LINES = 2048  # lines in flight per batch: bounds memory whatever the corpus size
@@ -158,38 +154,22 @@ def preprocess(args: argparse.Namespace, log=print) -> Stats:
     tokenizer, dtype = _worker_state["tokenizer"], _worker_state["dtype"]
     outputs = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    temp = {key: (f"{data_file_path(prefix)}.tmp-{os.getpid()}", f"{index_file_path(prefix)}.tmp-{os.getpid()}")
-            for key, prefix in outputs.items()}
-    builders = {key: IndexedDatasetBuilder(temp[key][0], dtype=dtype) for key in outputs}
     progress = Progress(total_bytes=sum(os.path.getsize(path) for path in files))
     stats, start = Stats(), time.perf_counter()
     log(f"tokenizer {args.tokenizer_type} (vocab {tokenizer.vocab_size}, eod {tokenizer.eod}), token dtype "
         f"{np.dtype(dtype).name}; {len(files)} input file(s), {progress.total_bytes / 2**20:.1f} MB")
-    pool = multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, init) if args.workers > 1 else None
-    try:
+    with contextlib.ExitStack() as stack:  # datasets are published only if everything below succeeds
+        builders = {key: stack.enter_context(building_dataset(prefix, dtype)) for key, prefix in outputs.items()}
+        if args.workers > 1:
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, init))
         for batch in _batches(read_lines(files, progress), BATCH_LINES * args.workers):
             lines = [line for _, _, line in batch]
-            results = pool.map(encode_line, lines, chunksize=64) if pool else [encode_line(line) for line in lines]
+            results = pool.map(encode_line, lines, chunksize=64) if args.workers > 1 else list(map(encode_line, lines))
             for (path, number, _), (status, value) in zip(batch, results, strict=True):
                 _record(stats, builders, path, number, status, value)
                 if stats.documents and stats.documents % args.log_interval == 0:
                     _log_progress(log, stats, progress, start)
         _check_bad_fraction(stats, args.max_bad_fraction)
-        for key in outputs:
-            builders[key].finalize(temp[key][1])
-        for key, prefix in outputs.items():
-            if os.path.exists(index_file_path(prefix)):
-                os.remove(index_file_path(prefix))  # never leave an old .idx beside the new .bin
-            os.replace(temp[key][0], data_file_path(prefix))
-            os.replace(temp[key][1], index_file_path(prefix))
-    except BaseException:
-        for path in (p for pair in temp.values() for p in pair):
-            if os.path.exists(path):
-                os.remove(path)
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
     _log_progress(log, stats, progress, start, final=True)
     return stats
 

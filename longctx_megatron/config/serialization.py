@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from longctx_megatron.atomic_file import atomic_write
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.config.rope import check_fields
@@ -33,15 +33,6 @@ def _suffix(path: Path) -> str:
     return suffix
 
 
-def _file_mode(path: Path) -> int:
-    """The existing file's mode, or 0666 minus the umask for a new file."""
-    if path.exists():
-        return path.stat().st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_config(config: ModelConfig, path: str | os.PathLike) -> None:
     """Write atomically (temporary file + rename) as YAML or JSON by suffix."""
     path = Path(path)
@@ -50,15 +41,8 @@ def save_config(config: ModelConfig, path: str | os.PathLike) -> None:
         text = json.dumps(data, indent=2) + "\n"
     else:
         text = yaml.safe_dump(data, sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep what open() would give
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as handle:
+        handle.write(text)
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 
 import torch
 
+from longctx_megatron.atomic_file import atomic_write
 from longctx_megatron.data.tokenizers import ByteTokenizer
 
 
@@ -47,16 +46,9 @@ def write_jsonl(path: str) -> int:
     """Write the built-in documents as JSONL ({"title", "text"} per line), atomically; returns the count."""
     from pydoc_data.topics import topics
 
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".corpus.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for name in sorted(topics):
-                handle.write(json.dumps({"title": name, "text": topics[name]}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(path) as handle:
+        for name in sorted(topics):
+            handle.write(json.dumps({"title": name, "text": topics[name]}) + "\n")
     return len(topics)
 
 

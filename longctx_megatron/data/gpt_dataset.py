@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from longctx_megatron.atomic_file import atomic_write
 from longctx_megatron.data.indexed_dataset import IndexedDataset, index_file_path
 
 INDEX_FORMAT_VERSION = 1  # bump when the index construction changes: invalidates caches
@@ -81,18 +81,6 @@ def _build_indices(sizes: np.ndarray, first: int, last: int, config: GPTDatasetC
     sample_idx = np.stack([position, offset], axis=1)
     shuffle_idx = np.random.RandomState(config.seed + 1).permutation(config.num_samples)
     return doc_idx, sample_idx, shuffle_idx
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(handle)`` into a temporary file next to ``path``, renamed over it only when complete."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 class GPTDataset(torch.utils.data.Dataset):
@@ -159,8 +147,9 @@ def _build_once(paths: dict[str, Path], description_path: Path, description: dic
         if not all(path.exists() for path in paths.values()):
             description_path.parent.mkdir(parents=True, exist_ok=True)
             for path, array in zip(paths.values(), build(), strict=True):
-                _write_atomic(path, lambda handle, a=array: np.save(handle, a, allow_pickle=False))
-            text = json.dumps(description, indent=2, sort_keys=True) + "\n"
-            _write_atomic(description_path, lambda handle: handle.write(text.encode()))
+                with atomic_write(path, "wb") as handle:
+                    np.save(handle, array, allow_pickle=False)
+            with atomic_write(description_path) as handle:
+                handle.write(json.dumps(description, indent=2, sort_keys=True) + "\n")
     if distributed:
         dist.barrier()

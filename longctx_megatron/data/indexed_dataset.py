@@ -32,6 +32,7 @@ checks its own sequence's bounds in O(1). Damaged files raise ``IndexedDatasetEr
 from __future__ import annotations
 
 import array
+import contextlib
 import operator
 import os
 import struct
@@ -39,6 +40,8 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+
+from longctx_megatron.atomic_file import atomic_write
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _LEGACY_MAGIC = b"TNTIDX\x00\x00"  # Megatron's older non-mmap ("lazy"/"cached") index format
@@ -332,17 +335,32 @@ class IndexedDatasetBuilder:
         np.cumsum(sizes[:-1] * self.dtype.itemsize, out=pointers[1:])
         document_indices = np.frombuffer(self._document_indices, dtype=np.int64)
         header = _HEADER.pack(_MAGIC, _VERSION, _CODES[self.dtype], len(sizes), len(document_indices))
-        temp_path = f"{idx_path}.tmp-{os.getpid()}"
-        try:
-            with open(temp_path, "wb") as stream:
-                stream.write(header)
-                stream.write(sizes.astype("<i4").tobytes())
-                stream.write(pointers.tobytes())
-                stream.write(document_indices.astype("<i8").tobytes())
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temp_path, idx_path)
-        except BaseException:
-            if os.path.exists(temp_path):
-                os.remove(temp_path)
-            raise
+        with atomic_write(idx_path, "wb") as stream:
+            stream.write(header)
+            stream.write(sizes.astype("<i4").tobytes())
+            stream.write(pointers.tobytes())
+            stream.write(document_indices.astype("<i8").tobytes())
+
+
+@contextlib.contextmanager
+def building_dataset(prefix: str, dtype):
+    """An IndexedDatasetBuilder whose dataset appears at ``prefix`` only if the ``with`` block succeeds.
+
+    Both files are written under temporary names; on success any old .idx is removed, the .bin is
+    renamed into place and the .idx (which makes the dataset visible) last. On failure nothing at
+    ``prefix`` changes and the temporary files are removed.
+    """
+    bin_path, idx_path = data_file_path(prefix), index_file_path(prefix)
+    temp_bin, temp_idx = f"{bin_path}.tmp-{os.getpid()}", f"{idx_path}.tmp-{os.getpid()}"
+    try:
+        builder = IndexedDatasetBuilder(temp_bin, dtype=dtype)
+        yield builder
+        builder.finalize(temp_idx)
+        if os.path.exists(idx_path):
+            os.remove(idx_path)  # an old index must not be paired with the new .bin, even briefly
+        os.replace(temp_bin, bin_path)
+        os.replace(temp_idx, idx_path)
+    finally:
+        for path in (temp_bin, temp_idx):
+            if os.path.exists(path):
+                os.remove(path)

@@ -290,8 +290,8 @@ def test_failing_write_keeps_the_existing_file(tmp_path, monkeypatch):
     real_fdopen = os.fdopen
 
     class FailingHandle:
-        def __init__(self, fd, mode):
-            self.handle = real_fdopen(fd, mode)
+        def __init__(self, fd, mode, **kwargs):
+            self.handle = real_fdopen(fd, mode, **kwargs)
 
         def __enter__(self):
             return self
