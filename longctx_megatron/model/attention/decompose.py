@@ -2,8 +2,9 @@
 
 * sliding + global tokens: local window (with its LSE), merged by log-sum-exp with the attention to
   the global keys older than the window (disjoint key sets, so the merge is exact); global queries
-  see every earlier key and are computed densely and written over their rows. Both extra branches
-  cost O(T * T / G), small next to the window for the design's G = 128.
+  see every earlier key and are written over their rows. Both extra branches cost O(T * T / G)
+  time, small next to the window for the design's G = 128, and O(T * D) memory: their scores are
+  recomputed in the backward pass (backends/recompute.py).
 * dilated: heads are grouped by their offset s; keys are shifted s positions later, then
   (B, H, T, D) -> (B * r, H, T / r, D) puts each residue class in a contiguous sequence on which a
   causal window of W keys is exactly the rule in patterns.py. No score is computed twice.
@@ -14,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longctx_megatron.model.attention.backends.recompute import shared_key_attention
 from longctx_megatron.model.attention.patterns import DilatedPattern, Pattern, SlidingPattern
-from longctx_megatron.model.attention.softmax import masked_attention, merge_by_lse
+from longctx_megatron.model.attention.softmax import merge_by_lse
 
 
 def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float) -> torch.Tensor:
@@ -43,12 +45,12 @@ def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropo
     # Global keys older than the query's window (the window already holds the younger ones).
     old_global = globals_[None, :] <= positions[:, None] - pattern.window
     k_glob, v_glob = k[:, :, None, globals_], v[:, :, None, globals_]
-    out_glob, lse_glob = masked_attention(_grouped(q, n_kv), k_glob, v_glob, old_global, dropout_p)
+    out_glob, lse_glob = shared_key_attention(_grouped(q, n_kv), k_glob, v_glob, old_global, dropout_p)
     out, _ = merge_by_lse(out, lse, out_glob.flatten(1, 2), lse_glob.flatten(1, 2))
 
     # Global queries see every earlier position.
     q_glob = _grouped(q[:, :, globals_], n_kv)
-    out_q, _ = masked_attention(
+    out_q, _ = shared_key_attention(
         q_glob, k[:, :, None], v[:, :, None], positions[None, :] <= globals_[:, None], dropout_p
     )
     return out.index_copy(2, globals_, out_q.flatten(1, 2))

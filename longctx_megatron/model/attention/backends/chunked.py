@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.model.attention.backends.base import DecomposedBackend
-from longctx_megatron.model.attention.backends.recompute import RecomputedBlockAttention
-from longctx_megatron.model.attention.softmax import masked_attention
+from longctx_megatron.model.attention.backends.recompute import block_attention
 
 
 def _pair_blocks(x: torch.Tensor, n_blocks: int, block: int, dim: int) -> torch.Tensor:
@@ -46,10 +45,7 @@ def chunked_window_attention(
     distance = block + torch.arange(block, device=q.device)[:, None] - torch.arange(2 * block, device=q.device)
     in_window = (distance >= 0) & (distance < window)
     mask = (in_window & valid[:, :, None, :])[:, None, None]  # (B, 1, 1, n, C, 2C)
-    if dropout_p > 0.0:
-        out, lse = masked_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
-    else:
-        out, lse = RecomputedBlockAttention.apply(q_blocks, k_blocks, v_blocks, mask)
+    out, lse = block_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
     out = out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :seq_len]
     lse = lse.reshape(batch, n_heads, n_blocks * block)[:, :, :seq_len]
     return out, lse

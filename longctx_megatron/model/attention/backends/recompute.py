@@ -4,13 +4,15 @@ Forward and backward walk the query blocks in groups small enough (about 16 MiB 
 stay in cache; only the output and its log-sum-exp are saved, so activation memory is O(T * D)
 instead of O(T * W), and the working set no longer grows with T. The gradient is the usual
 softmax-attention one, dS = P * (dO V^T - rowsum(dO * O) + dLSE), with dLSE carried so that the
-LSE merge of global tokens stays differentiable. Used by the chunked backend when there is no
-attention dropout (dropout would need its random mask replayed).
+LSE merge of global tokens stays differentiable. Used by the chunked backend's windows and by
+every backend's global-token branches, except with attention dropout (which would need its random
+mask replayed).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from longctx_megatron.model.attention.softmax import masked_attention
 
@@ -25,8 +27,16 @@ def _groups(q_blocks: torch.Tensor, k_blocks: torch.Tensor):
     return [slice(start, start + step) for start in range(0, n_blocks, step)]
 
 
+def _part(x: torch.Tensor, part: slice) -> torch.Tensor:
+    """Blocks ``part`` of ``x`` along dim -3, or ``x`` itself when that dim is 1 (shared by all blocks)."""
+    return x if x.shape[-3] == 1 else x[..., part, :, :]
+
+
 class RecomputedBlockAttention(torch.autograd.Function):
-    """(q (B, Hkv, g, n, C, D), k, v (B, Hkv, 1, n, K, D), mask (B, 1, 1, n, C, K)) -> (out, lse)."""
+    """(q (B, Hkv, g, n, C, D), k, v (B, Hkv, 1, n, K, D), mask (B, 1, 1, n, C, K)) -> (out, lse).
+
+    k, v and mask may have n = 1: one key set shared by every query block (global tokens).
+    """
 
     @staticmethod
     def forward(ctx, q_blocks, k_blocks, v_blocks, mask):
@@ -36,7 +46,7 @@ class RecomputedBlockAttention(torch.autograd.Function):
         for part in _groups(q_blocks, k_blocks):
             idx, row_idx = (..., part, slice(None), slice(None)), (..., part, slice(None))
             out[idx], lse[row_idx] = masked_attention(
-                q_blocks[idx].to(compute), k_blocks[idx], v_blocks[idx], mask[idx]
+                q_blocks[idx].to(compute), _part(k_blocks, part), _part(v_blocks, part), _part(mask, part)
             )
         ctx.save_for_backward(q_blocks, k_blocks, v_blocks, mask, out, lse)
         return out.to(q_blocks.dtype), lse
@@ -46,21 +56,54 @@ class RecomputedBlockAttention(torch.autograd.Function):
         q_blocks, k_blocks, v_blocks, mask, out, lse = ctx.saved_tensors
         compute = out.dtype
         scale = q_blocks.shape[-1] ** -0.5
+        shared = k_blocks.shape[-3] == 1 and q_blocks.shape[-3] > 1
         d_q = torch.empty(q_blocks.shape, dtype=compute, device=q_blocks.device)
-        d_k = torch.empty(k_blocks.shape, dtype=compute, device=k_blocks.device)
-        d_v = torch.empty(v_blocks.shape, dtype=compute, device=v_blocks.device)
+        d_k = torch.zeros(k_blocks.shape, dtype=compute, device=k_blocks.device)
+        d_v = torch.zeros(v_blocks.shape, dtype=compute, device=v_blocks.device)
         # Rows that saw no key have lse = -inf; +inf there makes their probabilities exactly 0.
         lse = torch.where(torch.isfinite(lse), lse, float("inf"))
         for part in _groups(q_blocks, k_blocks):
             idx, row_idx = (..., part, slice(None), slice(None)), (..., part, slice(None))
-            q, k, v = q_blocks[idx].to(compute), k_blocks[idx].to(compute), v_blocks[idx].to(compute)
+            q, k, v = q_blocks[idx].to(compute), _part(k_blocks, part).to(compute), _part(v_blocks, part).to(compute)
             scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-            probs = torch.exp(scores.masked_fill_(~mask[idx], float("-inf")) - lse[row_idx][..., None])
+            probs = torch.exp(scores.masked_fill_(~_part(mask, part), float("-inf")) - lse[row_idx][..., None])
             grad = d_out[idx].to(compute)
-            d_v[idx] = torch.matmul(probs.transpose(-1, -2), grad).sum(dim=2, keepdim=True)
+            v_grad = torch.matmul(probs.transpose(-1, -2), grad).sum(dim=2, keepdim=True)
             d_scores = torch.matmul(grad, v.transpose(-1, -2))
             row = (grad * out[idx]).sum(dim=-1, keepdim=True) - d_lse[row_idx][..., None].to(compute)
             d_scores = probs.mul_(d_scores.sub_(row)).mul_(scale)
             d_q[idx] = torch.matmul(d_scores, k)
-            d_k[idx] = torch.matmul(d_scores.transpose(-1, -2), q).sum(dim=2, keepdim=True)
+            k_grad = torch.matmul(d_scores.transpose(-1, -2), q).sum(dim=2, keepdim=True)
+            if shared:  # every block read the same keys: their gradients add up
+                d_k += k_grad.sum(dim=-3, keepdim=True)
+                d_v += v_grad.sum(dim=-3, keepdim=True)
+            else:
+                d_k[idx], d_v[idx] = k_grad, v_grad
         return d_q.to(q_blocks.dtype), d_k.to(k_blocks.dtype), d_v.to(v_blocks.dtype), None
+
+
+def block_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p: float = 0.0):
+    """Attention of query blocks over their key blocks (shapes as RecomputedBlockAttention).
+
+    Recomputes scores in the backward pass; with attention dropout it falls back to plain autograd
+    (which keeps the scores), since the recomputation would need the dropout mask replayed.
+    """
+    if dropout_p > 0.0:
+        return masked_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
+    return RecomputedBlockAttention.apply(q_blocks, k_blocks, v_blocks, mask)
+
+
+def shared_key_attention(q, k, v, mask, dropout_p: float = 0.0, rows_per_block: int = 64):
+    """Rows of q (B, Hkv, g, R, D) against one key set k, v (B, Hkv, 1, K, D) where mask (R, K) is True.
+
+    Rows are cut into blocks so scores are only ever materialised (and recomputed) a group at a time:
+    activation memory O(R * D) instead of O(R * K). Returns (out (B, Hkv, g, R, D), lse (B, Hkv, g, R)).
+    """
+    rows = q.shape[-2]
+    block = min(rows_per_block, rows)
+    n_blocks = -(-rows // block)
+    pad = n_blocks * block - rows
+    q_blocks = F.pad(q, (0, 0, 0, pad)).unflatten(-2, (n_blocks, block))
+    mask_blocks = F.pad(mask, (0, 0, 0, pad), value=False).view(1, 1, 1, n_blocks, block, -1)
+    out, lse = block_attention(q_blocks, k.unsqueeze(-3), v.unsqueeze(-3), mask_blocks, dropout_p)
+    return out.flatten(-3, -2)[..., :rows, :], lse.flatten(-2)[..., :rows]
