@@ -20,14 +20,18 @@ def build_model(
     dtype: torch.dtype = torch.float32,
     parallel: ParallelContext | None = None,
     sequence_parallel: bool = False,
+    layers: range | None = None,
+    pre_process: bool = True,
+    post_process: bool = True,
 ) -> GPTModel:
     """``device="meta"`` gives a shape-only model (counting, planning) that allocates nothing.
 
     With ``parallel``, the model is this rank's tensor-parallel shard; its RNG tracker (dropout
-    inside sharded regions) is ``model.rng_tracker``, seeded from ``seed``.
+    inside sharded regions) is ``model.rng_tracker``, seeded from ``seed``. ``layers``,
+    ``pre_process`` and ``post_process`` select a pipeline stage (see GPTModel).
     """
     with torch.device("meta"):
-        model = GPTModel(config, attention_backend)
+        model = GPTModel(config, attention_backend, layers, pre_process, post_process)
     if parallel is not None:
         model.rng_tracker = model_parallel_rng(seed, parallel.tp_rank, parallel.pp_rank, torch.device(device).type)
         apply_tensor_parallel(model, parallel, model.rng_tracker, sequence_parallel)

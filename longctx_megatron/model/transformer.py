@@ -1,4 +1,10 @@
-"""The decoder: embedding, the heterogeneous block stack of the layer plan, final norm, tied output."""
+"""The decoder: embedding, the heterogeneous block stack of the layer plan, final norm, tied output.
+
+A GPTModel may hold only part of the stack (a pipeline stage): ``layers`` names the global layer
+indices it owns, ``pre_process`` whether it embeds tokens (first stage) and ``post_process``
+whether it ends with the final norm, head and loss (last stage), as Megatron-LM's GPTModel.
+Parameters keep their global names (``layers.17.mlp.down.weight``) on every stage.
+"""
 
 from __future__ import annotations
 
@@ -13,48 +19,78 @@ from longctx_megatron.model.head import LanguageModelHead
 from longctx_megatron.model.norm import RMSNorm
 
 
+class LayerStack(torch.nn.ModuleDict):
+    """Transformer blocks keyed by global layer index (``stack[17]``); iterating yields the blocks."""
+
+    def __getitem__(self, index: int | str) -> TransformerBlock:
+        return super().__getitem__(str(index))
+
+    def __iter__(self):
+        return iter(self.values())
+
+
 class GPTModel(torch.nn.Module):
     """``dropout_rng`` is the context for embedding dropout (per-rank under sequence parallelism)."""
 
-    def __init__(self, config: ModelConfig, attention_backend: str = "auto"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        attention_backend: str = "auto",
+        layers: range | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
         super().__init__()
         self.config = config
+        self.pre_process, self.post_process = pre_process, post_process
         self.dropout_rng = contextlib.nullcontext
-        self.embedding = torch.nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = torch.nn.ModuleList(
-            TransformerBlock(config, spec, attention_backend) for spec in config.layer_plan()
-        )
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.output = None if config.tie_embeddings else torch.nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.head = LanguageModelHead()
+        plan = config.layer_plan()
+        layers = range(config.n_layers) if layers is None else layers
+        # The last stage needs the tied embedding for its head: it keeps a copy (same global name,
+        # same initial value; pipeline parallelism sums the two copies' gradients).
+        has_embedding = pre_process or (post_process and config.tie_embeddings)
+        self.embedding = torch.nn.Embedding(config.vocab_size, config.d_model) if has_embedding else None
+        self.layers = LayerStack({str(i): TransformerBlock(config, plan[i], attention_backend) for i in layers})
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps) if post_process else None
+        untied = post_process and not config.tie_embeddings
+        self.output = torch.nn.Linear(config.d_model, config.vocab_size, bias=False) if untied else None
+        self.head = LanguageModelHead() if post_process else None
 
     def output_weight(self) -> torch.Tensor:
         return self.embedding.weight if self.output is None else self.output.weight
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        hidden: torch.Tensor | None = None,
+    ):
         """input_ids (B, T) -> (logits (B, T, V), mean loss over loss_mask or None without labels).
 
-        Under tensor parallelism the logits are this rank's vocabulary shard.
+        Under tensor parallelism the logits are this rank's vocabulary shard. A stage without
+        ``pre_process`` takes ``hidden`` (the previous stage's output) and ``position_ids``
+        instead of ``input_ids``; one without ``post_process`` returns its hidden states.
 
         ``labels`` are the next tokens (already shifted, as the datasets return them);
         ``position_ids`` (B, T) default to 0..T-1 and may restart at document boundaries.
         """
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        p = self.config.hidden_dropout if self.training else 0.0
-        hidden = self.embedding(input_ids)
-        with self.dropout_rng():
-            hidden = F.dropout(hidden, p)
+        if self.pre_process:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+            p = self.config.hidden_dropout if self.training else 0.0
+            hidden = self.embedding(input_ids)
+            with self.dropout_rng():
+                hidden = F.dropout(hidden, p)
+        elif hidden is None or position_ids is None:
+            raise ValueError("a stage without pre_process needs the previous stage's hidden and position_ids")
         rope_tables = {}  # layers sharing a RoPE config share one cos/sin table
         for layer in self.layers:
             rotary = layer.attention.rotary
             if rotary.cfg not in rope_tables:
                 rope_tables[rotary.cfg] = rotary(position_ids)
             hidden = layer(hidden, *rope_tables[rotary.cfg])
+        if not self.post_process:
+            return hidden
         return self.head(self.final_norm(hidden), self.output_weight(), labels, loss_mask)

@@ -50,7 +50,7 @@ def apply_tensor_parallel(
     check_model_fits_layout(config, ctx)
     if ctx.tp_size == 1:
         return model
-    device = model.embedding.weight.device
+    device = next(model.parameters()).device
     sp = sequence_parallel
     for name, module in list(model.named_modules()):
         plan = next((p for suffix, p in TENSOR_PARALLEL_PLAN.items() if name.endswith(suffix)), None)
@@ -63,12 +63,15 @@ def apply_tensor_parallel(
         else:
             new = RowParallelLinear(module.in_features, module.out_features, ctx, sequence_parallel=sp, device=device)
         _replace(model, name, new)
-    _replace(model, "embedding", VocabParallelEmbedding(config.vocab_size, config.d_model, ctx, sp, device=device))
+    if model.embedding is not None:
+        embedding = VocabParallelEmbedding(config.vocab_size, config.d_model, ctx, sp, device=device)
+        _replace(model, "embedding", embedding)
     if model.output is not None:  # untied output weight: split by vocabulary like the embedding
         padded = padded_vocab_size(config.vocab_size, ctx.tp_size)
         output = ColumnParallelLinear(config.d_model, config.vocab_size, ctx, padded_out_features=padded, device=device)
         _replace(model, "output", output)
-    model.head = VocabParallelHead(config.vocab_size, ctx, sp)
+    if model.head is not None:
+        model.head = VocabParallelHead(config.vocab_size, ctx, sp)
 
     kv_per_rank = config.n_kv_heads // ctx.tp_size
     for layer in model.layers:
@@ -79,7 +82,8 @@ def apply_tensor_parallel(
             layer.attention_norm.sequence_parallel_replica = layer.mlp_norm.sequence_parallel_replica = True
     if sp:
         model.dropout_rng = rng.fork
-        model.final_norm.sequence_parallel_replica = True
+        if model.final_norm is not None:
+            model.final_norm.sequence_parallel_replica = True
     return model
 
 
