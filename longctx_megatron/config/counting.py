@@ -40,8 +40,18 @@ def mean_keys_per_query(config: ModelConfig, seq_len: int) -> list[float]:
     return means
 
 
+def layer_forward_flops(config: ModelConfig, seq_len: int) -> list[float]:
+    """Forward FLOPs per token of each layer: its projections plus QK^T and PV over its real span."""
+    dense = 2 * _layer_matmul_params(config)
+    return [dense + 4 * config.n_heads * config.head_dim * keys for keys in mean_keys_per_query(config, seq_len)]
+
+
+def head_forward_flops(config: ModelConfig) -> float:
+    """Forward FLOPs per token of the output projection (the logits)."""
+    return 2.0 * config.vocab_size * config.d_model
+
+
 def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) -> float:
     """Model FLOPs per token at ``seq_len`` (forward + backward when ``training``)."""
-    dense = 2 * (config.n_layers * _layer_matmul_params(config) + config.vocab_size * config.d_model)
-    attention = sum(4 * config.n_heads * config.head_dim * keys for keys in mean_keys_per_query(config, seq_len))
-    return (dense + attention) * (3 if training else 1)
+    forward = sum(layer_forward_flops(config, seq_len)) + head_forward_flops(config)
+    return forward * (3 if training else 1)

@@ -1,8 +1,9 @@
-"""Gradient norm and clipping over a tensor-parallel model, each parameter counted once.
+"""Gradient norm and clipping over a tensor- and pipeline-parallel model, each parameter counted once.
 
 Sharded parameters contribute their local squares summed over the TP group; parameters replicated
-on every TP rank (norm weights) contribute once. Every TP rank gets the same norm, so clipping
-keeps the shards consistent. (Pipeline and data parallelism extend this in the trainer.)
+on every TP rank (norm weights) contribute once; stages add up over the pipeline group, the last
+stage's copy of the tied embedding excluded. Every rank gets the same norm, so clipping keeps
+shards and stages consistent.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def grad_norm(model: torch.nn.Module, ctx: ParallelContext | None) -> torch.Tens
     device = next(model.parameters()).device
     sharded = torch.zeros((), device=device)
     replicated = torch.zeros((), device=device)
+    pipeline_copy = getattr(model, "pre_process", True) is False  # this stage's embedding is the tied copy
     for name, param in model.named_parameters():
-        if param.grad is None:
+        if param.grad is None or (pipeline_copy and name == "embedding.weight"):
             continue
         square = param.grad.detach().float().pow(2).sum()
         if name in shards:
@@ -30,7 +32,10 @@ def grad_norm(model: torch.nn.Module, ctx: ParallelContext | None) -> torch.Tens
             replicated += square
     if ctx is not None and ctx.tp_size > 1:
         dist.all_reduce(sharded, group=ctx.tp_group)
-    return (sharded + replicated).sqrt()
+    total = sharded + replicated
+    if ctx is not None and ctx.pp_size > 1:
+        dist.all_reduce(total, group=ctx.pp_group)
+    return total.sqrt()
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:

@@ -37,6 +37,8 @@ class ParallelContext:
     tp_ranks: tuple[int, ...]  # global ranks of my tensor-parallel group, in TP-rank order
     pp_ranks: tuple[int, ...]
     dp_ranks: tuple[int, ...]
+    # First and last pipeline stage of my pipeline (both hold the tied embedding); None unless I am one.
+    embedding_group: dist.ProcessGroup | None = None
 
     @property
     def tp_src_rank(self) -> int:
@@ -124,8 +126,9 @@ def initialize_parallel(
     world_size, rank = dist.get_world_size(), dist.get_rank()
     data = check_layout(world_size, tensor, pipeline, data)
     tp_groups, dp_groups, pp_groups = layout_ranks(world_size, tensor, pipeline)
-    mine = {}
-    for kind, groups in (("tp", tp_groups), ("dp", dp_groups), ("pp", pp_groups)):
+    embedding_groups = [[ranks[0], ranks[-1]] for ranks in pp_groups] if pipeline > 1 else []
+    mine = {"embedding": (None, ())}
+    for kind, groups in (("tp", tp_groups), ("dp", dp_groups), ("pp", pp_groups), ("embedding", embedding_groups)):
         for ranks in groups:
             group = dist.new_group(ranks)  # collective: every rank creates every group
             if rank in ranks:
@@ -134,7 +137,7 @@ def initialize_parallel(
         world_size=world_size, rank=rank, tp_size=tensor, pp_size=pipeline, dp_size=data,
         tp_rank=mine["tp"][1].index(rank), pp_rank=mine["pp"][1].index(rank), dp_rank=mine["dp"][1].index(rank),
         tp_group=mine["tp"][0], pp_group=mine["pp"][0], dp_group=mine["dp"][0],
-        tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1],
+        tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1], embedding_group=mine["embedding"][0],
     )
 
 

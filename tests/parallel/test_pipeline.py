@@ -1,0 +1,121 @@
+"""Pipeline parallelism: the cost-balanced split, and 1F1B (with TP and SP) against the single-process model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longctx_megatron.config import ConfigError, ModelConfig
+from longctx_megatron.model.build import build_model
+from longctx_megatron.parallel.grad_norm import grad_norm
+from longctx_megatron.parallel.pipeline import (
+    allreduce_embedding_grads,
+    balanced_split,
+    build_pipeline_stage,
+    describe_split,
+    forward_backward_1f1b,
+    parse_split,
+    plan_pipeline,
+    stage_costs,
+)
+from longctx_megatron.parallel.state import initialize_parallel
+from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, tensor_parallel_shards
+from tests.distributed import run_on_ranks
+from tests.parallel.test_tensor_parallel import gather_global
+
+
+def test_balanced_split_minimises_the_largest_stage():
+    assert balanced_split([1, 1, 1, 1], 2) == [2, 2]
+    assert balanced_split([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert balanced_split([1, 1, 1, 1], 2, last_extra=2) == [3, 1]
+    assert balanced_split([5, 1, 1, 1], 4) == [1, 1, 1, 1]
+    with pytest.raises(ConfigError, match="needs between 1 and n_layers=2 stages"):
+        balanced_split([1, 1], 3)
+
+
+def test_design_plan_at_100k_is_balanced_better_than_an_even_split():
+    config = ModelConfig()
+    sizes, costs, head = plan_pipeline(config, 4, 102400)
+    balanced, even = stage_costs(sizes, costs, head), stage_costs([8, 8, 8, 8], costs, head)
+    print(f"\nbalanced {sizes}: stage GFLOP/token {[round(c / 1e9, 2) for c in balanced]}; "
+          f"even [8, 8, 8, 8]: {[round(c / 1e9, 2) for c in even]}")
+    print(describe_split(config, sizes, costs, head))
+    assert sizes != [8, 8, 8, 8] and sum(sizes) == 32
+    assert max(balanced) < max(even)
+    assert max(balanced) / min(balanced) < max(even) / min(even)
+
+
+def test_split_override():
+    assert parse_split("10,8,7,7", 32, 4) == [10, 8, 7, 7]
+    for bad in ("10,8,7", "10,8,7,8", "a,b,c,d", "0,16,8,8"):
+        with pytest.raises(ConfigError, match="--pipeline-layer-split"):
+            parse_split(bad, 32, 4)
+    sizes, _, _ = plan_pipeline(ModelConfig(), 4, 4096, override="10,8,7,7")
+    assert sizes == [10, 8, 7, 7]
+
+
+CONFIG = dict(d_model=64, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=96, vocab_size=97, max_seq_len=128,
+              attention_layout="sliding:2,dilated:1,full:1", sliding_window=8, global_every=6, dilated_window=4,
+              dilation=2)
+MICRO, SEQ = 4, 24
+
+
+def _microbatches():
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 97, (MICRO, SEQ), generator=generator)
+    labels = torch.randint(0, 97, (MICRO, SEQ), generator=generator)
+    return tokens, labels
+
+
+def _pipeline_body(rank, world_size, tp, pp, sequence_parallel, sizes):
+    ctx = initialize_parallel(tensor=tp, pipeline=pp, backend="gloo")
+    config = ModelConfig(**CONFIG)
+    tokens, labels = _microbatches()
+    reference = build_model(config, seed=21, attention_backend="chunked")
+    stage = build_pipeline_stage(config, ctx, sizes, seed=21, attention_backend="chunked",
+                                 sequence_parallel=sequence_parallel)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
+    hidden = (1, SEQ // tp if sequence_parallel else SEQ, config.d_model)
+    batches = [{"tokens": tokens[i:i + 1], "labels": labels[i:i + 1]} for i in range(MICRO)]
+    result = {"losses": [], "ref_losses": []}
+    for step in range(3):
+        _, ref_loss = reference(tokens, labels=labels)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        opt.zero_grad()
+        losses = forward_backward_1f1b(stage, batches, ctx, hidden)
+        allreduce_embedding_grads(stage, ctx)
+        if sequence_parallel:
+            allreduce_sequence_parallel_grads(stage, ctx)
+        if step == 0:  # gradients of every parameter of this stage, and the global norm
+            shards, ref_params = tensor_parallel_shards(stage), dict(reference.named_parameters())
+            for name, param in stage.named_parameters():
+                grad = gather_global(param.grad, shards[name], ctx.tp_group) if name in shards else param.grad
+                torch.testing.assert_close(grad, ref_params[name].grad, rtol=1e-5, atol=1e-6,
+                                           msg=lambda m, n=name: f"stage {ctx.pp_rank} grad {n}: {m}")
+            torch.testing.assert_close(grad_norm(stage, ctx), grad_norm(reference, None), rtol=1e-5, atol=0)
+            result["parameters"] = sorted(n for n, _ in stage.named_parameters())
+        ref_opt.step()
+        opt.step()
+        result["ref_losses"].append(ref_loss.item())
+        if stage.post_process:
+            result["losses"].append(sum(losses).item())
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,sequence_parallel,sizes", [
+    (1, 2, False, [3, 1]),
+    (1, 4, False, [1, 1, 1, 1]),
+    (2, 2, True, [2, 2]),
+], ids=["pp2", "pp4", "tp2xpp2-sp"])
+def test_1f1b_matches_single_process(tp, pp, sequence_parallel, sizes):
+    results = run_on_ranks(_pipeline_body, tp * pp, tp, pp, sequence_parallel, sizes)
+    last = [r for r in results if r["losses"]]
+    assert len(last) == tp  # the last stage's TP ranks report the loss
+    for result in last:
+        assert result["losses"] == pytest.approx(result["ref_losses"], rel=1e-5)
+    first = results[0]["parameters"]
+    assert "embedding.weight" in first and "layers.0.attention.qkv.weight" in first
+    assert not any(name.startswith("final_norm") for name in first)
