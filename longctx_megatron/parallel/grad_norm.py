@@ -15,21 +15,23 @@ from longctx_megatron.parallel.state import ParallelContext
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
 
 
-def grad_norm(model: torch.nn.Module, ctx: ParallelContext | None) -> torch.Tensor:
-    """The L2 norm of the global gradient (float32 scalar)."""
-    shards = tensor_parallel_shards(model)
-    device = next(model.parameters()).device
+def grad_norm(models, ctx: ParallelContext | None) -> torch.Tensor:
+    """The L2 norm of the global gradient (float32 scalar) of a model or this rank's model chunks."""
+    models = models if isinstance(models, list | tuple) else [models]
+    device = next(models[0].parameters()).device
     sharded = torch.zeros((), device=device)
     replicated = torch.zeros((), device=device)
-    pipeline_copy = getattr(model, "pre_process", True) is False  # this stage's embedding is the tied copy
-    for name, param in model.named_parameters():
-        if param.grad is None or (pipeline_copy and name == "embedding.weight"):
-            continue
-        square = param.grad.detach().float().pow(2).sum()
-        if name in shards:
-            sharded += square
-        else:
-            replicated += square
+    for model in models:
+        shards = tensor_parallel_shards(model)
+        pipeline_copy = getattr(model, "pre_process", True) is False  # this chunk's embedding is the tied copy
+        for name, param in model.named_parameters():
+            if param.grad is None or (pipeline_copy and name == "embedding.weight"):
+                continue
+            square = param.grad.detach().float().pow(2).sum()
+            if name in shards:
+                sharded += square
+            else:
+                replicated += square
     if ctx is not None and ctx.tp_size > 1:
         dist.all_reduce(sharded, group=ctx.tp_group)
     total = sharded + replicated
@@ -38,11 +40,12 @@ def grad_norm(model: torch.nn.Module, ctx: ParallelContext | None) -> torch.Tens
     return total.sqrt()
 
 
-def clip_grad_norm(model: torch.nn.Module, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:
+def clip_grad_norm(models, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:
     """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping."""
-    norm = grad_norm(model, ctx)
+    norm = grad_norm(models, ctx)
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    for param in model.parameters():
-        if param.grad is not None:
-            param.grad.mul_(scale.to(param.grad.dtype))
+    for model in models if isinstance(models, list | tuple) else [models]:
+        for param in model.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale.to(param.grad.dtype))
     return norm

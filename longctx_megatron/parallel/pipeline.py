@@ -1,12 +1,13 @@
-"""Pipeline parallelism: a cost-balanced split of the layer plan into stages, and the 1F1B schedule.
+"""Pipeline parallelism: a cost-balanced split of the layer plan into stages; 1F1B and interleaved 1F1B.
 
 Sliding, dilated and full layers cost different amounts at a given sequence length (a full layer
 at 100K tokens attends to ~50K keys per query, a sliding one to 4K), so stages are balanced by
 each layer's forward FLOPs from the config (the head's cost is charged to the last stage), not by
-layer count. Stages talk through batched point-to-point sends of the hidden states (and their
-gradients), the pattern of Megatron-LM's non-interleaved 1F1B schedule: p - r - 1 warm-up
-forwards on stage r, then one forward and one backward alternately, then the cool-down
-backwards, so at most p micro-batches are alive on any stage.
+layer count. The schedules are Megatron-LM's: 1F1B (p - r - 1 warm-up forwards on stage r, then
+one forward and one backward alternately, then the cool-down backwards, so at most p
+micro-batches are alive on a stage) and interleaved 1F1B with virtual stages (each rank holds v
+model chunks, which shrinks the bubble by v). One executor runs either order over point-to-point
+sends of the hidden states and their gradients.
 """
 
 from __future__ import annotations
@@ -104,111 +105,122 @@ def stage_layers(sizes: list[int], stage: int) -> range:
     return range(start, start + sizes[stage])
 
 
-class _P2P:
-    """Batched sends/receives of activations between neighbouring stages of one pipeline."""
-
-    def __init__(self, ctx: ParallelContext, shape: tuple[int, ...], dtype: torch.dtype, device):
-        self.ctx, self.shape, self.dtype, self.device = ctx, shape, dtype, device
-        rank = ctx.pp_rank
-        self.prev = ctx.pp_ranks[rank - 1] if rank > 0 else None
-        self.next = ctx.pp_ranks[rank + 1] if rank < ctx.pp_size - 1 else None
-
-    def exchange(self, send_next=None, send_prev=None, recv_next=False, recv_prev=False):
-        """Post all the given sends and receives at once and wait: (from prev, from next)."""
-        ops, received = [], {}
-        if send_next is not None and self.next is not None:
-            ops.append(dist.P2POp(dist.isend, send_next.contiguous(), self.next))
-        if send_prev is not None and self.prev is not None:
-            ops.append(dist.P2POp(dist.isend, send_prev.contiguous(), self.prev))
-        for name, wanted, peer in (("prev", recv_prev, self.prev), ("next", recv_next, self.next)):
-            if wanted and peer is not None:
-                received[name] = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-                ops.append(dist.P2POp(dist.irecv, received[name], peer))
-        if ops:
-            for request in dist.batch_isend_irecv(ops):
-                request.wait()
-        return received.get("prev"), received.get("next")
+def schedule_1f1b(count: int, stages: int, stage: int) -> list[tuple[str, int, int]]:
+    """Megatron's non-interleaved order for one stage: (action "F"/"B", micro-batch, chunk 0)."""
+    warmup = min(stages - stage - 1, count)
+    order = [("F", i, 0) for i in range(warmup)]
+    for i in range(count - warmup):
+        order += [("F", warmup + i, 0), ("B", i, 0)]
+    return order + [("B", i, 0) for i in range(count - warmup, count)]
 
 
-def forward_backward_1f1b(model, microbatches: list[dict], ctx: ParallelContext,
-                          hidden_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    """Run forward and backward of every micro-batch through this stage; gradients accumulate.
+def schedule_interleaved(count: int, stages: int, stage: int, chunks: int) -> list[tuple[str, int, int]]:
+    """Megatron's interleaved 1F1B: chunk c of stage r is virtual stage c * stages + r.
 
-    ``microbatches`` are dicts with ``tokens``, ``labels`` and optionally ``loss_mask`` and
-    ``position_ids`` (every stage needs the positions; only the first reads tokens, only the last
-    labels). ``hidden_shape`` is one micro-batch's activation between stages: (b, s, d), with s
-    divided by the TP size under sequence parallelism. Returns the micro-batch losses on the last
-    stage (each already divided by the number of micro-batches, so gradients are of the mean).
+    Forwards take micro-batches in groups of ``stages`` through chunk 0, 1, ...; backwards walk the
+    chunks in reverse. Warm-up is 2 (p - r - 1) + (v - 1) p forwards (all of them when m == p).
     """
-    count = len(microbatches)
-    first, last = model.pre_process, model.post_process
-    device = next(model.parameters()).device
-    p2p = _P2P(ctx, hidden_shape, dtype, device)
-    losses, inputs, outputs = [], [], []
+    if count % stages:
+        raise ConfigError(f"the interleaved schedule needs the micro-batch count ({count}) to be a multiple "
+                          f"of the pipeline-model-parallel size ({stages})")
+    total = count * chunks
 
-    def forward(index: int, received: torch.Tensor | None) -> torch.Tensor:
-        batch = microbatches[index]
-        positions = batch.get("position_ids")
-        if positions is None:
-            positions = torch.arange(batch["tokens"].shape[1], device=device)
-        result = model(
-            input_ids=batch["tokens"] if first else None, position_ids=positions,
-            labels=batch["labels"] if last else None, loss_mask=batch.get("loss_mask") if last else None,
-            hidden=received,
-        )
-        if last:
-            loss = result[1] / count
-            losses.append(loss.detach())
-            return loss
-        return result
+    def step(k: int, backward: bool) -> tuple[int, int]:
+        chunk = (k // stages) % chunks
+        return (k // (stages * chunks)) * stages + k % stages, chunks - 1 - chunk if backward else chunk
 
-    def backward(received: torch.Tensor | None, output: torch.Tensor, grad: torch.Tensor | None):
-        torch.autograd.backward(output, grad_tensors=None if last else grad)
-        return received.grad if received is not None else None
+    warmup = total if count == stages else min(total, 2 * (stages - stage - 1) + (chunks - 1) * stages)
+    order = [("F", *step(k, False)) for k in range(warmup)]
+    for k in range(total - warmup):
+        order += [("F", *step(warmup + k, False)), ("B", *step(k, True))]
+    return order + [("B", *step(k, True)) for k in range(total - warmup, total)]
 
-    def receive_forward() -> torch.Tensor | None:
-        received = p2p.exchange(recv_prev=True)[0]
-        return received.requires_grad_() if received is not None else None
 
-    warmup = min(ctx.pp_size - ctx.pp_rank - 1, count)
-    for index in range(warmup):
-        received = receive_forward()
-        output = forward(index, received)
-        p2p.exchange(send_next=output)
-        inputs.append(received)
-        outputs.append(output)
-    received = receive_forward() if warmup < count else None
-    for index in range(warmup, count):
-        output = forward(index, received)
-        grad = p2p.exchange(send_next=None if last else output, recv_next=not last)[1]
-        inputs.append(received)
-        outputs.append(output)
-        grad_input = backward(inputs.pop(0), outputs.pop(0), grad)
-        if index == count - 1:
-            p2p.exchange(send_prev=grad_input)
+def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: ParallelContext,
+                               hidden_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Run forward and backward of every micro-batch through this rank's model chunks; gradients accumulate.
+
+    One chunk is plain 1F1B; several are the interleaved schedule (chunk c is virtual stage
+    c * p + pp_rank). ``microbatches`` are dicts with ``tokens``, ``labels`` and optionally
+    ``loss_mask`` and ``position_ids`` (every stage needs the positions; only the first reads
+    tokens, only the last labels). ``hidden_shape`` is one micro-batch's activation between
+    stages: (b, s, d), with s divided by the TP size under sequence parallelism. Returns the
+    micro-batch losses on the last stage (each divided by the micro-batch count: gradients are
+    of the mean).
+
+    Sends are posted without waiting (each message has a unique tag) and only receives block, so
+    any dependency-respecting order, as both schedules are, cannot deadlock.
+    """
+    count, stages, rank, virtual = len(microbatches), ctx.pp_size, ctx.pp_rank, len(chunks) * ctx.pp_size
+    order = (schedule_1f1b(count, stages, rank) if len(chunks) == 1
+             else schedule_interleaved(count, stages, rank, len(chunks)))
+    device = next(chunks[0].parameters()).device
+    next_rank, prev_rank = ctx.pp_ranks[(rank + 1) % stages], ctx.pp_ranks[(rank - 1) % stages]
+    losses, alive, sends = [], {}, []
+
+    def tag(backward: bool, micro: int, virtual_stage: int) -> int:
+        return (micro * virtual + virtual_stage) * 2 + int(backward)
+
+    def receive(source: int, message_tag: int) -> torch.Tensor:
+        buffer = torch.empty(hidden_shape, dtype=dtype, device=device)
+        dist.recv(buffer, source, tag=message_tag)
+        return buffer
+
+    for action, micro, chunk in order:
+        model, virtual_stage = chunks[chunk], chunk * stages + rank
+        if action == "F":
+            received = None
+            if not model.pre_process:
+                received = receive(prev_rank, tag(False, micro, virtual_stage)).requires_grad_()
+            batch = microbatches[micro]
+            positions = batch.get("position_ids")
+            if positions is None:
+                positions = torch.arange(batch["tokens"].shape[1], device=device)
+            result = model(
+                input_ids=batch["tokens"] if model.pre_process else None, position_ids=positions,
+                labels=batch["labels"] if model.post_process else None,
+                loss_mask=batch.get("loss_mask") if model.post_process else None, hidden=received,
+            )
+            if model.post_process:
+                result = result[1] / count
+                losses.append(result.detach())
+            else:
+                sends.append(dist.isend(result.detach().contiguous(), next_rank,
+                                        tag=tag(False, micro, virtual_stage + 1)))
+            alive[micro, chunk] = (received, result)
         else:
-            received = p2p.exchange(send_prev=grad_input, recv_prev=True)[0]
-            received = received.requires_grad_() if received is not None else None
-    for _ in range(warmup):
-        grad = p2p.exchange(recv_next=True)[1]
-        grad_input = backward(inputs.pop(0), outputs.pop(0), grad)
-        p2p.exchange(send_prev=grad_input)
+            received, output = alive.pop((micro, chunk))
+            grad = None if model.post_process else receive(next_rank, tag(True, micro, virtual_stage))
+            torch.autograd.backward(output, grad_tensors=grad)
+            if received is not None:
+                sends.append(dist.isend(received.grad.contiguous(), prev_rank, tag=tag(True, micro, virtual_stage - 1)))
+    for work in sends:
+        work.wait()
     return losses
 
 
-def allreduce_embedding_grads(model, ctx: ParallelContext) -> None:
+def allreduce_embedding_grads(chunks: list, ctx: ParallelContext) -> None:
     """Sum the tied embedding's gradient over its first- and last-stage copies (they must stay equal)."""
-    if ctx.pp_size == 1 or ctx.embedding_group is None or not model.config.tie_embeddings:
+    if ctx.pp_size == 1 or ctx.embedding_group is None or not chunks[0].config.tie_embeddings:
         return
-    grad = model.embedding.weight.grad
-    if grad is None:
-        grad = model.embedding.weight.grad = torch.zeros_like(model.embedding.weight)
-    dist.all_reduce(grad, group=ctx.embedding_group)
+    holder = next(chunk for chunk in chunks if chunk.embedding is not None)
+    weight = holder.embedding.weight
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=ctx.embedding_group)
 
 
-def build_pipeline_stage(config: ModelConfig, ctx: ParallelContext, sizes: list[int], **build_kwargs):
-    """This rank's stage (its layers, embedding on the first, head on the last), TP-sharded by ``ctx``."""
-    return build_model(
-        config, parallel=ctx, layers=stage_layers(sizes, ctx.pp_rank), pre_process=ctx.pp_rank == 0,
-        post_process=ctx.pp_rank == ctx.pp_size - 1, **build_kwargs,
-    )
+def build_pipeline_chunks(config: ModelConfig, ctx: ParallelContext, sizes: list[int], **build_kwargs) -> list:
+    """This rank's model chunks, TP-sharded by ``ctx``: ``sizes`` gives the layers of every virtual
+    stage (len(sizes) = chunks x pp_size); chunk c holds virtual stage c * pp_size + pp_rank."""
+    virtual = len(sizes)
+    if virtual % ctx.pp_size:
+        raise ConfigError(f"{virtual} virtual pipeline stages do not divide over {ctx.pp_size} pipeline ranks")
+    chunks = []
+    for chunk in range(virtual // ctx.pp_size):
+        stage = chunk * ctx.pp_size + ctx.pp_rank
+        chunks.append(build_model(
+            config, parallel=ctx, layers=stage_layers(sizes, stage), pre_process=stage == 0,
+            post_process=stage == virtual - 1, **build_kwargs,
+        ))
+    return chunks

@@ -11,11 +11,13 @@ from longctx_megatron.parallel.grad_norm import grad_norm
 from longctx_megatron.parallel.pipeline import (
     allreduce_embedding_grads,
     balanced_split,
-    build_pipeline_stage,
+    build_pipeline_chunks,
     describe_split,
-    forward_backward_1f1b,
+    forward_backward_pipelined,
     parse_split,
     plan_pipeline,
+    schedule_1f1b,
+    schedule_interleaved,
     stage_costs,
 )
 from longctx_megatron.parallel.state import initialize_parallel
@@ -72,10 +74,10 @@ def _pipeline_body(rank, world_size, tp, pp, sequence_parallel, sizes):
     config = ModelConfig(**CONFIG)
     tokens, labels = _microbatches()
     reference = build_model(config, seed=21, attention_backend="chunked")
-    stage = build_pipeline_stage(config, ctx, sizes, seed=21, attention_backend="chunked",
-                                 sequence_parallel=sequence_parallel)
+    chunks = build_pipeline_chunks(config, ctx, sizes, seed=21, attention_backend="chunked",
+                                   sequence_parallel=sequence_parallel)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-    opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
+    opt = torch.optim.AdamW([p for chunk in chunks for p in chunk.parameters()], lr=1e-2)
     hidden = (1, SEQ // tp if sequence_parallel else SEQ, config.d_model)
     batches = [{"tokens": tokens[i:i + 1], "labels": labels[i:i + 1]} for i in range(MICRO)]
     result = {"losses": [], "ref_losses": []}
@@ -84,22 +86,25 @@ def _pipeline_body(rank, world_size, tp, pp, sequence_parallel, sizes):
         ref_opt.zero_grad()
         ref_loss.backward()
         opt.zero_grad()
-        losses = forward_backward_1f1b(stage, batches, ctx, hidden)
-        allreduce_embedding_grads(stage, ctx)
-        if sequence_parallel:
-            allreduce_sequence_parallel_grads(stage, ctx)
-        if step == 0:  # gradients of every parameter of this stage, and the global norm
-            shards, ref_params = tensor_parallel_shards(stage), dict(reference.named_parameters())
-            for name, param in stage.named_parameters():
-                grad = gather_global(param.grad, shards[name], ctx.tp_group) if name in shards else param.grad
-                torch.testing.assert_close(grad, ref_params[name].grad, rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, n=name: f"stage {ctx.pp_rank} grad {n}: {m}")
-            torch.testing.assert_close(grad_norm(stage, ctx), grad_norm(reference, None), rtol=1e-5, atol=0)
-            result["parameters"] = sorted(n for n, _ in stage.named_parameters())
+        losses = forward_backward_pipelined(chunks, batches, ctx, hidden)
+        allreduce_embedding_grads(chunks, ctx)
+        for chunk in chunks:
+            if sequence_parallel:
+                allreduce_sequence_parallel_grads(chunk, ctx)
+        if step == 0:  # gradients of every parameter of this rank, and the global norm
+            ref_params = dict(reference.named_parameters())
+            for chunk in chunks:
+                shards = tensor_parallel_shards(chunk)
+                for name, param in chunk.named_parameters():
+                    grad = gather_global(param.grad, shards[name], ctx.tp_group) if name in shards else param.grad
+                    torch.testing.assert_close(grad, ref_params[name].grad, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m, n=name: f"stage {ctx.pp_rank} grad {n}: {m}")
+            torch.testing.assert_close(grad_norm(chunks, ctx), grad_norm(reference, None), rtol=1e-5, atol=0)
+            result["parameters"] = sorted(n for chunk in chunks for n, _ in chunk.named_parameters())
         ref_opt.step()
         opt.step()
         result["ref_losses"].append(ref_loss.item())
-        if stage.post_process:
+        if any(chunk.post_process for chunk in chunks):
             result["losses"].append(sum(losses).item())
     return result
 
@@ -109,8 +114,10 @@ def _pipeline_body(rank, world_size, tp, pp, sequence_parallel, sizes):
     (1, 2, False, [3, 1]),
     (1, 4, False, [1, 1, 1, 1]),
     (2, 2, True, [2, 2]),
-], ids=["pp2", "pp4", "tp2xpp2-sp"])
-def test_1f1b_matches_single_process(tp, pp, sequence_parallel, sizes):
+    (1, 2, False, [1, 1, 1, 1]),  # interleaved: 2 chunks of one layer per rank
+    (2, 2, False, [1, 1, 1, 1]),
+], ids=["pp2", "pp4", "tp2xpp2-sp", "pp2-interleaved", "tp2xpp2-interleaved"])
+def test_pipeline_schedules_match_single_process(tp, pp, sequence_parallel, sizes):
     results = run_on_ranks(_pipeline_body, tp * pp, tp, pp, sequence_parallel, sizes)
     last = [r for r in results if r["losses"]]
     assert len(last) == tp  # the last stage's TP ranks report the loss
@@ -119,3 +126,19 @@ def test_1f1b_matches_single_process(tp, pp, sequence_parallel, sizes):
     first = results[0]["parameters"]
     assert "embedding.weight" in first and "layers.0.attention.qkv.weight" in first
     assert not any(name.startswith("final_norm") for name in first)
+
+
+def test_schedules_are_megatrons_orders():
+    assert schedule_1f1b(4, 2, 0) == [("F", 0, 0), ("F", 1, 0), ("B", 0, 0), ("F", 2, 0), ("B", 1, 0),
+                                      ("F", 3, 0), ("B", 2, 0), ("B", 3, 0)]
+    assert schedule_1f1b(4, 2, 1) == [("F", 0, 0), ("B", 0, 0), ("F", 1, 0), ("B", 1, 0), ("F", 2, 0),
+                                      ("B", 2, 0), ("F", 3, 0), ("B", 3, 0)]
+    order = schedule_interleaved(4, 2, 0, 2)
+    assert order[:4] == [("F", 0, 0), ("F", 1, 0), ("F", 0, 1), ("F", 1, 1)]  # warm-up 2*(2-0-1)+(2-1)*2 = 4
+    assert order[4:6] == [("F", 2, 0), ("B", 0, 1)]  # backwards start from the last chunk
+    for stage in range(2):
+        actions = schedule_interleaved(4, 2, stage, 2)
+        assert sorted(a for a in actions if a[0] == "F") == [("F", m, c) for m in range(4) for c in range(2)]
+        assert sorted(a for a in actions if a[0] == "B") == [("B", m, c) for m in range(4) for c in range(2)]
+    with pytest.raises(ConfigError, match="multiple of the pipeline-model-parallel size"):
+        schedule_interleaved(3, 2, 0, 2)
