@@ -48,7 +48,7 @@ class CollectiveCounter:
         self.bytes["activation" if nbytes == self.activation_bytes else "other"] += nbytes
 
     def install(self):
-        all_reduce, gather, scatter = dist.all_reduce, mappings._all_gather_single, mappings._reduce_scatter_single
+        all_reduce, gather, scatter = dist.all_reduce, mappings.all_gather_single, mappings.reduce_scatter_single
 
         def counted_all_reduce(tensor, *args, **kwargs):
             self._add("all_reduce", tensor.numel() * tensor.element_size())
@@ -63,7 +63,7 @@ class CollectiveCounter:
             return scatter(output, tensor, *args, **kwargs)
 
         dist.all_reduce = counted_all_reduce
-        mappings._all_gather_single, mappings._reduce_scatter_single = counted_gather, counted_scatter
+        mappings.all_gather_single, mappings.reduce_scatter_single = counted_gather, counted_scatter
 
 
 def _worker(rank, world_size, port, args, sequence_parallel, results):

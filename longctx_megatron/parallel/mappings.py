@@ -15,8 +15,9 @@ import torch.distributed as dist
 SEQUENCE_DIM = 1
 
 # torch 2.13 renamed the single-tensor collectives; older releases only have the old names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# (Module attributes, looked up at call time, so tests and benchmarks can wrap them to count traffic.)
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _size(group) -> int:
@@ -34,7 +35,7 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _size(group)
     # Collectives take rank-major buffers concatenated along dim 0.
     parts = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_single(parts, x.contiguous(), group=group)
+    all_gather_single(parts, x.contiguous(), group=group)
     return torch.cat(parts.chunk(world), dim=dim)
 
 
@@ -45,7 +46,7 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {world} ranks")
     chunks = x.chunk(world, dim=dim)
     out = torch.empty_like(chunks[0], memory_format=torch.contiguous_format)
-    _reduce_scatter_single(out, torch.cat(chunks, dim=0), group=group)
+    reduce_scatter_single(out, torch.cat(chunks, dim=0), group=group)
     return out
 
 

@@ -1,0 +1,170 @@
+"""Data parallelism: bucketed gradient reduction overlapped with backward, and a ZeRO-1 optimizer.
+
+Every parameter gets a float32 ``main_grad``, a view into a contiguous bucket buffer, into which
+each micro-batch's gradient is accumulated by a post-accumulate-grad hook (so gradients add up in
+fp32 whatever the parameter dtype). Buckets fill in backward order; as soon as a bucket has seen
+the last micro-batch's gradient of all its parameters its reduction starts asynchronously while
+backward continues on earlier layers. ``finish()`` waits for the reductions and hands averaged
+gradients to the optimizer as ``param.grad``.
+
+With the distributed optimizer (``--use-distributed-optimizer``) each bucket is reduce-scattered
+instead: a DP rank receives only the summed gradient of its 1/dp shard of every bucket, keeps
+Adam state and float32 master weights for that shard alone, and the updated shards are
+all-gathered back into the parameters (ZeRO stage 1: optimizer state partitioned).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.state import ParallelContext
+
+
+class _Bucket:
+    def __init__(self, params: list[torch.nn.Parameter], dp_size: int, device):
+        self.params = params
+        numel = sum(p.numel() for p in params)
+        self.padded = -(-numel // dp_size) * dp_size  # reduce-scatter needs equal shards
+        self.buffer = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        self.views, offset = {}, 0
+        for param in params:
+            self.views[param] = self.buffer[offset:offset + param.numel()].view_as(param)
+            offset += param.numel()
+        self.expected = 0
+        self.seen = 0
+        self.work = None
+
+
+class DataParallelGradients:
+    """Accumulates micro-batch gradients in fp32 buckets and reduces them over the DP group."""
+
+    def __init__(self, models: list[torch.nn.Module], ctx: ParallelContext, bucket_mb: float = 25.0,
+                 distributed_optimizer: bool = False):
+        self.ctx, self.distributed_optimizer = ctx, distributed_optimizer
+        params = [p for model in models for p in model.parameters() if p.requires_grad]
+        device = params[0].device
+        limit = max(1, int(bucket_mb * 2**20 / 4))
+        self.buckets, current, size = [], [], 0
+        for param in reversed(params):  # roughly the order backward produces gradients
+            current.append(param)
+            size += param.numel()
+            if size >= limit:
+                self.buckets.append(_Bucket(current, ctx.dp_size, device))
+                current, size = [], 0
+        if current:
+            self.buckets.append(_Bucket(current, ctx.dp_size, device))
+        self._bucket_of = {param: bucket for bucket in self.buckets for param in bucket.params}
+        for param in params:
+            param.main_grad = self._bucket_of[param].views[param]  # float32, read by the optimizers
+            param.register_post_accumulate_grad_hook(self._accumulate)
+
+    def start(self, microbatches: int) -> None:
+        """Prepare for a step of ``microbatches`` backward passes per parameter."""
+        for bucket in self.buckets:
+            bucket.buffer.zero_()
+            bucket.expected, bucket.seen, bucket.work = len(bucket.params) * microbatches, 0, None
+            for param in bucket.params:
+                param.grad = None  # autograd would otherwise add into the previous step's gradient
+
+    def _accumulate(self, param: torch.nn.Parameter) -> None:
+        bucket = self._bucket_of[param]
+        bucket.views[param].add_(param.grad)
+        param.grad = None
+        bucket.seen += 1
+        if bucket.seen == bucket.expected and self.ctx.dp_size > 1:
+            if self.distributed_optimizer:
+                shard = bucket.buffer.view(self.ctx.dp_size, -1)[self.ctx.dp_rank]
+                bucket.work = mappings.reduce_scatter_single(shard, bucket.buffer, group=self.ctx.dp_group,
+                                                            async_op=True)
+            else:
+                bucket.work = dist.all_reduce(bucket.buffer, group=self.ctx.dp_group, async_op=True)
+
+    def finish(self) -> None:
+        """Wait for the reductions; every parameter's ``grad`` becomes the DP-averaged gradient (the
+        ``main_grad`` view itself for float32 parameters, so in-place fixes such as the tied-embedding
+        sum reach the buffer). For the distributed optimizer only this rank's shard is averaged."""
+        for bucket in self.buckets:
+            if bucket.seen != bucket.expected:
+                raise RuntimeError(f"a gradient bucket saw {bucket.seen} of {bucket.expected} gradients: "
+                                   "call start(microbatches) with the number of backward passes")
+            if bucket.work is not None:
+                bucket.work.wait()
+            if self.ctx.dp_size > 1:
+                bucket.buffer.div_(self.ctx.dp_size)
+            for param in bucket.params:
+                param.grad = param.main_grad if param.dtype == torch.float32 else param.main_grad.to(param.dtype)
+
+    def shard(self, bucket: _Bucket) -> torch.Tensor:
+        """This DP rank's part of a bucket's flat gradient buffer."""
+        return bucket.buffer.view(self.ctx.dp_size, -1)[self.ctx.dp_rank]
+
+
+def _flat(bucket: _Bucket, values) -> torch.Tensor:
+    """A bucket-shaped flat float32 tensor holding ``values(param)`` for each parameter (padding 0)."""
+    flat = torch.zeros(bucket.padded, dtype=torch.float32, device=bucket.buffer.device)
+    offset = 0
+    for param in bucket.params:
+        flat[offset:offset + param.numel()] = values(param)
+        offset += param.numel()
+    return flat
+
+
+class DistributedOptimizer:
+    """AdamW whose state and float32 master weights cover only this DP rank's shard of each bucket.
+
+    ``norm_weight(param)`` says how much a parameter's squared gradient counts in the global norm
+    on this rank (1 for a tensor-parallel shard, 1/tp for a copy replicated over TP ranks, 0 for a
+    duplicate such as the last stage's tied embedding), so summing over all ranks counts every
+    element once. ``decay(param)`` says whether weight decay applies (not to norm weights).
+    """
+
+    def __init__(self, grads: DataParallelGradients, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decay=lambda p: p.dim() > 1, norm_weight=lambda p: 1.0):
+        self.grads, self.ctx, self.weight_decay = grads, grads.ctx, weight_decay
+        self.masters, self.decay_masks, self.norm_weights = [], [], []
+        for bucket in grads.buckets:
+            shard = lambda flat: flat.view(self.ctx.dp_size, -1)[self.ctx.dp_rank].clone()  # noqa: E731
+            self.masters.append(torch.nn.Parameter(shard(_flat(bucket, lambda p: p.detach().float().flatten()))))
+            self.decay_masks.append(shard(_flat(bucket, lambda p: float(decay(p)))))
+            self.norm_weights.append(shard(_flat(bucket, lambda p: float(norm_weight(p)))))
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups  # learning-rate schedulers set "lr" here
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global gradient norm from the reduced shards, summed over DP, TP and PP ranks."""
+        total = sum(((self.grads.shard(b) ** 2) * w).sum() for b, w in zip(self.grads.buckets, self.norm_weights,
+                                                                          strict=True))
+        total = torch.as_tensor(total, dtype=torch.float32, device=self.masters[0].device)
+        for size, group in ((self.ctx.dp_size, self.ctx.dp_group), (self.ctx.tp_size, self.ctx.tp_group),
+                            (self.ctx.pp_size, self.ctx.pp_group)):
+            if size > 1:
+                dist.all_reduce(total, group=group)
+        return total.sqrt()
+
+    def step(self, clip: float | None = None) -> torch.Tensor:
+        """Clip by the global norm, update this rank's shards, all-gather the parameters; returns the norm."""
+        norm = self.grad_norm()
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0) if clip else torch.ones(())
+        lr = self.optimizer.param_groups[0]["lr"]
+        for bucket, master, mask in zip(self.grads.buckets, self.masters, self.decay_masks, strict=True):
+            master.grad = self.grads.shard(bucket) * scale
+            with torch.no_grad():
+                master.mul_(1.0 - lr * self.weight_decay * mask)  # decoupled decay, as AdamW applies it
+        self.optimizer.step()
+        with torch.no_grad():
+            for bucket, master in zip(self.grads.buckets, self.masters, strict=True):
+                gathered = torch.empty(bucket.padded, dtype=torch.float32, device=master.device)
+                if self.ctx.dp_size > 1:
+                    mappings.all_gather_single(gathered, master.detach(), group=self.ctx.dp_group)
+                else:
+                    gathered.copy_(master.detach())
+                offset = 0
+                for param in bucket.params:
+                    param.copy_(gathered[offset:offset + param.numel()].view_as(param))
+                    offset += param.numel()
+        return norm
