@@ -30,16 +30,26 @@ def builtin_token_stream(tokenizer: ByteTokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def random_batches(stream: torch.Tensor, batch: int, seq_len: int, seed: int):
-    """Endless (tokens, labels) batches of random windows from ``stream``, reproducible from ``seed``."""
-    if stream.numel() <= seq_len + 1:
-        raise ValueError(f"the corpus has {stream.numel()} tokens, fewer than seq_len + 1 = {seq_len + 1}")
-    generator = torch.Generator().manual_seed(seed)
-    offsets = torch.arange(seq_len + 1)
-    while True:
-        starts = torch.randint(0, stream.numel() - seq_len - 1, (batch, 1), generator=generator)
-        window = stream[starts + offsets]
-        yield window[:, :-1], window[:, 1:]
+class BuiltinDataset(torch.utils.data.Dataset):
+    """``num_samples`` windows of ``seq_length + 1`` tokens at random offsets of the byte stream,
+    as dicts like GPTDataset's; the offsets depend only on ``seed``, so runs are reproducible."""
+
+    def __init__(self, seq_length: int, num_samples: int, seed: int):
+        self.stream = builtin_token_stream(ByteTokenizer())
+        if self.stream.numel() <= seq_length + 1:
+            raise ValueError(f"the built-in corpus has {self.stream.numel()} tokens, fewer than --seq-length + 1")
+        generator = torch.Generator().manual_seed(seed)
+        self.starts = torch.randint(0, self.stream.numel() - seq_length - 1, (num_samples,), generator=generator)
+        self.seq_length = seq_length
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = int(self.starts[index])
+        window = self.stream[start:start + self.seq_length + 1]
+        return {"tokens": window[:-1], "labels": window[1:], "loss_mask": torch.ones(self.seq_length),
+                "position_ids": torch.arange(self.seq_length)}
 
 
 def write_jsonl(path: str) -> int:

@@ -146,9 +146,10 @@ class DistributedOptimizer:
                 dist.all_reduce(total, group=group)
         return total.sqrt()
 
-    def step(self, clip: float | None = None) -> torch.Tensor:
-        """Clip by the global norm, update this rank's shards, all-gather the parameters; returns the norm."""
-        norm = self.grad_norm()
+    def step(self, clip: float | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Clip by the global norm (``norm`` if already computed), update this rank's shards, all-gather
+        the parameters; returns the norm."""
+        norm = self.grad_norm() if norm is None else norm
         scale = (clip / (norm + 1e-6)).clamp(max=1.0) if clip else torch.ones(())
         lr = self.optimizer.param_groups[0]["lr"]
         for bucket, master, mask in zip(self.grads.buckets, self.masters, self.decay_masks, strict=True):

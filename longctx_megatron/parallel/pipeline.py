@@ -12,6 +12,8 @@ sends of the hidden states and their gradients.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
@@ -137,7 +139,8 @@ def schedule_interleaved(count: int, stages: int, stage: int, chunks: int) -> li
 
 
 def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: ParallelContext,
-                               hidden_shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+                               hidden_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+                               forward_only: bool = False, loss_scale: float = 1.0) -> list[torch.Tensor]:
     """Run forward and backward of every micro-batch through this rank's model chunks; gradients accumulate.
 
     One chunk is plain 1F1B; several are the interleaved schedule (chunk c is virtual stage
@@ -146,7 +149,8 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
     tokens, only the last labels). ``hidden_shape`` is one micro-batch's activation between
     stages: (b, s, d), with s divided by the TP size under sequence parallelism. Returns the
     micro-batch losses on the last stage (each divided by the micro-batch count: gradients are
-    of the mean).
+    of the mean). ``forward_only`` runs the forwards alone without autograd (evaluation);
+    ``loss_scale`` multiplies the loss before backward (fp16 loss scaling).
 
     Sends are posted without waiting (each message has a unique tag) and only receives block, so
     any dependency-respecting order, as both schedules are, cannot deadlock.
@@ -154,6 +158,8 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
     count, stages, rank, virtual = len(microbatches), ctx.pp_size, ctx.pp_rank, len(chunks) * ctx.pp_size
     order = (schedule_1f1b(count, stages, rank) if len(chunks) == 1
              else schedule_interleaved(count, stages, rank, len(chunks)))
+    if forward_only:
+        order = [action for action in order if action[0] == "F"]
     device = next(chunks[0].parameters()).device
     next_rank, prev_rank = ctx.pp_ranks[(rank + 1) % stages], ctx.pp_ranks[(rank - 1) % stages]
     losses, alive, sends = [], {}, []
@@ -166,28 +172,32 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
         dist.recv(buffer, source, tag=message_tag)
         return buffer
 
+    grad_mode = torch.no_grad() if forward_only else contextlib.nullcontext()
     for action, micro, chunk in order:
         model, virtual_stage = chunks[chunk], chunk * stages + rank
         if action == "F":
             received = None
             if not model.pre_process:
-                received = receive(prev_rank, tag(False, micro, virtual_stage)).requires_grad_()
+                received = receive(prev_rank, tag(False, micro, virtual_stage)).requires_grad_(not forward_only)
             batch = microbatches[micro]
             positions = batch.get("position_ids")
             if positions is None:
                 positions = torch.arange(batch["tokens"].shape[1], device=device)
-            result = model(
-                input_ids=batch["tokens"] if model.pre_process else None, position_ids=positions,
-                labels=batch["labels"] if model.post_process else None,
-                loss_mask=batch.get("loss_mask") if model.post_process else None, hidden=received,
-            )
+            with grad_mode:
+                result = model(
+                    input_ids=batch["tokens"] if model.pre_process else None, position_ids=positions,
+                    labels=batch["labels"] if model.post_process else None,
+                    loss_mask=batch.get("loss_mask") if model.post_process else None, hidden=received,
+                )
             if model.post_process:
                 result = result[1] / count
                 losses.append(result.detach())
+                result = result * loss_scale
             else:
                 sends.append(dist.isend(result.detach().contiguous(), next_rank,
                                         tag=tag(False, micro, virtual_stage + 1)))
-            alive[micro, chunk] = (received, result)
+            if not forward_only:
+                alive[micro, chunk] = (received, result)
         else:
             received, output = alive.pop((micro, chunk))
             grad = None if model.post_process else receive(next_rank, tag(True, micro, virtual_stage))

@@ -18,7 +18,6 @@ from longctx_megatron.parallel.tensor import (
     apply_tensor_parallel,
     tensor_parallel_shards,
 )
-from longctx_megatron.training.simple_trainer import RunSettings, demo_config, train
 from tests.distributed import run_on_ranks
 
 COMMON = dict(
@@ -143,21 +142,3 @@ def test_collectives_per_layer():
         "all_gather": (2 * n_layers + 1, (2 * n_layers + 1) * activation_bytes),
         "reduce_scatter": (2 * n_layers + 1, (2 * n_layers + 1) * activation_bytes),
     }
-
-
-SHORT_RUN = dict(train_iters=4, seq_length=64, micro_batch_size=2, log_interval=4, attention_backend="chunked")
-
-
-def _trainer_body(rank, world_size, sequence_parallel):
-    settings = RunSettings(**SHORT_RUN, tensor_parallel=world_size, sequence_parallel=sequence_parallel)
-    return train(demo_config(), settings, log=lambda *_: None)
-
-
-@pytest.mark.slow
-def test_tensor_parallel_training_follows_single_process_training():
-    """Four optimizer steps (AdamW, clipping by the TP-global norm) give the single-process losses."""
-    single = train(demo_config(), RunSettings(**SHORT_RUN), log=lambda *_: None)
-    for sequence_parallel in (False, True):
-        losses = run_on_ranks(_trainer_body, 2, sequence_parallel)
-        assert losses[0] == losses[1]  # every TP rank computes the same loss
-        assert losses[0] == pytest.approx(single, rel=1e-4)

@@ -1,0 +1,303 @@
+"""The training loop of pretrain_longctx.py: parallel layout, model chunks, data, optimizer, schedule, logs.
+
+One step: this DP rank's micro-batches go through the pipeline schedule (gradients accumulate
+in fp32 buckets, reduced over DP while backward runs), the tied-embedding copies and the
+sequence-parallel norms sum their gradients, fp16 gradients are unscaled and checked, the global
+norm is clipped and the optimizer steps. Non-finite gradients skip the step and are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from longctx_megatron.config import ModelConfig
+from longctx_megatron.config.vocab import padded_vocab_size
+from longctx_megatron.data.builders import build_gpt_datasets
+from longctx_megatron.data.builtin_corpus import BuiltinDataset
+from longctx_megatron.data.gpt_dataset import GPTDatasetConfig
+from longctx_megatron.data.sampler import PretrainingSampler
+from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches
+from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
+from longctx_megatron.parallel.grad_norm import clip_grad_norm
+from longctx_megatron.parallel.pipeline import (
+    allreduce_embedding_grads,
+    build_pipeline_chunks,
+    describe_split,
+    forward_backward_pipelined,
+    plan_pipeline,
+)
+from longctx_megatron.parallel.state import ParallelContext, initialize_parallel
+from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, tensor_parallel_shards
+from longctx_megatron.training.arguments import model_config, validate_args
+from longctx_megatron.training.lr_schedule import learning_rate
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
+
+
+def demo_config() -> ModelConfig:
+    """A 4-layer model with every attention pattern, sized to train in about a minute on 2 CPU cores."""
+    return ModelConfig(
+        d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, vocab_size=320, max_seq_len=4096,
+        sliding_window=128, global_every=64, dilated_window=64, dilation=2,
+    )
+
+
+@dataclass
+class LossScaler:
+    """fp16 dynamic loss scaling: halve on overflow (step skipped), double after 1000 clean steps."""
+
+    scale: float
+    growth_interval: int = 1000
+    clean_steps: int = 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.scale, self.clean_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.clean_steps += 1
+            if self.clean_steps % self.growth_interval == 0:
+                self.scale *= 2
+
+
+@dataclass
+class Trainer:
+    args: argparse.Namespace
+    config: ModelConfig
+    ctx: ParallelContext
+    chunks: list
+    grads: DataParallelGradients
+    optimizer: object
+    train_data: torch.utils.data.Dataset
+    valid_data: torch.utils.data.Dataset | None
+    device: torch.device
+    dtype: torch.dtype
+    scaler: LossScaler | None
+    log: object
+    writer: object = None
+    losses: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch // (self.args.micro_batch_size * self.ctx.dp_size)
+
+    @property
+    def global_batch(self) -> int:
+        return self.args.global_batch_size or self.args.micro_batch_size * self.ctx.dp_size
+
+    def _batches(self, dataset, consumed: int) -> list[dict]:
+        """This DP rank's micro-batches of the global batch that starts at ``consumed``."""
+        sampler = PretrainingSampler(len(dataset), consumed, self.args.micro_batch_size, self.ctx.dp_rank,
+                                     self.ctx.dp_size)
+        batches = []
+        for indices, _ in zip(sampler, range(self.microbatches), strict=False):
+            samples = [dataset[i] for i in indices]
+            batches.append({key: torch.stack([s[key] for s in samples]).to(self.device) for key in samples[0]})
+        return batches
+
+    def _hidden_shape(self) -> tuple[int, int, int]:
+        seq = self.args.seq_length // (self.ctx.tp_size if self.args.sequence_parallel else 1)
+        return (self.args.micro_batch_size, seq, self.config.d_model)
+
+    def _mean_loss(self, losses: list[torch.Tensor]) -> float:
+        """The step's loss on every rank: summed over micro-batches on the last stage, averaged over DP."""
+        value = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        value = value.to(self.device, torch.float32)
+        if self.ctx.pp_size > 1:
+            dist.all_reduce(value, group=self.ctx.pp_group)  # only the last stage holds a loss
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(value, group=self.ctx.dp_group)
+            value /= self.ctx.dp_size
+        return value.item()
+
+    def step(self, iteration: int) -> tuple[float, float]:
+        args = self.args
+        lr = learning_rate(iteration, args.lr, args.min_lr, args.lr_warmup_iters,
+                           args.lr_decay_iters or args.train_iters, args.lr_decay_style)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        batches = self._batches(self.train_data, iteration * self.global_batch)
+        self.grads.start(len(batches))
+        scale = self.scaler.scale if self.scaler else 1.0
+        losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), self.dtype,
+                                            loss_scale=scale)
+        self.grads.finish()
+        if scale != 1.0:
+            for bucket in self.grads.buckets:
+                bucket.buffer.div_(scale)
+        allreduce_embedding_grads(self.chunks, self.ctx)
+        for chunk in self.chunks:
+            allreduce_sequence_parallel_grads(chunk, self.ctx)
+        if isinstance(self.optimizer, DistributedOptimizer):
+            norm = self.optimizer.grad_norm()
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                self.optimizer.step(args.clip_grad, norm)
+        else:
+            norm = clip_grad_norm(self.chunks, args.clip_grad, self.ctx)
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                self.optimizer.step()
+        if self.scaler:
+            self.scaler.update(not finite)
+        if not finite:
+            self.skipped += 1
+        return self._mean_loss(losses), norm.item()
+
+    def evaluate(self, iteration: int) -> float | None:
+        if self.valid_data is None:
+            return None
+        for chunk in self.chunks:
+            chunk.eval()
+        total = 0.0
+        for index in range(self.args.eval_iters):
+            batches = self._batches(self.valid_data, index * self.global_batch)
+            total += self._mean_loss(forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(),
+                                                                self.dtype, forward_only=True))
+        for chunk in self.chunks:
+            chunk.train()
+        loss = total / self.args.eval_iters
+        self.log(f"validation at iteration {iteration}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
+        if self.writer:
+            self.writer.add_scalar("validation/loss", loss, iteration)
+            self.writer.add_scalar("validation/perplexity", math.exp(min(loss, 50)), iteration)
+        return loss
+
+    def train(self) -> list[float]:
+        args, start = self.args, time.perf_counter()
+        flops = self.config.flops_per_token(args.seq_length)
+        peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if self.device.type == "cuda"
+                                         and k in torch.cuda.get_device_name(self.device)), None)
+        devices = self.ctx.world_size
+        window_start, window_iters = time.perf_counter(), 0
+        for iteration in range(args.train_iters):
+            loss, norm = self.step(iteration)
+            self.losses.append(loss)
+            window_iters += 1
+            done = iteration + 1
+            if done % args.log_interval == 0 or done == args.train_iters:
+                elapsed = time.perf_counter() - window_start
+                tokens_per_s = window_iters * self.global_batch * args.seq_length / elapsed
+                tflops = tokens_per_s * flops / devices / 1e12
+                eta = (time.perf_counter() - start) / done * (args.train_iters - done)
+                line = (f"iteration {done:6d}/{args.train_iters} | consumed samples {done * self.global_batch} | "
+                        f"lr {self.optimizer.param_groups[0]['lr']:.3e} | loss {loss:.4f} | grad norm {norm:.3f} | "
+                        f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s per device"
+                        + (f" | MFU {tflops / peak:.1%}" if peak else "")
+                        + f" | peak memory {_peak_memory_gib(self.device):.2f} GiB | skipped {self.skipped}"
+                        + (f" | loss scale {self.scaler.scale:g}" if self.scaler else "")
+                        + f" | ETA {eta:.0f} s")
+                self.log(line)
+                if self.writer:
+                    for name, value in (("train/loss", loss), ("train/grad_norm", norm), ("train/tokens_per_s",
+                                        tokens_per_s), ("train/tflops_per_device", tflops),
+                                        ("train/lr", self.optimizer.param_groups[0]["lr"]),
+                                        ("train/skipped_iterations", self.skipped)):
+                        self.writer.add_scalar(name, value, done)
+                window_start, window_iters = time.perf_counter(), 0
+            if args.eval_interval and done % args.eval_interval == 0 and done < args.train_iters:
+                self.evaluate(done)
+        self.evaluate(args.train_iters)
+        if self.writer:
+            self.writer.close()
+        return self.losses
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process peak RSS
+
+
+def _datasets(args, config: ModelConfig, global_batch: int, tokenizer):
+    valid_samples = (args.train_iters // args.eval_interval + 1 if args.eval_interval else 1) * args.eval_iters
+    counts = (args.train_iters * global_batch, valid_samples * global_batch, 0)
+    if not args.data_path:
+        return BuiltinDataset(args.seq_length, counts[0], args.seed), BuiltinDataset(args.seq_length, counts[1],
+                                                                                        args.seed + 1)
+    options = GPTDatasetConfig(seq_length=args.seq_length, num_samples=1, seed=args.seed, eod=tokenizer.eod,
+                               reset_position_ids=args.reset_position_ids, eod_mask_loss=args.eod_mask_loss)
+    train, valid, _ = build_gpt_datasets(args.data_path, args.split, counts, options, args.data_cache_path)
+    return train, valid
+
+
+def setup(args: argparse.Namespace, world_size: int, log=print) -> Trainer:
+    """Everything a run needs, validated before the process groups are created where possible."""
+    validate_args(args, world_size)
+    tokenizer = (build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.data_path else ByteTokenizer())
+    default = demo_config() if args.data_path is None else ModelConfig(vocab_size=padded_vocab_size(
+        tokenizer.vocab_size))
+    config = model_config(args, default)
+    check_vocab_matches(config.vocab_size, tokenizer)
+    if args.seq_length > config.max_seq_len:
+        raise ValueError(f"--seq-length {args.seq_length} exceeds the model's max_seq_len={config.max_seq_len}")
+    if args.recompute_granularity and args.tensor_model_parallel_size > 1 and config.attention_dropout > 0:
+        raise ValueError("--recompute-granularity with attention dropout under tensor parallelism is not supported "
+                         "yet: the recomputed dropout masks would differ from the first forward's")
+    stages = args.pipeline_model_parallel_size
+    if args.num_layers_per_virtual_pipeline_stage:
+        per = args.num_layers_per_virtual_pipeline_stage
+        if config.n_layers % (per * stages):
+            raise ValueError(f"n_layers={config.n_layers} is not divisible by --num-layers-per-virtual-pipeline-stage "
+                             f"({per}) x --pipeline-model-parallel-size ({stages})")
+        sizes = [per] * (config.n_layers // per)
+        costs = head = None
+    else:
+        sizes, costs, head = plan_pipeline(config, stages, args.seq_length, args.pipeline_layer_split)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = args.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
+    ctx = initialize_parallel(tensor=args.tensor_model_parallel_size, pipeline=stages, backend=backend,
+                              timeout_minutes=args.distributed_timeout_minutes)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if ctx.rank != 0:
+        log = _silent
+    log(f"model: {config.estimate_params():,} parameters; layout: tensor {ctx.tp_size} x pipeline {ctx.pp_size} x "
+        f"data {ctx.dp_size}" + (" with sequence parallelism" if args.sequence_parallel else ""))
+    if costs is not None and stages > 1:
+        log(describe_split(config, sizes, costs, head))
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    chunks = build_pipeline_chunks(config, ctx, sizes, device=device, seed=args.seed,
+                                   attention_backend=args.attention_backend, dtype=dtype,
+                                   sequence_parallel=args.sequence_parallel)
+    for chunk in chunks:
+        for block in chunk.layers:
+            block.recompute = args.recompute_granularity or "none"
+    grads = DataParallelGradients(chunks, ctx, distributed_optimizer=args.use_distributed_optimizer)
+    betas = (args.adam_beta1, args.adam_beta2)
+    if args.use_distributed_optimizer or dtype != torch.float32:  # fp32 master weights live in the optimizer
+        shards = {p: name in tensor_parallel_shards(chunk) for chunk in chunks for name, p in chunk.named_parameters()}
+        copies = {c.embedding.weight for c in chunks if c.embedding is not None and not c.pre_process}
+        optimizer = DistributedOptimizer(
+            grads, lr=args.lr, betas=betas, eps=args.adam_eps, weight_decay=args.weight_decay,
+            norm_weight=lambda p: 0.0 if p in copies else (1.0 if shards[p] else 1.0 / ctx.tp_size))
+    else:
+        params = [p for chunk in chunks for p in chunk.parameters()]
+        optimizer = torch.optim.AdamW(
+            [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
+             {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],  # no decay on norm weights
+            lr=args.lr, betas=betas, eps=args.adam_eps, fused=device.type == "cuda")
+    global_batch = args.global_batch_size or args.micro_batch_size * ctx.dp_size
+    train_data, valid_data = _datasets(args, config, global_batch, tokenizer)
+    log(f"data: {'built-in corpus (CPython reference docs, bytes)' if not args.data_path else args.data_path}; "
+        f"{len(train_data):,} training samples of {args.seq_length} tokens; global batch {global_batch}")
+    writer = None
+    if args.tensorboard_dir and ctx.rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.tensorboard_dir)
+    scaler = LossScaler(args.initial_loss_scale) if args.fp16 else None
+    return Trainer(args, config, ctx, chunks, grads, optimizer, train_data, valid_data, device, dtype, scaler, log,
+                   writer)
+
+
+def _silent(*_args) -> None:
+    """Log sink of every rank but global rank 0."""

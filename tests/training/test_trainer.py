@@ -1,0 +1,124 @@
+"""The training entry point: flags, schedule, the demo run, and parallel layouts against one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pretrain_longctx
+from longctx_megatron.training.arguments import build_parser, validate_args
+from longctx_megatron.training.lr_schedule import learning_rate
+from longctx_megatron.training.trainer import LossScaler
+from tests.distributed import run_on_ranks
+
+SMALL = ["--train-iters", "5", "--seq-length", "128", "--micro-batch-size", "1", "--global-batch-size", "4",
+         "--num-layers", "8", "--attention-layout", "sliding:4,dilated:2,full:2", "--attention-backend", "chunked",
+         "--log-interval", "5", "--eval-iters", "1"]
+
+
+def test_learning_rate_schedule():
+    assert learning_rate(0, 1.0, 0.1, 10, 100, "cosine") == pytest.approx(0.1)
+    assert learning_rate(9, 1.0, 0.1, 10, 100, "cosine") == pytest.approx(1.0)
+    assert learning_rate(55, 1.0, 0.1, 10, 100, "cosine") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(55, 1.0, 0.1, 10, 100, "linear") == pytest.approx(0.55)
+    assert learning_rate(500, 1.0, 0.1, 10, 100, "linear") == 0.1
+    assert learning_rate(500, 1.0, 0.1, 10, 100, "constant") == 1.0
+    with pytest.raises(ValueError, match="--lr-decay-style 'step' is unknown"):
+        learning_rate(0, 1.0, 0.0, 0, 10, "step")
+
+
+def test_loss_scaler():
+    scaler = LossScaler(1024.0, growth_interval=2)
+    scaler.update(overflow=True)
+    assert scaler.scale == 512.0
+    scaler.update(False)
+    scaler.update(False)
+    assert scaler.scale == 1024.0
+
+
+@pytest.mark.parametrize("flags,world,message", [
+    (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
+    (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--tensor-model-parallel-size", "2"], 3, "3 processes are not divisible by tensor (2) x pipeline (1)"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6 must be a multiple"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "7"], 2, "divisible by"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--global-batch-size", "12", "--micro-batch-size", "4"], 2, "micro-batches per step (3) to be a multiple"),
+    (["--data-path", "x"], 1, "--data-path needs --tokenizer-type"),
+    (["--train-iters", "0"], 1, "--train-iters must be positive"),
+])
+def test_bad_flags_fail_before_any_work(flags, world, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_args(build_parser().parse_args(flags), world)
+
+
+def test_unknown_flag_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_cli_reports_bad_model_config(tmp_path, capsys):
+    bad = tmp_path / "model.yaml"
+    bad.write_text("d_model: 100\nn_heads: 3\n")
+    assert pretrain_longctx.main(["--config", str(bad)]) == 2
+    assert "d_model=100 must be divisible by n_heads=3" in capsys.readouterr().err
+
+
+def test_demo_trains_logs_and_evaluates(tmp_path):
+    lines = []
+    losses = pretrain_longctx.run(["--train-iters", "20", "--seq-length", "256", "--log-interval", "10",
+                                   "--eval-interval", "10", "--tensorboard-dir", str(tmp_path / "tb")],
+                                  log=lines.append)
+    assert losses[0] > 5.0 and sum(losses[-5:]) / 5 < losses[0] - 1.5
+    text = "\n".join(lines)
+    for field in ("consumed samples 80", "lr ", "grad norm", "tokens/s", "TFLOP/s per device", "peak memory",
+                  "skipped 0", "ETA", "validation at iteration 10", "perplexity"):
+        assert field in text, field
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard event file written
+
+
+@pytest.mark.parametrize("granularity", ["selective", "full"])
+def test_recompute_gives_the_same_losses(granularity):
+    plain = pretrain_longctx.run(SMALL[:1] + ["2"] + SMALL[2:], log=lambda *_: None)
+    again = pretrain_longctx.run(SMALL[:1] + ["2"] + SMALL[2:] + ["--recompute-granularity", granularity],
+                                 log=lambda *_: None)
+    assert again == plain
+
+
+def test_bf16_trains():
+    losses = pretrain_longctx.run(SMALL[:1] + ["3"] + SMALL[2:] + ["--bf16"], log=lambda *_: None)
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
+
+
+def _run_body(rank, world_size, flags):
+    return pretrain_longctx.run(SMALL + flags, log=lambda *_: None)
+
+
+LAYOUTS = {
+    "tp2": (2, ["--tensor-model-parallel-size", "2"]),
+    "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
+    "pp4-interleaved": (4, ["--pipeline-model-parallel-size", "4", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "tp2xpp2-sp": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                       "--sequence-parallel"]),
+    "dp2": (2, []),
+    "tp2xdp2-zero1": (4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]),
+}
+
+
+@pytest.fixture(scope="module")
+def single_process_losses():
+    return pretrain_longctx.run(SMALL, log=lambda *_: None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_match_single_process(layout, single_process_losses):
+    world, flags = LAYOUTS[layout]
+    results = run_on_ranks(_run_body, world, flags)
+    for losses in results:  # every rank reports the same global loss
+        assert losses == pytest.approx(single_process_losses, rel=1e-5)
+    assert torch.tensor(single_process_losses).isfinite().all()
