@@ -2,14 +2,14 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test bench
 
 install:
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[dev]"
 
 demo: install
-	$(PYTHON) pretrain_longctx.py
+	PYTHON=$(PYTHON) bash examples/pretrain_tiny_cpu.sh
 
 test: install
 	$(PYTHON) -m ruff check .
@@ -17,3 +17,6 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/attention_scaling.py
+	$(PYTHON) benchmarks/tp_overhead.py
+	$(PYTHON) benchmarks/pipeline_bubble.py
+	$(PYTHON) benchmarks/preprocess_throughput.py
