@@ -38,6 +38,11 @@ from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, 
 from longctx_megatron.training.arguments import model_config, validate_args
 from longctx_megatron.training.lr_schedule import learning_rate
 
+try:
+    from apex.optimizers import FusedAdam
+except ImportError:
+    FusedAdam = None
+
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
 
 
@@ -281,10 +286,13 @@ def setup(args: argparse.Namespace, world_size: int, log=print) -> Trainer:
             norm_weight=lambda p: 0.0 if p in copies else (1.0 if shards[p] else 1.0 / ctx.tp_size))
     else:
         params = [p for chunk in chunks for p in chunk.parameters()]
-        optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
-             {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],  # no decay on norm weights
-            lr=args.lr, betas=betas, eps=args.adam_eps, fused=device.type == "cuda")
+        groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},
+                  {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]  # no decay on norm weights
+        if FusedAdam is not None and device.type == "cuda":
+            optimizer = FusedAdam(groups, lr=args.lr, betas=betas, eps=args.adam_eps, adam_w_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=args.adam_eps,
+                                          fused=device.type == "cuda")
     global_batch = args.global_batch_size or args.micro_batch_size * ctx.dp_size
     train_data, valid_data = _datasets(args, config, global_batch, tokenizer)
     log(f"data: {'built-in corpus (CPython reference docs, bytes)' if not args.data_path else args.data_path}; "

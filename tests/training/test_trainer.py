@@ -122,3 +122,15 @@ def test_parallel_layouts_match_single_process(layout, single_process_losses):
     for losses in results:  # every rank reports the same global loss
         assert losses == pytest.approx(single_process_losses, rel=1e-5)
     assert torch.tensor(single_process_losses).isfinite().all()
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    lines = []
+    losses = pretrain_longctx.run(SMALL[:1] + ["3"] + SMALL[2:] + ["--fp16", "--initial-loss-scale", "1e30",
+                                                                   "--log-interval", "1"], log=lines.append)
+    steps = [line for line in lines if line.startswith("iteration")]
+    assert "skipped 1 | loss scale 5e+29" in steps[0]  # gradients overflowed fp16: no update, scale halved
+    assert "skipped 3" in steps[2]
+    frozen = pretrain_longctx.run(SMALL[:1] + ["3"] + SMALL[2:] + ["--fp16", "--lr", "0", "--min-lr", "0"],
+                                  log=lambda *_: None)
+    assert losses == frozen  # the skipped steps left the weights exactly as a learning rate of 0 does
