@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.grad_norm import reduce_norm_squares
 from longctx_megatron.parallel.state import ParallelContext
 
 
@@ -114,21 +115,20 @@ def _flat(bucket: _Bucket, values) -> torch.Tensor:
 class DistributedOptimizer:
     """AdamW whose state and float32 master weights cover only this DP rank's shard of each bucket.
 
-    ``norm_weight(param)`` says how much a parameter's squared gradient counts in the global norm
-    on this rank (1 for a tensor-parallel shard, 1/tp for a copy replicated over TP ranks, 0 for a
-    duplicate such as the last stage's tied embedding), so summing over all ranks counts every
-    element once. ``decay(param)`` says whether weight decay applies (not to norm weights).
+    ``norm_weights`` maps each parameter to how much its squared gradient counts in the global
+    norm on this rank (grad_norm.norm_weights). ``decay(param)`` says whether weight decay applies
+    (not to norm weights).
     """
 
-    def __init__(self, grads: DataParallelGradients, lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decay=lambda p: p.dim() > 1, norm_weight=lambda p: 1.0):
+    def __init__(self, grads: DataParallelGradients, norm_weights: dict, lr: float, betas=(0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0, decay=lambda p: p.dim() > 1):
         self.grads, self.ctx, self.weight_decay = grads, grads.ctx, weight_decay
         self.masters, self.decay_masks, self.norm_weights = [], [], []
         for bucket in grads.buckets:
             shard = lambda flat: flat.view(self.ctx.dp_size, -1)[self.ctx.dp_rank].clone()  # noqa: E731
             self.masters.append(torch.nn.Parameter(shard(_flat(bucket, lambda p: p.detach().float().flatten()))))
             self.decay_masks.append(shard(_flat(bucket, lambda p: float(decay(p)))))
-            self.norm_weights.append(shard(_flat(bucket, lambda p: float(norm_weight(p)))))
+            self.norm_weights.append(shard(_flat(bucket, lambda p: norm_weights[p])))
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
 
     @property
@@ -137,14 +137,10 @@ class DistributedOptimizer:
 
     def grad_norm(self) -> torch.Tensor:
         """Global gradient norm from the reduced shards, summed over DP, TP and PP ranks."""
-        total = sum(((self.grads.shard(b) ** 2) * w).sum() for b, w in zip(self.grads.buckets, self.norm_weights,
-                                                                          strict=True))
-        total = torch.as_tensor(total, dtype=torch.float32, device=self.masters[0].device)
-        for size, group in ((self.ctx.dp_size, self.ctx.dp_group), (self.ctx.tp_size, self.ctx.tp_group),
-                            (self.ctx.pp_size, self.ctx.pp_group)):
-            if size > 1:
-                dist.all_reduce(total, group=group)
-        return total.sqrt()
+        total = torch.zeros((), dtype=torch.float32, device=self.masters[0].device)
+        for bucket, weights in zip(self.grads.buckets, self.norm_weights, strict=True):
+            total += (self.grads.shard(bucket) ** 2 * weights).sum()
+        return reduce_norm_squares(total, self.ctx, groups=("dp", "tp", "pp"))
 
     def step(self, clip: float | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
         """Clip by the global norm (``norm`` if already computed), update this rank's shards, all-gather

@@ -1,9 +1,9 @@
 """Gradient norm and clipping over a tensor- and pipeline-parallel model, each parameter counted once.
 
-Sharded parameters contribute their local squares summed over the TP group; parameters replicated
-on every TP rank (norm weights) contribute once; stages add up over the pipeline group, the last
-stage's copy of the tied embedding excluded. Every rank gets the same norm, so clipping keeps
-shards and stages consistent.
+Each rank weights its parameters' squared gradients (``norm_weights``) so that the sum over the
+TP and PP groups counts every element once; the distributed optimizer uses the same weights on its
+shards and also sums over DP. Every rank gets the same norm, so clipping keeps shards and stages
+consistent.
 """
 
 from __future__ import annotations
@@ -15,29 +15,38 @@ from longctx_megatron.parallel.state import ParallelContext
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
 
 
-def grad_norm(models, ctx: ParallelContext | None) -> torch.Tensor:
-    """The L2 norm of the global gradient (float32 scalar) of a model or this rank's model chunks."""
-    models = models if isinstance(models, list | tuple) else [models]
-    device = next(models[0].parameters()).device
-    sharded = torch.zeros((), device=device)
-    replicated = torch.zeros((), device=device)
-    for model in models:
+def norm_weights(models, ctx: ParallelContext | None) -> dict[torch.nn.Parameter, float]:
+    """How much each parameter's squared gradient counts on this rank so that summing over TP and PP
+    ranks counts every element once: 1 for a TP shard, 1/tp for a copy replicated over the TP
+    group (norm weights), 0 for a duplicate (the last stage's copy of the tied embedding)."""
+    tp = ctx.tp_size if ctx is not None else 1
+    weights = {}
+    for model in models if isinstance(models, list | tuple) else [models]:
         shards = tensor_parallel_shards(model)
         pipeline_copy = getattr(model, "pre_process", True) is False  # this chunk's embedding is the tied copy
         for name, param in model.named_parameters():
-            if param.grad is None or (pipeline_copy and name == "embedding.weight"):
-                continue
-            square = param.grad.detach().float().pow(2).sum()
-            if name in shards:
-                sharded += square
-            else:
-                replicated += square
-    if ctx is not None and ctx.tp_size > 1:
-        dist.all_reduce(sharded, group=ctx.tp_group)
-    total = sharded + replicated
-    if ctx is not None and ctx.pp_size > 1:
-        dist.all_reduce(total, group=ctx.pp_group)
+            duplicate = pipeline_copy and name == "embedding.weight"
+            weights[param] = 0.0 if duplicate else 1.0 if name in shards else 1.0 / tp
+    return weights
+
+
+def reduce_norm_squares(total: torch.Tensor, ctx: ParallelContext | None, groups=("tp", "pp")) -> torch.Tensor:
+    """Sum a rank's weighted squared-gradient total over the given parallel groups; returns the norm."""
+    for kind in groups if ctx is not None else ():
+        if getattr(ctx, f"{kind}_size") > 1:
+            dist.all_reduce(total, group=getattr(ctx, f"{kind}_group"))
     return total.sqrt()
+
+
+def grad_norm(models, ctx: ParallelContext | None) -> torch.Tensor:
+    """The L2 norm of the global gradient (float32 scalar) of a model or this rank's model chunks."""
+    weights = norm_weights(models, ctx)
+    device = next(iter(weights)).device
+    total = torch.zeros((), device=device)
+    for param, weight in weights.items():
+        if param.grad is not None and weight:
+            total += param.grad.detach().float().pow(2).sum() * weight
+    return reduce_norm_squares(total, ctx)
 
 
 def clip_grad_norm(models, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:

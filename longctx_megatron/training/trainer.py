@@ -25,7 +25,7 @@ from longctx_megatron.data.gpt_dataset import GPTDatasetConfig
 from longctx_megatron.data.sampler import PretrainingSampler
 from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches
 from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
-from longctx_megatron.parallel.grad_norm import clip_grad_norm
+from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
 from longctx_megatron.parallel.pipeline import (
     allreduce_embedding_grads,
     build_pipeline_chunks,
@@ -34,7 +34,7 @@ from longctx_megatron.parallel.pipeline import (
     plan_pipeline,
 )
 from longctx_megatron.parallel.state import ParallelContext, initialize_parallel
-from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, tensor_parallel_shards
+from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads
 from longctx_megatron.training.arguments import model_config, validate_args
 from longctx_megatron.training.lr_schedule import learning_rate
 
@@ -279,11 +279,8 @@ def setup(args: argparse.Namespace, world_size: int, log=print) -> Trainer:
     grads = DataParallelGradients(chunks, ctx, distributed_optimizer=args.use_distributed_optimizer)
     betas = (args.adam_beta1, args.adam_beta2)
     if args.use_distributed_optimizer or dtype != torch.float32:  # fp32 master weights live in the optimizer
-        shards = {p: name in tensor_parallel_shards(chunk) for chunk in chunks for name, p in chunk.named_parameters()}
-        copies = {c.embedding.weight for c in chunks if c.embedding is not None and not c.pre_process}
-        optimizer = DistributedOptimizer(
-            grads, lr=args.lr, betas=betas, eps=args.adam_eps, weight_decay=args.weight_decay,
-            norm_weight=lambda p: 0.0 if p in copies else (1.0 if shards[p] else 1.0 / ctx.tp_size))
+        optimizer = DistributedOptimizer(grads, norm_weights(chunks, ctx), lr=args.lr, betas=betas,
+                                         eps=args.adam_eps, weight_decay=args.weight_decay)
     else:
         params = [p for chunk in chunks for p in chunk.parameters()]
         groups = [{"params": [p for p in params if p.dim() > 1], "weight_decay": args.weight_decay},

@@ -8,7 +8,7 @@ import torch
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
-from longctx_megatron.parallel.grad_norm import clip_grad_norm
+from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
 from longctx_megatron.parallel.pipeline import (
     allreduce_embedding_grads,
     build_pipeline_chunks,
@@ -44,12 +44,7 @@ def _body(rank, world_size, tp, pp, dp, distributed_optimizer):
     grads = DataParallelGradients(chunks, ctx, bucket_mb=0.02, distributed_optimizer=distributed_optimizer)
     assert len(grads.buckets) > 2  # small buckets: several reductions overlap the backward pass
     if distributed_optimizer:
-        shards = {p: s for chunk in chunks for p, s in ((p, tensor_parallel_shards(chunk).get(n))
-                                                        for n, p in chunk.named_parameters())}
-        copies = {chunk.embedding.weight for chunk in chunks if chunk.embedding is not None and not chunk.pre_process}
-        optimizer = DistributedOptimizer(
-            grads, lr=LR, betas=(0.9, 0.95), weight_decay=WD,
-            norm_weight=lambda p: 0.0 if p in copies else (1.0 if shards[p] is not None else 1.0 / tp))
+        optimizer = DistributedOptimizer(grads, norm_weights(chunks, ctx), lr=LR, betas=(0.9, 0.95), weight_decay=WD)
     else:
         optimizer = _optimizer(p for chunk in chunks for p in chunk.parameters())
     mine = slice(ctx.dp_rank * MICRO_PER_RANK, (ctx.dp_rank + 1) * MICRO_PER_RANK)
