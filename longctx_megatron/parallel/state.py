@@ -141,9 +141,8 @@ def initialize_parallel(
     )
 
 
-def check_model_fits_layout(config, ctx: ParallelContext) -> None:
-    """The model shape must split evenly over the tensor-parallel ranks."""
-    tp = ctx.tp_size
+def check_model_fits_layout(config, tp: int) -> None:
+    """The model shape must split evenly over ``tp`` tensor-parallel ranks (checked before any group exists)."""
     if config.n_heads % tp:
         raise ParallelLayoutError(f"tensor-model-parallel size {tp} must divide n_heads={config.n_heads}")
     if config.n_kv_heads % tp:

@@ -47,7 +47,7 @@ def apply_tensor_parallel(
 ) -> torch.nn.Module:
     """Shard ``model`` (a GPTModel) in place for this rank; returns it. TP=1 leaves it unchanged."""
     config = model.config
-    check_model_fits_layout(config, ctx)
+    check_model_fits_layout(config, ctx.tp_size)
     if ctx.tp_size == 1:
         return model
     device = next(model.parameters()).device

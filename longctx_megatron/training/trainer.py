@@ -19,9 +19,11 @@ import torch.distributed as dist
 
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.vocab import padded_vocab_size
+from longctx_megatron.data.blended import parse_data_path
 from longctx_megatron.data.builders import build_gpt_datasets
 from longctx_megatron.data.builtin_corpus import BuiltinDataset
 from longctx_megatron.data.gpt_dataset import GPTDatasetConfig
+from longctx_megatron.data.indexed_dataset import dataset_exists
 from longctx_megatron.data.sampler import PretrainingSampler
 from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches
 from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
@@ -33,7 +35,7 @@ from longctx_megatron.parallel.pipeline import (
     forward_backward_pipelined,
     plan_pipeline,
 )
-from longctx_megatron.parallel.state import ParallelContext, initialize_parallel
+from longctx_megatron.parallel.state import ParallelContext, check_model_fits_layout, initialize_parallel
 from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads
 from longctx_megatron.training.arguments import model_config, validate_args
 from longctx_megatron.training.lr_schedule import learning_rate
@@ -236,16 +238,24 @@ def _datasets(args, config: ModelConfig, global_batch: int, tokenizer):
 def setup(args: argparse.Namespace, world_size: int, log=print) -> Trainer:
     """Everything a run needs, validated before the process groups are created where possible."""
     validate_args(args, world_size)
-    tokenizer = (build_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.data_path else ByteTokenizer())
-    default = demo_config() if args.data_path is None else ModelConfig(vocab_size=padded_vocab_size(
-        tokenizer.vocab_size))
-    config = model_config(args, default)
+    if args.data_path:  # --vocab-size is NullTokenizer's id count (as in Megatron), not the model's vocabulary
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+        model_args = argparse.Namespace(**{**vars(args), "vocab_size": None}) if args.tokenizer_type == (
+            "NullTokenizer") else args
+        config = model_config(model_args, ModelConfig(vocab_size=padded_vocab_size(tokenizer.vocab_size)))
+    else:
+        tokenizer = ByteTokenizer()
+        config = model_config(args, demo_config())
     check_vocab_matches(config.vocab_size, tokenizer)
     if args.seq_length > config.max_seq_len:
         raise ValueError(f"--seq-length {args.seq_length} exceeds the model's max_seq_len={config.max_seq_len}")
     if args.recompute_granularity and args.tensor_model_parallel_size > 1 and config.attention_dropout > 0:
         raise ValueError("--recompute-granularity with attention dropout under tensor parallelism is not supported "
                          "yet: the recomputed dropout masks would differ from the first forward's")
+    check_model_fits_layout(config, args.tensor_model_parallel_size)
+    for _, prefix in parse_data_path(args.data_path) if args.data_path else ():
+        if not dataset_exists(prefix):
+            raise ValueError(f"--data-path {prefix}: no {prefix}.bin/.idx pair (tools/preprocess_data.py writes one)")
     stages = args.pipeline_model_parallel_size
     if args.num_layers_per_virtual_pipeline_stage:
         per = args.num_layers_per_virtual_pipeline_stage

@@ -36,13 +36,6 @@ def test_bad_sizes_fail_before_any_group(world, tensor, pipeline, data, message)
         check_layout(world, tensor, pipeline, data)
 
 
-def _context(tp: int) -> state.ParallelContext:
-    return state.ParallelContext(
-        world_size=tp, rank=0, tp_size=tp, pp_size=1, dp_size=1, tp_rank=0, pp_rank=0, dp_rank=0,
-        tp_group=None, pp_group=None, dp_group=None, tp_ranks=tuple(range(tp)), pp_ranks=(0,), dp_ranks=(0,),
-    )
-
-
 @pytest.mark.parametrize(
     "overrides,tp,message",
     [
@@ -56,7 +49,7 @@ def test_model_shape_must_split(overrides, tp, message):
     config = ModelConfig(**{**dict(d_model=64, n_layers=1, n_heads=8, n_kv_heads=4, d_ff=96, vocab_size=50,
                                    max_seq_len=64, attention_layout="full:1"), **overrides})
     with pytest.raises(ParallelLayoutError, match=re.escape(message)):
-        check_model_fits_layout(config, _context(tp))
+        check_model_fits_layout(config, tp)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")

@@ -61,6 +61,19 @@ def test_unknown_flag_is_refused(capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--tensor-model-parallel-size", "4"], "tensor-model-parallel size 4 must divide n_kv_heads=2"),
+    (["--data-path", "/nonexistent/corpus", "--tokenizer-type", "NullTokenizer", "--vocab-size", "50"],
+     "no /nonexistent/corpus.bin/.idx"),
+])
+def test_layout_and_data_errors_come_before_any_process_group(flags, message, monkeypatch):
+    import longctx_megatron.training.trainer as trainer
+
+    monkeypatch.setattr(trainer, "initialize_parallel", lambda **_: pytest.fail("process groups were created"))
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        trainer.setup(build_parser().parse_args(flags), world_size=4)
+
+
 def test_cli_reports_bad_model_config(tmp_path, capsys):
     bad = tmp_path / "model.yaml"
     bad.write_text("d_model: 100\nn_heads: 3\n")
