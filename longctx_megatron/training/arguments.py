@@ -10,15 +10,18 @@ from longctx_megatron.config import ModelConfig, load_config
 from longctx_megatron.data.tokenizers import TOKENIZER_TYPES
 from longctx_megatron.model.attention import factory
 from longctx_megatron.model.block import RECOMPUTE_GRANULARITIES
+from longctx_megatron.parallel.state import check_layout
 from longctx_megatron.training.lr_schedule import DECAY_STYLES
 
-# Megatron flag -> ModelConfig field, for flags that override the model section.
+# Megatron flag -> (ModelConfig field, type), for flags that override the model section.
 MODEL_FLAGS = {
-    "num_layers": "n_layers", "hidden_size": "d_model", "num_attention_heads": "n_heads",
-    "num_query_groups": "n_kv_heads", "ffn_hidden_size": "d_ff", "max_position_embeddings": "max_seq_len",
-    "vocab_size": "vocab_size", "attention_layout": "attention_layout", "sliding_window": "sliding_window",
-    "global_every": "global_every", "dilated_window": "dilated_window", "dilation": "dilation",
-    "init_method_std": "init_std", "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout",
+    "num-layers": ("n_layers", int), "hidden-size": ("d_model", int), "num-attention-heads": ("n_heads", int),
+    "num-query-groups": ("n_kv_heads", int), "ffn-hidden-size": ("d_ff", int),
+    "max-position-embeddings": ("max_seq_len", int), "vocab-size": ("vocab_size", int),
+    "attention-layout": ("attention_layout", str), "sliding-window": ("sliding_window", int),
+    "global-every": ("global_every", int), "dilated-window": ("dilated_window", int), "dilation": ("dilation", int),
+    "init-method-std": ("init_std", float), "hidden-dropout": ("hidden_dropout", float),
+    "attention-dropout": ("attention_dropout", float),
 }
 
 
@@ -29,13 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("model (override --config; default: the built-in tiny model)")
     model.add_argument("--config", help="model config, .yaml or .json")
-    for flag, kind in (("num-layers", int), ("hidden-size", int), ("num-attention-heads", int),
-                       ("num-query-groups", int), ("ffn-hidden-size", int), ("max-position-embeddings", int),
-                       ("vocab-size", int), ("attention-layout", str), ("sliding-window", int),
-                       ("global-every", int), ("dilated-window", int), ("dilation", int),
-                       ("init-method-std", float), ("hidden-dropout", float), ("attention-dropout", float),
-                       ("rotary-base", float)):
+    for flag, (_, kind) in MODEL_FLAGS.items():
         model.add_argument(f"--{flag}", type=kind)
+    model.add_argument("--rotary-base", type=float, help="RoPE theta of every layer")
     model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     model.add_argument("--attention-backend", default="auto", choices=["auto", *factory.list_variants()])
 
@@ -94,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 def model_config(args: argparse.Namespace, default: ModelConfig) -> ModelConfig:
     """--config (or ``default``) with the model flags that were given applied on top."""
     config = load_config(args.config) if args.config else default
-    overrides = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    given = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in MODEL_FLAGS.items()}
+    overrides = {field: value for field, value in given.items() if value is not None}
     if args.attention_layout is not None:
         overrides["layers"] = None
     if args.rotary_base is not None:
@@ -120,11 +120,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail("--bf16 and --fp16 are exclusive")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-    if world_size % model_parallel:
-        fail(f"{world_size} processes are not divisible by tensor ({args.tensor_model_parallel_size}) x pipeline "
-             f"({args.pipeline_model_parallel_size}) parallel sizes; launch a multiple of {model_parallel}")
-    data_parallel = world_size // model_parallel
+    data_parallel = check_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None)
     global_batch = args.global_batch_size or args.micro_batch_size * data_parallel
     if global_batch % (args.micro_batch_size * data_parallel):
         fail(f"--global-batch-size {global_batch} must be a multiple of --micro-batch-size x data-parallel size "
