@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from longctx_megatron.config import ConfigError
 from longctx_megatron.training.arguments import build_parser
+from longctx_megatron.training.recovery import TrainingStopped
 from longctx_megatron.training.trainer import setup
 
 
@@ -36,6 +37,9 @@ def main(argv=None) -> int:
     except (ValueError, ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -102,7 +102,7 @@ class DataParallelGradients:
         return bucket.buffer.view(self.ctx.dp_size, -1)[self.ctx.dp_rank]
 
 
-def _flat(bucket: _Bucket, values) -> torch.Tensor:
+def flat_bucket(bucket: _Bucket, values) -> torch.Tensor:
     """A bucket-shaped flat float32 tensor holding ``values(param)`` for each parameter (padding 0)."""
     flat = torch.zeros(bucket.padded, dtype=torch.float32, device=bucket.buffer.device)
     offset = 0
@@ -126,9 +126,9 @@ class DistributedOptimizer:
         self.masters, self.decay_masks, self.norm_weights = [], [], []
         for bucket in grads.buckets:
             shard = lambda flat: flat.view(self.ctx.dp_size, -1)[self.ctx.dp_rank].clone()  # noqa: E731
-            self.masters.append(torch.nn.Parameter(shard(_flat(bucket, lambda p: p.detach().float().flatten()))))
-            self.decay_masks.append(shard(_flat(bucket, lambda p: float(decay(p)))))
-            self.norm_weights.append(shard(_flat(bucket, lambda p: norm_weights[p])))
+            self.masters.append(torch.nn.Parameter(shard(flat_bucket(bucket, lambda p: p.detach().float().flatten()))))
+            self.decay_masks.append(shard(flat_bucket(bucket, lambda p: float(decay(p)))))
+            self.norm_weights.append(shard(flat_bucket(bucket, lambda p: norm_weights[p])))
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
 
     @property

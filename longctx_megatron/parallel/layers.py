@@ -49,6 +49,17 @@ class ShardSpec:
         parts = full.chunk(self.parts, dim=self.dim)
         return torch.cat([part.chunk(self.size, dim=self.dim)[self.rank] for part in parts], dim=self.dim)
 
+    def regions(self) -> list[tuple[int, int, int]]:
+        """Where this rank's slice sits in the global tensor, along ``dim``: (local start, global start,
+        length) for each stacked part, padding excluded (a slice that is all padding has length 0)."""
+        part, local = self.padded // self.parts, self.padded // self.parts // self.size
+        bound = self.global_shape[self.dim]
+        out = []
+        for p in range(self.parts):
+            start = p * part + self.rank * local
+            out.append((p * local, start, max(0, min(local, bound - start))))
+        return out
+
     def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
         """The global (unpadded) tensor from every rank's slice, in rank order: the inverse of take."""
         split = [shard.chunk(self.parts, dim=self.dim) for shard in shards]

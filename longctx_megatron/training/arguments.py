@@ -81,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--reset-position-ids", action="store_true")
     data.add_argument("--eod-mask-loss", action="store_true")
 
+    ckpt = parser.add_argument_group("checkpointing and recovery (give --save and --load the same directory to "
+                                     "resume automatically)")
+    ckpt.add_argument("--save", help="directory for checkpoints: iter_NNNNNNN/ and latest_checkpointed_iteration.txt")
+    ckpt.add_argument("--save-interval", type=int, help="iterations between checkpoints (one is always saved at the "
+                      "end and on preemption)")
+    ckpt.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
+    ckpt.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
+    ckpt.add_argument("--load", help="resume from the newest sound checkpoint here (none yet: start fresh)")
+    ckpt.add_argument("--ckpt-step", type=int, help="load this iteration instead of the newest")
+    ckpt.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
+    ckpt.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state")
+    ckpt.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
+    ckpt.add_argument("--exit-interval", type=int, help="save and exit when the iteration is a multiple of this")
+    ckpt.add_argument("--exit-duration-in-mins", type=float, help="save and exit after this many minutes")
+    ckpt.add_argument("--max-skipped-iters-in-a-row", type=int, default=10,
+                      help="stop after this many consecutive non-finite steps (0: never)")
+
     log = parser.add_argument_group("logging and evaluation")
     log.add_argument("--log-interval", type=int, default=10)
     log.add_argument("--eval-interval", type=int, default=0, help="0: evaluate only after training")
@@ -141,5 +158,19 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         fail("--data-path needs --tokenizer-type (and --tokenizer-model for SentencePiece/HuggingFace)")
     if not args.data_path and args.tokenizer_type:
         fail("--tokenizer-type is only used with --data-path (the built-in corpus uses bytes)")
+    for flag in ("save_interval", "keep_last", "exit_interval", "exit_duration_in_mins"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            fail(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    for flag in ("save_interval", "keep_last", "async_save"):
+        if getattr(args, flag) and not args.save:
+            fail(f"--{flag.replace('_', '-')} needs --save")
+    for flag in ("ckpt_step", "finetune", "no_load_optim", "no_load_rng"):
+        if getattr(args, flag) not in (None, False) and not args.load:
+            fail(f"--{flag.replace('_', '-')} needs --load")
+    for flag in ("save", "load"):
+        path = getattr(args, flag)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            fail(f"--{flag} {path}: exists and is not a directory")
     if args.config and not os.path.isfile(args.config):
         fail(f"--config {args.config}: no such file")

@@ -3,7 +3,12 @@
 One step: this DP rank's micro-batches go through the pipeline schedule (gradients accumulate
 in fp32 buckets, reduced over DP while backward runs), the tied-embedding copies and the
 sequence-parallel norms sum their gradients, fp16 gradients are unscaled and checked, the global
-norm is clipped and the optimizer steps. Non-finite gradients skip the step and are counted.
+norm is clipped and the optimizer steps. A non-finite loss or gradient norm skips the step (no
+update); the skips are counted, and too many in a row stop training (recovery.SkipGuard).
+
+The loop saves checkpoints every ``--save-interval`` iterations, at the end, and when an exit
+condition (preemption signal, time budget, ``--exit-interval``) says to stop; ``--load`` resumes
+from the newest sound checkpoint, under any parallel layout.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from longctx_megatron.checkpoint import state as checkpoint_state
+from longctx_megatron.checkpoint.compatibility import check_compatible
+from longctx_megatron.checkpoint.reader import CheckpointError, CheckpointReader
+from longctx_megatron.checkpoint.sharded import Checkpointer
 from longctx_megatron.config import ModelConfig
+from longctx_megatron.config.serialization import config_to_dict
 from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.data.blended import parse_data_path
 from longctx_megatron.data.builders import build_gpt_datasets
@@ -39,6 +49,7 @@ from longctx_megatron.parallel.state import ParallelContext, check_model_fits_la
 from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads
 from longctx_megatron.training.arguments import model_config, validate_args
 from longctx_megatron.training.lr_schedule import learning_rate
+from longctx_megatron.training.recovery import ExitConditions, SkipGuard
 
 try:
     from apex.optimizers import FusedAdam
@@ -88,8 +99,21 @@ class Trainer:
     scaler: LossScaler | None
     log: object
     writer: object = None
+    tokenizer: object = None
+    checkpointer: Checkpointer | None = None
     losses: list[float] = field(default_factory=list)
-    skipped: int = 0
+    iteration: int = 0  # iterations completed (the next one to run, 0-based)
+    consumed_samples: int = 0
+    last_saved: int | None = None  # iteration of the newest checkpoint this run saved or loaded
+    skips: SkipGuard = None
+
+    def __post_init__(self):
+        if self.skips is None:
+            self.skips = SkipGuard(self.args.max_skipped_iters_in_a_row)
+
+    @property
+    def skipped(self) -> int:
+        return self.skips.total
 
     @property
     def microbatches(self) -> int:
@@ -124,13 +148,14 @@ class Trainer:
             value /= self.ctx.dp_size
         return value.item()
 
-    def step(self, iteration: int) -> tuple[float, float]:
+    def step(self, iteration: int) -> tuple[float, float, bool]:
+        """Train on the next global batch; returns (loss, gradient norm, whether the update was applied)."""
         args = self.args
         lr = learning_rate(iteration, args.lr, args.min_lr, args.lr_warmup_iters,
                            args.lr_decay_iters or args.train_iters, args.lr_decay_style)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        batches = self._batches(self.train_data, iteration * self.global_batch)
+        batches = self._batches(self.train_data, self.consumed_samples)
         self.grads.start(len(batches))
         scale = self.scaler.scale if self.scaler else 1.0
         losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), self.dtype,
@@ -142,21 +167,21 @@ class Trainer:
         allreduce_embedding_grads(self.chunks, self.ctx)
         for chunk in self.chunks:
             allreduce_sequence_parallel_grads(chunk, self.ctx)
+        loss = self._mean_loss(losses)
         if isinstance(self.optimizer, DistributedOptimizer):
             norm = self.optimizer.grad_norm()
-            finite = bool(torch.isfinite(norm))
+            finite = bool(torch.isfinite(norm)) and math.isfinite(loss)
             if finite:
                 self.optimizer.step(args.clip_grad, norm)
         else:
             norm = clip_grad_norm(self.chunks, args.clip_grad, self.ctx)
-            finite = bool(torch.isfinite(norm))
+            finite = bool(torch.isfinite(norm)) and math.isfinite(loss)
             if finite:
                 self.optimizer.step()
         if self.scaler:
             self.scaler.update(not finite)
-        if not finite:
-            self.skipped += 1
-        return self._mean_loss(losses), norm.item()
+        self.consumed_samples += self.global_batch
+        return loss, norm.item(), finite
 
     def evaluate(self, iteration: int) -> float | None:
         if self.valid_data is None:
@@ -178,23 +203,43 @@ class Trainer:
         return loss
 
     def train(self) -> list[float]:
-        args, start = self.args, time.perf_counter()
+        """Run from ``self.iteration`` to ``--train-iters`` (or an exit condition); returns this run's losses."""
+        args = self.args
+        conditions = ExitConditions(args.exit_interval, args.exit_duration_in_mins, self.device)
+        with conditions:
+            stopped = self._loop(conditions)
+        if not stopped:
+            self.evaluate(self.iteration)
+        if args.save and self.last_saved != self.iteration:
+            self.save()
+        if self.checkpointer:
+            self.checkpointer.wait()
+        if self.writer:
+            self.writer.close()
+        return self.losses
+
+    def _loop(self, conditions: ExitConditions) -> str | None:
+        """The iterations; returns why it stopped early, or None at --train-iters."""
+        args, start, first = self.args, time.perf_counter(), self.iteration
         flops = self.config.flops_per_token(args.seq_length)
         peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if self.device.type == "cuda"
                                          and k in torch.cuda.get_device_name(self.device)), None)
         devices = self.ctx.world_size
         window_start, window_iters = time.perf_counter(), 0
-        for iteration in range(args.train_iters):
-            loss, norm = self.step(iteration)
+        for iteration in range(first, args.train_iters):
+            loss, norm, applied = self.step(iteration)
             self.losses.append(loss)
             window_iters += 1
-            done = iteration + 1
+            done = self.iteration = iteration + 1
+            if not applied:
+                self.log(f"iteration {done}: skipped the update (loss {loss}, grad norm {norm}): non-finite")
+            self.skips.record(done, applied, self.last_saved)
             if done % args.log_interval == 0 or done == args.train_iters:
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = window_iters * self.global_batch * args.seq_length / elapsed
                 tflops = tokens_per_s * flops / devices / 1e12
-                eta = (time.perf_counter() - start) / done * (args.train_iters - done)
-                line = (f"iteration {done:6d}/{args.train_iters} | consumed samples {done * self.global_batch} | "
+                eta = (time.perf_counter() - start) / (done - first) * (args.train_iters - done)
+                line = (f"iteration {done:6d}/{args.train_iters} | consumed samples {self.consumed_samples} | "
                         f"lr {self.optimizer.param_groups[0]['lr']:.3e} | loss {loss:.4f} | grad norm {norm:.3f} | "
                         f"{tokens_per_s:,.0f} tokens/s | {tflops:.3f} TFLOP/s per device"
                         + (f" | MFU {tflops / peak:.1%}" if peak else "")
@@ -209,12 +254,80 @@ class Trainer:
                                         ("train/skipped_iterations", self.skipped)):
                         self.writer.add_scalar(name, value, done)
                 window_start, window_iters = time.perf_counter(), 0
+            reason = conditions.reason(done)
+            if args.save and (reason or (args.save_interval and done % args.save_interval == 0)):
+                self.save()
+            if reason:
+                self.log(f"stopping after iteration {done}: {reason}"
+                         + (f"; checkpoint saved in {args.save}" if args.save else "; no --save, nothing saved"))
+                return reason
             if args.eval_interval and done % args.eval_interval == 0 and done < args.train_iters:
                 self.evaluate(done)
-        self.evaluate(args.train_iters)
-        if self.writer:
-            self.writer.close()
-        return self.losses
+        return None
+
+    def checkpoint_metadata(self) -> dict:
+        """The JSON part of a checkpoint: training progress, schedule, config, tokenizer and layout."""
+        args = self.args
+        return {
+            "consumed_samples": self.consumed_samples,
+            "skipped_iterations": self.skipped,
+            "optimizer_steps": checkpoint_state.optimizer_steps(self.optimizer),
+            "loss_scaler": {"scale": self.scaler.scale, "clean_steps": self.scaler.clean_steps} if self.scaler
+            else None,
+            "learning_rate": {"lr": args.lr, "min_lr": args.min_lr, "warmup_iters": args.lr_warmup_iters,
+                              "decay_iters": args.lr_decay_iters or args.train_iters,
+                              "decay_style": args.lr_decay_style},
+            "config": config_to_dict(self.config),
+            "tokenizer": {"name": repr(self.tokenizer), "checksum": self.tokenizer.checksum()} if self.tokenizer
+            else None,
+            "layout": self.layout(),
+            "params_dtype": str(self.dtype).removeprefix("torch."),
+            "global_batch_size": self.global_batch,
+            "seq_length": args.seq_length,
+            "seed": args.seed,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def layout(self) -> dict:
+        """The parallel layout; RNG states are only restored under an identical one."""
+        return {"tensor": self.ctx.tp_size, "pipeline": self.ctx.pp_size, "data": self.ctx.dp_size,
+                "stages": [[min((int(k) for k in c.layers.keys()), default=None), len(c.layers)] for c in self.chunks],
+                "sequence_parallel": bool(self.args.sequence_parallel),
+                "distributed_optimizer": bool(self.args.use_distributed_optimizer)}
+
+    def save(self) -> None:
+        self.checkpointer.save(self.iteration, self.checkpoint_metadata(), self.chunks, self.optimizer, self.ctx,
+                               self.device)
+        self.last_saved = self.iteration
+        if self.args.async_save:
+            self.log(f"checkpoint iteration {self.iteration}: training resumed after "
+                     f"{self.checkpointer.last_stall_s:.3f} s; the files are written in the background")
+
+    def restore(self, reader: CheckpointReader) -> None:
+        """Load a checkpoint found by Checkpointer.find, as --finetune / --no-load-optim / --no-load-rng say."""
+        args, meta = self.args, reader.metadata
+        check_compatible(meta, self.config, self.tokenizer.checksum() if self.tokenizer else None, reader.directory,
+                         self.log)
+        saved = meta["layout"]
+        load_rng = not (args.no_load_rng or args.finetune)
+        if load_rng and saved != self.layout():
+            self.log(f"note: RNG states not restored: saved under {saved}, running under {self.layout()}")
+            load_rng = False
+        checkpoint_state.load(self.chunks, self.optimizer, self.ctx, self.device, reader, meta["optimizer_steps"],
+                              load_optimizer=not (args.no_load_optim or args.finetune), load_rng=load_rng)
+        reader.close()
+        if args.finetune:
+            self.log(f"loaded the weights of {reader.directory} (--finetune): starting at iteration 0")
+            return
+        self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
+        self.skips.total = meta["skipped_iterations"]
+        self.last_saved = self.iteration
+        if self.scaler and meta.get("loss_scaler"):
+            self.scaler.scale, self.scaler.clean_steps = meta["loss_scaler"]["scale"], meta["loss_scaler"][
+                "clean_steps"]
+        self.log(f"resumed from {reader.directory}: iteration {self.iteration}, consumed samples "
+                 f"{self.consumed_samples} (saved under tensor {saved['tensor']} x pipeline {saved['pipeline']} x "
+                 f"data {saved['data']})")
 
 
 def _peak_memory_gib(device: torch.device) -> float:
@@ -310,8 +423,19 @@ def setup(args: argparse.Namespace, world_size: int, log=print) -> Trainer:
 
         writer = SummaryWriter(args.tensorboard_dir)
     scaler = LossScaler(args.initial_loss_scale) if args.fp16 else None
-    return Trainer(args, config, ctx, chunks, grads, optimizer, train_data, valid_data, device, dtype, scaler, log,
-                   writer)
+    checkpointer = (Checkpointer(args.save, args.keep_last, args.async_save, log) if args.save or args.load
+                    else None)
+    trainer = Trainer(args, config, ctx, chunks, grads, optimizer, train_data, valid_data, device, dtype, scaler, log,
+                      writer, tokenizer, checkpointer)
+    if args.load:
+        reader = checkpointer.find(args.load, args.ckpt_step)
+        if reader is not None:
+            trainer.restore(reader)
+        elif args.finetune:
+            raise CheckpointError(f"--finetune: no checkpoint in --load {args.load}")
+        else:
+            log(f"no checkpoint in {args.load} yet: starting from iteration 0")
+    return trainer
 
 
 def _silent(*_args) -> None:

@@ -1,0 +1,91 @@
+"""Where checkpoints live, Megatron-LM's way: ``{save}/iter_0000100/`` and ``latest_checkpointed_iteration.txt``.
+
+A checkpoint is written under a hidden temporary name and renamed into place when complete; the
+tracker file names the newest complete checkpoint and is replaced atomically after the rename.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from longctx_megatron.atomic_file import atomic_write
+
+TRACKER = "latest_checkpointed_iteration.txt"
+METADATA = "metadata.json"
+MANIFEST = "manifest.json"
+_ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def temporary_dir(root: str, iteration: int) -> str:
+    """Where a checkpoint is written before it is complete (never taken for a checkpoint by a reader)."""
+    return os.path.join(root, f".iter_{iteration:07d}.incomplete")
+
+
+def shard_file(rank: int) -> str:
+    return f"shard_{rank:05d}.safetensors"
+
+
+def read_tracker(root: str) -> int | None:
+    """The iteration the tracker names, or None when there is no tracker (a fresh directory)."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.exists(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    with atomic_write(os.path.join(root, TRACKER), "w") as file:
+        file.write(f"{iteration}\n")
+
+
+def list_iterations(root: str) -> list[int]:
+    """Iterations of the renamed (complete-looking) checkpoint directories under ``root``, newest first."""
+    if not os.path.isdir(root):
+        return []
+    found = (_ITERATION_DIR.match(name) for name in os.listdir(root))
+    return sorted((int(m.group(1)) for m in found if m and os.path.isdir(os.path.join(root, m.group(0)))),
+                  reverse=True)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(root: str, iteration: int) -> str:
+    """Rename the finished temporary directory to its final name (replacing an older save of the same
+    iteration), then move the tracker. Returns the final path."""
+    final, staged = iteration_dir(root, iteration), temporary_dir(root, iteration)
+    fsync_dir(staged)
+    if os.path.exists(final):
+        retired = final + ".replaced"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.rename(final, retired)
+        os.rename(staged, final)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staged, final)
+    fsync_dir(root)
+    write_tracker(root, iteration)
+    return final
+
+
+def prune(root: str, keep_last: int, protect: int) -> list[int]:
+    """Delete all but the newest ``keep_last`` checkpoints (never ``protect``, the tracker's); returns
+    the deleted iterations."""
+    doomed = [it for it in list_iterations(root)[keep_last:] if it != protect]
+    for iteration in doomed:
+        shutil.rmtree(iteration_dir(root, iteration))
+    return doomed

@@ -1,0 +1,141 @@
+"""Reading a sharded checkpoint: its manifest, any box of any global tensor, and verification.
+
+A request for a region of a global tensor is served from every saved piece that overlaps it,
+reading only the overlapping bytes (the shard files are memory-mapped), so a rank loading under a
+new layout reads about as much as it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from longctx_megatron.checkpoint.layout import MANIFEST, METADATA
+from longctx_megatron.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader, file_crc32
+
+FORMAT = "longctx-megatron sharded checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the model; the message says which."""
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing (the checkpoint is incomplete)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error})") from None
+
+
+def verify_files(directory: str, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems with the files of ``directory`` (empty when it is sound). Rank r checks every
+    world_size-th file's size and CRC-32, so a checkpoint is verified in parallel."""
+    try:
+        manifest = read_json(os.path.join(directory, MANIFEST))
+        metadata = read_json(os.path.join(directory, METADATA))
+    except CheckpointError as error:
+        return [str(error)]
+    if metadata.get("format") != FORMAT:
+        return [f"{directory}: {METADATA} is not a {FORMAT}"]
+    problems = []
+    for position, (name, expected) in enumerate(sorted(manifest["files"].items())):
+        if position % world_size != rank:
+            continue
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            problems.append(f"{path} is missing")
+        elif (size := os.path.getsize(path)) != expected["bytes"]:
+            problems.append(f"{path} has {size} bytes, the manifest says {expected['bytes']} (truncated?)")
+        elif file_crc32(path) != expected["crc32"]:
+            problems.append(f"{path} does not match its CRC-32 in the manifest (corrupt)")
+    return problems
+
+
+class CheckpointReader:
+    """The tensors of one checkpoint directory, by global name."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.metadata = read_json(os.path.join(directory, METADATA))
+        manifest = read_json(os.path.join(directory, MANIFEST))
+        self.tensors: dict[str, dict] = manifest["tensors"]
+        self._files: dict[str, SafetensorsReader] = {}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entry(name)["shape"])
+
+    def _entry(self, name: str) -> dict:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.directory} has no tensor {name!r}") from None
+
+    def _file(self, name: str) -> SafetensorsReader:
+        if name not in self._files:
+            try:
+                self._files[name] = SafetensorsReader(os.path.join(self.directory, name))
+            except (OSError, SafetensorsError) as error:
+                raise CheckpointError(str(error)) from None
+        return self._files[name]
+
+    def read_box(self, name: str, offsets: list[int], sizes: list[int]) -> torch.Tensor:
+        """The region [offsets, offsets + sizes) of global tensor ``name``, as saved (dtype included)."""
+        entry = self._entry(name)
+        out = torch.empty(sizes, dtype=getattr(torch, entry["dtype"].removeprefix("torch.")))
+        covered = 0
+        for piece in entry["pieces"]:
+            lo = [max(o, p) for o, p in zip(offsets, piece["offsets"], strict=True)]
+            hi = [min(o + s, p + n) for o, s, p, n in zip(offsets, sizes, piece["offsets"], piece["shape"],
+                                                           strict=True)]
+            if any(a >= b for a, b in zip(lo, hi, strict=True)):
+                continue
+            source = self._file(piece["file"]).get(piece["key"])
+            source = source[tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece["offsets"], strict=True))]
+            out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))].copy_(source)
+            covered += math.prod(b - a for a, b in zip(lo, hi, strict=True))
+        if covered != math.prod(sizes):
+            raise CheckpointError(f"{self.directory}: the pieces of {name!r} cover {covered} of the "
+                                  f"{math.prod(sizes)} values requested")
+        return out
+
+    def read_global(self, name: str) -> torch.Tensor:
+        shape = self.shape(name)
+        return self.read_box(name, [0] * len(shape), list(shape))
+
+    def read_local(self, name: str, spec, local_shape) -> torch.Tensor:
+        """A rank's slice of ``name``: the whole tensor when ``spec`` is None, else the ShardSpec's slice
+        (padding zero). The global shape must be the one the model expects."""
+        expected = tuple(spec.global_shape) if spec is not None else tuple(local_shape)
+        if self.shape(name) != expected:
+            raise CheckpointError(f"{name} has shape {list(self.shape(name))} in {self.directory} but "
+                                  f"{list(expected)} in this model")
+        if spec is None:
+            return self.read_box(name, [0] * len(expected), list(expected))
+        dtype = getattr(torch, self._entry(name)["dtype"].removeprefix("torch."))
+        out = torch.zeros(tuple(local_shape), dtype=dtype)
+        for local, start, length in spec.regions():
+            if length:
+                offsets = [0] * len(expected)
+                offsets[spec.dim] = start
+                sizes = list(local_shape)
+                sizes[spec.dim] = length
+                out.narrow(spec.dim, local, length).copy_(self.read_box(name, offsets, sizes))
+        return out
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()

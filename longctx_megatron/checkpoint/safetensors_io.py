@@ -1,0 +1,142 @@
+"""The safetensors file format, written in one streaming pass and read through a memory map.
+
+A file is an 8-byte little-endian header length, a JSON header (name -> dtype, shape, byte range;
+optional ``__metadata__`` of strings) padded with spaces to 8 bytes, then the raw little-endian
+tensor bytes. Nothing is pickled, so reading a file cannot run code. We write the format
+ourselves rather than through the ``safetensors`` package so that the CRC-32 the checkpoint
+manifest records is computed from memory while the bytes go out (no second read), and the file is
+fsynced before it is reported written. The reader maps the file and returns views: only the pages
+a caller slices are read, which is what lets a rank load just its part of a resharded tensor.
+Files are readable by ``safetensors.safe_open`` and Hugging Face (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a valid safetensors file; the message names it."""
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    path: str
+    bytes: int
+    crc32: int
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.dtype != torch.uint8 else memoryview(flat.numpy())
+
+
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> WrittenFile:
+    """Write ``tensors`` (CPU) to ``path`` and fsync it; returns its size and CRC-32."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {tensor.dtype}")
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset,
+                                                                                                     offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    prefix = struct.pack("<Q", len(encoded)) + encoded
+    crc = zlib.crc32(prefix)
+    with open(path, "wb") as file:
+        file.write(prefix)
+        for tensor in tensors.values():
+            data = _raw_bytes(tensor)
+            crc = zlib.crc32(data, crc)
+            file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    return WrittenFile(path, len(prefix) + offset, crc)
+
+
+def file_crc32(path: str, block: int = 16 * 2**20) -> int:
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(block):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class SafetensorsReader:
+    """Tensors of one file as views of a private (copy-on-write) memory map; nothing is read until used."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            if size < 8:
+                raise SafetensorsError(f"{path}: {size} bytes is too short for a safetensors file")
+            (length,) = struct.unpack("<Q", file.read(8))
+            if length > min(_MAX_HEADER, size - 8):
+                raise SafetensorsError(f"{path}: header length {length} exceeds the file ({size} bytes)")
+            try:
+                self.header = json.loads(file.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise SafetensorsError(f"{path}: unreadable header ({error})") from None
+            self.metadata = self.header.pop("__metadata__", {})
+            self._start = 8 + length
+            data_bytes = max((entry["data_offsets"][1] for entry in self.header.values()), default=0)
+            if self._start + data_bytes > size:
+                raise SafetensorsError(f"{path}: truncated: the header needs {self._start + data_bytes} bytes, "
+                                       f"the file has {size}")
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor ``name`` as a view of the file (copy it before the reader is closed)."""
+        try:
+            entry = self.header[name]
+        except KeyError:
+            raise SafetensorsError(f"{self.path}: no tensor {name!r}") from None
+        dtype = TORCH_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        begin, end = entry["data_offsets"]
+        shape = entry["shape"]
+        if begin == end:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin, offset=self._start + begin)
+        return flat.view(dtype).view(shape)
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # a caller still holds a view; the map closes when that is freed
+                pass
+            self._map = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

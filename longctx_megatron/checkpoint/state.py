@@ -1,0 +1,211 @@
+"""What one rank puts into a checkpoint, and how it takes its part back under any parallel layout.
+
+Everything is stored in *model space*: each tensor under a global name with its global shape,
+as boxes (offsets + local shape) cut from the rank's tensor-parallel slices. Names:
+
+* ``model/<param>``: the weights, in the training dtype;
+* ``optimizer/exp_avg/<param>``, ``optimizer/exp_avg_sq/<param>``: Adam's moments, float32;
+* ``optimizer/main/<param>``: float32 master weights, only when the weights are not float32;
+* ``rng/rank00003/...``: that rank's generator states (meaningful only under the same layout).
+
+The distributed optimizer's flat per-bucket shards are gathered over the data-parallel group and
+cut back into parameters before saving, and re-flattened for the new layout's buckets on
+loading, so a ZeRO-1 checkpoint is indistinguishable from a plain one. Each replicated tensor is
+written by one rank only: sharded ones by one data-parallel replica, TP-replicated ones (norms) by
+one (tp, dp) pair, chosen greedily by size so every rank writes about as many bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.data_parallel import DistributedOptimizer, flat_bucket
+from longctx_megatron.parallel.layers import ShardSpec
+from longctx_megatron.parallel.tensor import tensor_parallel_shards
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def model_parameters(chunks: list) -> list[tuple[str, torch.nn.Parameter, ShardSpec | None, bool]]:
+    """(global name, parameter, TP shard or None, is the last stage's copy of the tied embedding)."""
+    out = []
+    for chunk in chunks:
+        specs = tensor_parallel_shards(chunk)
+        for name, param in chunk.named_parameters():
+            copy = name.startswith("embedding.") and not chunk.pre_process
+            out.append((name, param, specs.get(name), copy))
+    return out
+
+
+def global_shape(param: torch.Tensor, spec: ShardSpec | None) -> tuple[int, ...]:
+    return tuple(spec.global_shape) if spec is not None else tuple(param.shape)
+
+
+def boxes(tensor: torch.Tensor, spec: ShardSpec | None) -> list[tuple[list[int], torch.Tensor]]:
+    """(global offsets, box) for each part of a rank's slice that holds real (unpadded) values."""
+    if spec is None:
+        return [([0] * tensor.dim(), tensor)]
+    out = []
+    for local, start, length in spec.regions():
+        if length:
+            offsets = [0] * tensor.dim()
+            offsets[spec.dim] = start
+            out.append((offsets, tensor.narrow(spec.dim, local, length)))
+    return out
+
+
+def writers(params: list, ctx) -> set[str]:
+    """Names of the parameters (and their optimizer state) this rank writes."""
+    sharded = [(p.numel() * p.element_size(), n) for n, p, s, copy in params if s is not None and not copy]
+    replicated = [(p.numel() * p.element_size(), n) for n, p, s, copy in params if s is None and not copy]
+    mine = set()
+    for items, slots, me in ((sharded, ctx.dp_size, ctx.dp_rank),
+                             (replicated, ctx.dp_size * ctx.tp_size, ctx.dp_rank * ctx.tp_size + ctx.tp_rank)):
+        load = [0] * slots
+        for size, name in sorted(items, key=lambda item: (-item[0], item[1])):
+            slot = load.index(min(load))
+            load[slot] += size
+            if slot == me:
+                mine.add(name)
+    return mine
+
+
+def optimizer_steps(optimizer) -> int:
+    """How many updates the optimizer has applied (skipped iterations excluded)."""
+    inner = optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else optimizer
+    for state in inner.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return int(inner.param_groups[0].get("step", 0))  # apex FusedAdam keeps it per group
+
+
+def optimizer_state(optimizer, params: list, keep: set[str], ctx) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> {"exp_avg", "exp_avg_sq", "main"} in the parameter's (TP-local) shape, for names in ``keep``."""
+    name_of = {param: name for name, param, _, copy in params if not copy}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    if not isinstance(optimizer, DistributedOptimizer):
+        for param, name in name_of.items():
+            state = optimizer.state.get(param, {})
+            if name in keep and all(kind in state for kind in MOMENTS):
+                out[name] = {kind: state[kind] for kind in MOMENTS}
+        return out
+    for bucket, master in zip(optimizer.grads.buckets, optimizer.masters, strict=True):
+        state = optimizer.optimizer.state.get(master, {})
+        flats = {"main": master.detach(), **{kind: state[kind] for kind in MOMENTS if kind in state}}
+        for kind, shard in flats.items():
+            full = torch.empty(bucket.padded, dtype=torch.float32, device=shard.device)
+            if ctx.dp_size > 1:
+                mappings.all_gather_single(full, shard.contiguous(), group=ctx.dp_group)
+            else:
+                full.copy_(shard)
+            offset = 0
+            for param in bucket.params:
+                name = name_of.get(param)
+                if name in keep:
+                    out.setdefault(name, {})[kind] = full[offset:offset + param.numel()].view_as(param).clone()
+                offset += param.numel()
+    return out
+
+
+def rng_states(chunks: list, device: torch.device) -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    for index, chunk in enumerate(chunks):
+        tracker = getattr(chunk, "rng_tracker", None)
+        for name, state in (tracker.get_states().items() if tracker else ()):
+            states[f"chunk{index}/{name}"] = state
+    return states
+
+
+def set_rng_states(chunks: list, device: torch.device, states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+    for index, chunk in enumerate(chunks):
+        tracker = getattr(chunk, "rng_tracker", None)
+        if tracker:
+            prefix = f"chunk{index}/"
+            tracker.set_states({key[len(prefix):]: v for key, v in states.items() if key.startswith(prefix)})
+
+
+def collect(chunks: list, optimizer, ctx, device: torch.device, snapshot: bool
+            ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """This rank's tensors to write (file key -> CPU tensor) and their index entries.
+
+    ``snapshot`` copies even CPU tensors, so training may go on while a background thread writes.
+    """
+    params = model_parameters(chunks)
+    mine = writers(params, ctx)
+    moments = optimizer_state(optimizer, params, mine, ctx)
+    tensors: dict[str, torch.Tensor] = {}
+    index: list[dict] = []
+
+    def add(name: str, tensor: torch.Tensor, spec: ShardSpec | None) -> None:
+        cut = boxes(tensor.detach(), spec)
+        for part, (offsets, box) in enumerate(cut):
+            key = name if len(cut) == 1 else f"{name}#{part}"
+            if snapshot or box.device.type != "cpu":
+                box = box.to("cpu", copy=True)
+            tensors[key] = box
+            index.append({"name": name, "key": key, "offsets": offsets, "shape": list(box.shape),
+                          "global_shape": list(global_shape(tensor, spec)), "dtype": str(box.dtype)})
+
+    with torch.no_grad():
+        for name, param, spec, copy in params:
+            if copy or name not in mine:
+                continue
+            add(f"model/{name}", param, spec)
+            for kind, value in moments.get(name, {}).items():
+                if kind != "main" or param.dtype != torch.float32:
+                    add(f"optimizer/{kind}/{name}", value, spec)
+        for key, state in rng_states(chunks, device).items():
+            add(f"rng/rank{ctx.rank:05d}/{key}", state, None)
+    return tensors, index
+
+
+def load(chunks: list, optimizer, ctx, device: torch.device, reader, steps: int, load_optimizer: bool,
+         load_rng: bool) -> None:
+    """Fill this rank's weights (and optimizer state, RNG states) from ``reader`` (a CheckpointReader)."""
+    params = model_parameters(chunks)
+
+    def weights(name: str, spec, shape) -> torch.Tensor:
+        main = f"optimizer/main/{name}"
+        return reader.read_local(main if reader.has(main) else f"model/{name}", spec, shape)
+
+    with torch.no_grad():
+        for name, param, spec, _ in params:
+            param.copy_(weights(name, spec, param.shape).to(param.dtype))
+        restore = load_optimizer and steps > 0
+        if isinstance(optimizer, DistributedOptimizer):
+            _load_distributed(optimizer, params, reader, weights, steps if restore else 0, ctx)
+        elif restore:
+            for name, param, spec, _ in params:
+                state = {kind: reader.read_local(f"optimizer/{kind}/{name}", spec, param.shape).float().to(param.device)
+                         for kind in MOMENTS}
+                optimizer.state[param] = {"step": torch.tensor(float(steps)), **state}
+            for group in optimizer.param_groups:
+                if "step" in group:
+                    group["step"] = steps
+    if load_rng:
+        prefix = f"rng/rank{ctx.rank:05d}/"
+        states = {name[len(prefix):]: reader.read_global(name) for name in reader.names() if name.startswith(prefix)}
+        set_rng_states(chunks, device, states)
+
+
+def _load_distributed(optimizer: DistributedOptimizer, params: list, reader, weights, steps: int, ctx) -> None:
+    """Re-flatten model-space state into this layout's buckets and keep this DP rank's shard."""
+    info = {param: (name, spec) for name, param, spec, _ in params}
+
+    def shard(bucket, read) -> torch.Tensor:
+        flat = flat_bucket(bucket, lambda p: read(*info[p], p.shape).float().flatten())
+        return flat.view(ctx.dp_size, -1)[ctx.dp_rank].clone()
+
+    for bucket, master in zip(optimizer.grads.buckets, optimizer.masters, strict=True):
+        master.copy_(shard(bucket, weights))  # the masters must follow the loaded weights in every case
+        if steps:
+            state = {kind: shard(bucket, lambda n, s, shape, k=kind: reader.read_local(f"optimizer/{k}/{n}", s, shape))
+                     for kind in MOMENTS}
+            optimizer.optimizer.state[master] = {"step": torch.tensor(float(steps)),
+                                                 **{k: v.to(master.device) for k, v in state.items()}}
