@@ -101,6 +101,7 @@ class Trainer:
     writer: object = None
     tokenizer: object = None
     checkpointer: Checkpointer | None = None
+    stage_sizes: list[int] = field(default_factory=list)  # layers of every (virtual) pipeline stage
     losses: list[float] = field(default_factory=list)
     iteration: int = 0  # iterations completed (the next one to run, 0-based)
     consumed_samples: int = 0
@@ -232,7 +233,7 @@ class Trainer:
             window_iters += 1
             done = self.iteration = iteration + 1
             if not applied:
-                self.log(f"iteration {done}: skipped the update (loss {loss}, grad norm {norm}): non-finite")
+                self.log(f"warning: update skipped at iteration {done}: loss {loss}, grad norm {norm} (non-finite)")
             self.skips.record(done, applied, self.last_saved)
             if done % args.log_interval == 0 or done == args.train_iters:
                 elapsed = time.perf_counter() - window_start
@@ -291,7 +292,7 @@ class Trainer:
     def layout(self) -> dict:
         """The parallel layout; RNG states are only restored under an identical one."""
         return {"tensor": self.ctx.tp_size, "pipeline": self.ctx.pp_size, "data": self.ctx.dp_size,
-                "stages": [[min((int(k) for k in c.layers.keys()), default=None), len(c.layers)] for c in self.chunks],
+                "stage_layers": list(self.stage_sizes),
                 "sequence_parallel": bool(self.args.sequence_parallel),
                 "distributed_optimizer": bool(self.args.use_distributed_optimizer)}
 
@@ -426,7 +427,7 @@ def setup(args: argparse.Namespace, world_size: int, log=print) -> Trainer:
     checkpointer = (Checkpointer(args.save, args.keep_last, args.async_save, log) if args.save or args.load
                     else None)
     trainer = Trainer(args, config, ctx, chunks, grads, optimizer, train_data, valid_data, device, dtype, scaler, log,
-                      writer, tokenizer, checkpointer)
+                      writer, tokenizer, checkpointer, sizes)
     if args.load:
         reader = checkpointer.find(args.load, args.ckpt_step)
         if reader is not None:

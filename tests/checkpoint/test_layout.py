@@ -1,0 +1,43 @@
+"""Checkpoint directory layout: tracker, iteration directories, publishing and pruning."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from longctx_megatron.checkpoint import layout
+
+
+def _staged(root, iteration, content="x"):
+    staged = layout.temporary_dir(str(root), iteration)
+    os.makedirs(staged)
+    (open(os.path.join(staged, "f"), "w")).write(content)
+
+
+def test_publish_moves_the_tracker_after_the_rename(tmp_path):
+    assert layout.read_tracker(str(tmp_path)) is None and layout.list_iterations(str(tmp_path)) == []
+    _staged(tmp_path, 100)
+    assert layout.list_iterations(str(tmp_path)) == []  # an unfinished save is not a checkpoint
+    assert layout.publish(str(tmp_path), 100) == str(tmp_path / "iter_0000100")
+    assert layout.read_tracker(str(tmp_path)) == 100
+    assert (tmp_path / layout.TRACKER).read_text() == "100\n"
+    _staged(tmp_path, 100, "again")  # saving the same iteration again replaces it
+    layout.publish(str(tmp_path), 100)
+    assert (tmp_path / "iter_0000100" / "f").read_text() == "again"
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000100", layout.TRACKER]
+
+
+def test_prune_keeps_the_newest_and_the_tracked(tmp_path):
+    for iteration in (10, 20, 30, 40):
+        _staged(tmp_path, iteration)
+        layout.publish(str(tmp_path), iteration)
+    assert layout.list_iterations(str(tmp_path)) == [40, 30, 20, 10]
+    assert layout.prune(str(tmp_path), 2, protect=10) == [20]
+    assert layout.list_iterations(str(tmp_path)) == [40, 30, 10]
+
+
+def test_bad_tracker_is_reported(tmp_path):
+    (tmp_path / layout.TRACKER).write_text("release\n")
+    with pytest.raises(ValueError, match="expected an iteration number"):
+        layout.read_tracker(str(tmp_path))
