@@ -132,7 +132,7 @@ def model_flags(target_gb: float) -> list[str]:
     shape = ["--hidden-size", str(hidden), "--num-attention-heads", str(heads), "--num-query-groups",
              str(2 if heads <= 4 else 4), "--ffn-hidden-size", str(4 * hidden), "--vocab-size",
              str(8192 if hidden == 256 else 32000), "--seq-length", "64", "--micro-batch-size", "1",
-             "--train-iters", "4"]
+             "--train-iters", "100"]
 
     def params(layers: int) -> int:
         args = build_parser().parse_args([*shape, "--num-layers", str(layers)])
@@ -231,8 +231,9 @@ def _measure(rank: int, world: int, job: dict) -> dict:
             record("idle_step_s", timed_step())
             timers.take()
 
-        # synchronous save
+        # synchronous save (a new iteration number each time: saving over an existing one would time its deletion)
         trainer.args.async_save = checkpointer.async_save = False
+        trainer.iteration += 1
         dist.barrier()
         start = time.perf_counter()
         trainer.save()

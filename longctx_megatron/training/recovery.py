@@ -78,9 +78,9 @@ class SkipGuard:
         self.in_a_row += 1
         if self.limit and self.in_a_row >= self.limit:
             first = iteration - self.in_a_row + 1
-            rollback = (f"the last checkpoint is iteration {last_saved}: roll back with --ckpt-step {last_saved} and "
+            rollback = (f"The last checkpoint is iteration {last_saved}: roll back with --ckpt-step {last_saved} and "
                         "skip or fix the data from there, or lower --lr" if last_saved is not None
-                        else "no checkpoint was saved in this run")
+                        else "No checkpoint was saved in this run.")
             raise TrainingStopped(f"iterations {first}-{iteration} all had a non-finite loss or gradient "
                                   f"norm ({self.in_a_row} in a row, --max-skipped-iters-in-a-row {self.limit}); "
                                   f"stopping without saving. {rollback}")
