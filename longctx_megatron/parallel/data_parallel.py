@@ -47,8 +47,15 @@ class DataParallelGradients:
         params = [p for model in models for p in model.parameters() if p.requires_grad]
         device = params[0].device
         limit = max(1, int(bucket_mb * 2**20 / 4))
-        self.buckets, current, size = [], [], 0
+        # The tied embedding's first- and last-stage copies get a bucket each of their own, so both
+        # have the same offsets and the same DP shard: summing the copies' gradients after a
+        # reduce-scatter (allreduce_embedding_grads) then adds matching rows.
+        tied = {model.embedding.weight for model in models if getattr(model, "embedding", None) is not None}
+        self.buckets = [_Bucket([param], ctx.dp_size, device) for param in reversed(params) if param in tied]
+        current, size = [], 0
         for param in reversed(params):  # roughly the order backward produces gradients
+            if param in tied:
+                continue
             current.append(param)
             size += param.numel()
             if size >= limit:

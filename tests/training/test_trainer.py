@@ -119,6 +119,7 @@ LAYOUTS = {
                        "--sequence-parallel"]),
     "dp2": (2, []),
     "tp2xdp2-zero1": (4, ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]),
+    "pp2xdp2-zero1": (4, ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer"]),
 }
 
 
@@ -147,3 +148,23 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
     frozen = pretrain_longctx.run(SMALL[:1] + ["3"] + SMALL[2:] + ["--fp16", "--lr", "0", "--min-lr", "0"],
                                   log=lambda *_: None)
     assert losses == frozen  # the skipped steps left the weights exactly as a learning rate of 0 does
+
+
+def _tied_copies_body(rank, world_size, flags):
+    from longctx_megatron.training.arguments import build_parser
+    from longctx_megatron.training.trainer import setup
+
+    trainer = setup(build_parser().parse_args(flags), world_size, log=lambda *_: None)
+    trainer.step(0)
+    holder = next(chunk for chunk in trainer.chunks if chunk.embedding is not None)
+    return holder.embedding.weight.detach().numpy().copy()
+
+
+@pytest.mark.slow
+def test_tied_embedding_copies_stay_equal_under_pipeline_and_zero1():
+    """The first stage's embedding and the last stage's copy get the same update on every DP rank."""
+    flags = ("--hidden-size 256 --num-attention-heads 4 --num-query-groups 2 --ffn-hidden-size 1024 --vocab-size 8192 "
+             "--num-layers 6 --seq-length 64 --micro-batch-size 1 --train-iters 1 --pipeline-model-parallel-size 2 "
+             "--use-distributed-optimizer").split()  # the embedding spans both DP shards of its bucket
+    weights = run_on_ranks(_tied_copies_body, 4, flags)
+    assert all((weights[0] == other).all() for other in weights[1:])
