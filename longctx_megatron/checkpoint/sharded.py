@@ -24,6 +24,7 @@ import shutil
 import threading
 import time
 
+import torch
 import torch.distributed as dist
 
 from longctx_megatron.atomic_file import atomic_write
@@ -45,6 +46,7 @@ class Checkpointer:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._buffers: dict = {}  # host copies for background saves, reused from one save to the next
         self.last_stall_s = 0.0
 
     # ----------------------------------------------------------------- saving
@@ -52,7 +54,9 @@ class Checkpointer:
         """Checkpoint the state after ``iteration`` iterations; returns once it is safe to train on."""
         self.wait()
         start = time.perf_counter()
-        tensors, index = state.collect(chunks, optimizer, ctx, device, snapshot=self.async_save)
+        tensors, index = state.collect(chunks, optimizer, ctx, device, self._buffers if self.async_save else None)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the non-blocking copies into pinned memory must be done
         metadata = {"format": FORMAT, "version": VERSION, "iteration": iteration, **metadata}
         if self.async_save:
             self._thread = threading.Thread(target=self._run_write, args=(iteration, tensors, index, metadata, start),

@@ -92,7 +92,9 @@ def optimizer_state(optimizer, params: list, keep: set[str], ctx) -> dict[str, d
         return out
     for bucket, master in zip(optimizer.grads.buckets, optimizer.masters, strict=True):
         state = optimizer.optimizer.state.get(master, {})
-        flats = {"main": master.detach(), **{kind: state[kind] for kind in MOMENTS if kind in state}}
+        flats = {kind: state[kind] for kind in MOMENTS if kind in state}
+        if any(param.dtype != torch.float32 for param in bucket.params):  # else the weights are the masters
+            flats["main"] = master.detach()
         for kind, shard in flats.items():
             full = torch.empty(bucket.padded, dtype=torch.float32, device=shard.device)
             if ctx.dp_size > 1:
@@ -130,11 +132,14 @@ def set_rng_states(chunks: list, device: torch.device, states: dict[str, torch.T
             tracker.set_states({key[len(prefix):]: v for key, v in states.items() if key.startswith(prefix)})
 
 
-def collect(chunks: list, optimizer, ctx, device: torch.device, snapshot: bool
+def collect(chunks: list, optimizer, ctx, device: torch.device, buffers: dict | None = None
             ) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """This rank's tensors to write (file key -> CPU tensor) and their index entries.
 
-    ``snapshot`` copies even CPU tensors, so training may go on while a background thread writes.
+    With ``buffers`` (a dict kept between saves) every tensor is copied into a host buffer of its
+    own, reused by the next save, so training may go on while a background thread writes; without,
+    CPU tensors are written in place. Reusing the buffers matters: filling freshly allocated
+    memory is several times slower than copying into memory already touched.
     """
     params = model_parameters(chunks)
     mine = writers(params, ctx)
@@ -142,12 +147,16 @@ def collect(chunks: list, optimizer, ctx, device: torch.device, snapshot: bool
     tensors: dict[str, torch.Tensor] = {}
     index: list[dict] = []
 
-    def add(name: str, tensor: torch.Tensor, spec: ShardSpec | None) -> None:
+    private = isinstance(optimizer, DistributedOptimizer)  # its state arrives as fresh gathered copies
+
+    def add(name: str, tensor: torch.Tensor, spec: ShardSpec | None, fresh: bool = False) -> None:
         cut = boxes(tensor.detach(), spec)
         for part, (offsets, box) in enumerate(cut):
             key = name if len(cut) == 1 else f"{name}#{part}"
-            if snapshot or box.device.type != "cpu":
-                box = box.to("cpu", copy=True)
+            if buffers is not None and not (fresh and box.device.type == "cpu"):
+                box = _copy_into(buffers, key, box)
+            elif box.device.type != "cpu":
+                box = box.to("cpu")
             tensors[key] = box
             index.append({"name": name, "key": key, "offsets": offsets, "shape": list(box.shape),
                           "global_shape": list(global_shape(tensor, spec)), "dtype": str(box.dtype)})
@@ -159,10 +168,18 @@ def collect(chunks: list, optimizer, ctx, device: torch.device, snapshot: bool
             add(f"model/{name}", param, spec)
             for kind, value in moments.get(name, {}).items():
                 if kind != "main" or param.dtype != torch.float32:
-                    add(f"optimizer/{kind}/{name}", value, spec)
+                    add(f"optimizer/{kind}/{name}", value, spec, fresh=private)
         for key, state in rng_states(chunks, device).items():
             add(f"rng/rank{ctx.rank:05d}/{key}", state, None)
     return tensors, index
+
+
+def _copy_into(buffers: dict, key: str, box: torch.Tensor) -> torch.Tensor:
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape != box.shape or buffer.dtype != box.dtype:
+        buffer = buffers[key] = torch.empty(box.shape, dtype=box.dtype, pin_memory=box.device.type == "cuda")
+    buffer.copy_(box, non_blocking=True)
+    return buffer
 
 
 def load(chunks: list, optimizer, ctx, device: torch.device, reader, steps: int, load_optimizer: bool,
