@@ -13,8 +13,9 @@ zlib.crc32 over the same bytes is printed too: the checkpoint code computes a CR
 it writes (inline, same thread) and find() re-reads and checks every file before a load.
 
 On a virtual machine the first raw write is often several times slower than the next: writing
-1 GB into the page cache faults in fresh guest memory (pages the balloon gave back to the host),
-while the next write reuses the pages freed by deleting the first file. Saves meet either case,
+1 GB into the page cache faults in fresh guest memory (presumably pages the host had taken back),
+while the next write reuses the pages freed by deleting the first file; the snapshot copy of an
+async save, which allocates as much memory as the rank writes, varies the same way. Saves meet either case,
 depending on what was freed just before, so expect that much spread between runs; the best raw
 write is the (conservative) reference.
 
@@ -39,7 +40,8 @@ The state GB is the sum of the manifest's file sizes (shards + metadata). Layout
 ``tp2xdp2``, ``dp4``, ``pp2`` with ``+zero`` for the distributed optimizer (ZeRO-1); a replicated
 tensor is written by one data-parallel replica only, so DP splits the writes. The breakdown table
 times the checkpoint code's phases by wrapping ``state.collect``, ``write_safetensors``,
-``layout.publish``, ``verify_files`` and ``state.load``. ``--overlap`` also times a training step
+``layout.publish``, ``verify_files`` and ``state.load`` (and ``mappings.all_gather_single`` while
+collecting: the distributed optimizer's gathers). ``--overlap`` also times a training step
 run while the async save writes in the background, next to one run without. Targets (from the
 issue, printed as information): save >= 50% of the raw write speed, async stall < 10% of a
 synchronous save.
@@ -364,7 +366,10 @@ def main(argv=None) -> None:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per layout")
     args = parser.parse_args(argv)
     sizes = [0.1] if args.quick else args.sizes
-    layouts = [(name, *parse_layout(name)) for name in args.layouts]
+    try:
+        layouts = [(name, *parse_layout(name)) for name in args.layouts]
+    except argparse.ArgumentTypeError as error:
+        parser.error(str(error))
     layouts = [entry for entry in layouts if not args.ranks or entry[1] in args.ranks]
     if not layouts:
         parser.error("no layout left (--layouts and --ranks exclude each other)")

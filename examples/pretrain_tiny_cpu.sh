@@ -2,7 +2,7 @@
 # The README's main job on a laptop CPU: build a corpus from CPython's docs (offline), train a
 # SentencePiece tokenizer, preprocess to Megatron's indexed format, then train the built-in tiny
 # model with tensor parallel 2 x pipeline parallel 2 on 4 processes, with validation and
-# TensorBoard logs. Finishes in a few minutes on 2 cores. Override with environment variables:
+# TensorBoard logs, checkpointing every 50 iterations in the background. Finishes in a few minutes on 2 cores. Override with environment variables:
 #   WORKDIR (default runs/tiny-cpu)  TRAIN_ITERS (150)  SEQ_LENGTH (512)  VOCAB (2000)  NPROC (4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,4 +31,5 @@ mkdir -p "$WORKDIR"
     --data-path "$WORKDIR/corpus_text_document" --split 95,5,0 \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$WORKDIR/tokenizer.model" \
     --data-cache-path "$WORKDIR/index-cache" \
-    --log-interval 10 --eval-interval 50 --eval-iters 2 --tensorboard-dir "$WORKDIR/tensorboard"
+    --log-interval 10 --eval-interval 50 --eval-iters 2 --tensorboard-dir "$WORKDIR/tensorboard" \
+    --save "$WORKDIR/checkpoints" --save-interval 50 --keep-last 2 --async-save

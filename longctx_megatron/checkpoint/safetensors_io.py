@@ -4,7 +4,8 @@ A file is an 8-byte little-endian header length, a JSON header (name -> dtype, s
 optional ``__metadata__`` of strings) padded with spaces to 8 bytes, then the raw little-endian
 tensor bytes. Nothing is pickled, so reading a file cannot run code. We write the format
 ourselves rather than through the ``safetensors`` package so that the CRC-32 the checkpoint
-manifest records is computed from memory while the bytes go out (no second read), and the file is
+manifest records is computed from memory while the bytes go out (no second read; overlapped
+with the writing), and the file is
 fsynced before it is reported written. The reader maps the file and returns views: only the pages
 a caller slices are read, which is what lets a rank load just its part of a resharded tensor.
 Files are readable by ``safetensors.safe_open`` and Hugging Face (tested).
@@ -17,6 +18,7 @@ import mmap
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ DTYPES = {
 }
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
+_BLOCK = 16 * 2**20
 
 
 class SafetensorsError(ValueError):
@@ -64,16 +67,18 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     prefix = struct.pack("<Q", len(encoded)) + encoded
-    crc = zlib.crc32(prefix)
-    with open(path, "wb") as file:
-        file.write(prefix)
-        for tensor in tensors.values():
-            data = _raw_bytes(tensor)
-            crc = zlib.crc32(data, crc)
-            file.write(data)
+    blocks = [memoryview(prefix)] + [view[i:i + _BLOCK] for tensor in tensors.values()
+                                     for view in [_raw_bytes(tensor)] for i in range(0, len(view), _BLOCK)]
+    # The CRC of block i is computed in a second thread while block i is written: both release
+    # the GIL, so a rank writes at about min(disk, CRC) speed rather than 1 / (1/disk + 1/CRC).
+    with ThreadPoolExecutor(1) as pool, open(path, "wb") as file:
+        crc = pool.submit(int, 0)
+        for block in blocks:
+            crc = pool.submit(lambda data, previous: zlib.crc32(data, previous.result()), block, crc)
+            file.write(block)
         file.flush()
         os.fsync(file.fileno())
-    return WrittenFile(path, len(prefix) + offset, crc)
+        return WrittenFile(path, len(prefix) + offset, crc.result())
 
 
 def file_crc32(path: str, block: int = 16 * 2**20) -> int:
