@@ -57,7 +57,6 @@ class Checkpointer:
         tensors, index = state.collect(chunks, optimizer, ctx, device, self._buffers if self.async_save else None)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the non-blocking copies into pinned memory must be done
-        metadata = {"format": FORMAT, "version": VERSION, "iteration": iteration, **metadata}
         if self.async_save:
             self._thread = threading.Thread(target=self._run_write, args=(iteration, tensors, index, metadata, start),
                                             name=f"checkpoint-save-{iteration}", daemon=True)
@@ -111,33 +110,11 @@ class Checkpointer:
                                   f"{outcome[0]}")
 
     def _publish(self, iteration: int, reports: list[dict], metadata: dict) -> int:
-        failures = [report["error"] for report in reports if "error" in report]
-        if failures:
-            raise CheckpointError("; ".join(failures))
-        staged = layout.temporary_dir(self.save_dir, iteration)
-        files, tensors = {}, {}
-        for report in reports:
-            files[report["file"]] = {"bytes": report["bytes"], "crc32": report["crc32"]}
-            for piece in report["index"]:
-                entry = tensors.setdefault(piece["name"], {"shape": piece["global_shape"], "dtype": piece["dtype"],
-                                                           "pieces": []})
-                entry["pieces"].append({"file": report["file"], "key": piece["key"], "offsets": piece["offsets"],
-                                        "shape": piece["shape"]})
-        path = os.path.join(staged, layout.METADATA)
-        with atomic_write(path, "w") as file:
-            json.dump(metadata, file, indent=1, sort_keys=True)
-        files[layout.METADATA] = {"bytes": os.path.getsize(path), "crc32": file_crc32(path)}
-        with atomic_write(os.path.join(staged, layout.MANIFEST), "w") as file:
-            json.dump({"files": files, "tensors": tensors}, file, indent=1, sort_keys=True)
-        for name, expected in files.items():
-            size = os.path.getsize(os.path.join(staged, name))
-            if size != expected["bytes"]:
-                raise CheckpointError(f"{name} has {size} bytes after writing, expected {expected['bytes']}")
-        layout.publish(self.save_dir, iteration)
+        total = publish_checkpoint(self.save_dir, iteration, reports, metadata)
         if self.keep_last:
             for old in layout.prune(self.save_dir, self.keep_last, protect=iteration):
                 self.log(f"deleted checkpoint iteration {old} (--keep-last {self.keep_last})")
-        return sum(entry["bytes"] for entry in files.values())
+        return total
 
     # ---------------------------------------------------------------- loading
     def find(self, root: str, step: int | None = None) -> CheckpointReader | None:
@@ -169,3 +146,34 @@ class Checkpointer:
                 raise CheckpointError(f"--ckpt-step {step}: " + "; ".join(issues))
             problems.extend(issues)
         raise CheckpointError(f"no sound checkpoint in {root}: " + "; ".join(problems))
+
+
+def publish_checkpoint(root: str, iteration: int, reports: list[dict], metadata: dict) -> int:
+    """Complete the staged checkpoint of ``iteration`` from every file's report ({"file", "bytes",
+    "crc32", "index"} or {"error"}): write metadata.json and manifest.json, check every file's
+    size, rename the directory into place and move the tracker. Returns the bytes written."""
+    failures = [report["error"] for report in reports if "error" in report]
+    if failures:
+        raise CheckpointError("; ".join(failures))
+    staged = layout.temporary_dir(root, iteration)
+    files, tensors = {}, {}
+    for report in reports:
+        files[report["file"]] = {"bytes": report["bytes"], "crc32": report["crc32"]}
+        for piece in report["index"]:
+            entry = tensors.setdefault(piece["name"], {"shape": piece["global_shape"], "dtype": piece["dtype"],
+                                                       "pieces": []})
+            entry["pieces"].append({"file": report["file"], "key": piece["key"], "offsets": piece["offsets"],
+                                    "shape": piece["shape"]})
+    path = os.path.join(staged, layout.METADATA)
+    with atomic_write(path, "w") as file:
+        json.dump({"format": FORMAT, "version": VERSION, "iteration": iteration, **metadata}, file, indent=1,
+                  sort_keys=True)
+    files[layout.METADATA] = {"bytes": os.path.getsize(path), "crc32": file_crc32(path)}
+    with atomic_write(os.path.join(staged, layout.MANIFEST), "w") as file:
+        json.dump({"files": files, "tensors": tensors}, file, indent=1, sort_keys=True)
+    for name, expected in files.items():
+        size = os.path.getsize(os.path.join(staged, name))
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{name} has {size} bytes after writing, expected {expected['bytes']}")
+    layout.publish(root, iteration)
+    return sum(entry["bytes"] for entry in files.values())

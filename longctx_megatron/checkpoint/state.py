@@ -208,7 +208,8 @@ def load(chunks: list, optimizer, ctx, device: torch.device, reader, steps: int,
     if load_rng:
         prefix = f"rng/rank{ctx.rank:05d}/"
         states = {name[len(prefix):]: reader.read_global(name) for name in reader.names() if name.startswith(prefix)}
-        set_rng_states(chunks, device, states)
+        if states:  # a converted checkpoint has none
+            set_rng_states(chunks, device, states)
 
 
 def _load_distributed(optimizer: DistributedOptimizer, params: list, reader, weights, steps: int, ctx) -> None:

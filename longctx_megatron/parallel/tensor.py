@@ -117,3 +117,20 @@ def allreduce_sequence_parallel_grads(model: torch.nn.Module, ctx: ParallelConte
     for grad in grads:
         grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
         offset += grad.numel()
+
+
+def shard_spec_for(name: str, global_shape: tuple[int, ...], vocab_size: int, rank: int, size: int
+                   ) -> ShardSpec | None:
+    """The ShardSpec that ``apply_tensor_parallel`` gives parameter ``name`` on TP rank ``rank`` of
+    ``size`` (None for a replicated one): the same plan, for tools that cut tensors without a model."""
+    if size == 1:
+        return None
+    module = name.removesuffix(".weight")
+    if module in ("embedding", "output"):
+        return ShardSpec(0, rank, size, tuple(global_shape), padded_vocab_size(vocab_size, size))
+    plan = next((p for suffix, p in TENSOR_PARALLEL_PLAN.items() if module.endswith(suffix)), None)
+    if plan is None:
+        return None
+    style, parts = plan
+    dim = 0 if style == "column" else 1
+    return ShardSpec(dim, rank, size, tuple(global_shape), global_shape[dim], parts)

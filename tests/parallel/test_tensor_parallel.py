@@ -142,3 +142,23 @@ def test_collectives_per_layer():
         "all_gather": (2 * n_layers + 1, (2 * n_layers + 1) * activation_bytes),
         "reduce_scatter": (2 * n_layers + 1, (2 * n_layers + 1) * activation_bytes),
     }
+
+
+def test_offline_shard_specs_equal_the_applied_ones():
+    """tools cut checkpoints with shard_spec_for; it must agree with apply_tensor_parallel on every parameter."""
+    from longctx_megatron.parallel.state import ParallelContext
+    from longctx_megatron.parallel.tensor import shard_spec_for, tensor_parallel_shards
+
+    config = ModelConfig(d_model=64, n_layers=3, n_heads=8, n_kv_heads=4, d_ff=96, vocab_size=300, max_seq_len=256,
+                         sliding_window=32, global_every=16, dilated_window=16, dilation=2, tie_embeddings=False)
+    for size in (2, 4):
+        for rank in range(size):
+            ctx = ParallelContext(world_size=size, rank=rank, tp_size=size, pp_size=1, dp_size=1, tp_rank=rank,
+                                  pp_rank=0, dp_rank=0, tp_group=None, pp_group=None, dp_group=None,
+                                  tp_ranks=tuple(range(size)), pp_ranks=(rank,), dp_ranks=(rank,))
+            model = build_model(config, device="meta", parallel=ctx)
+            applied = tensor_parallel_shards(model)
+            full = build_model(config, device="meta")
+            for name, param in full.named_parameters():
+                offline = shard_spec_for(name, tuple(param.shape), config.vocab_size, rank, size)
+                assert offline == applied.get(name), name
