@@ -1,0 +1,249 @@
+"""Convert checkpoints: Hugging Face <-> native, native -> native (reshard or consolidate). No training job needed.
+
+    python tools/checkpoint/convert.py --from hf --to native --input llama-dir --output ckpt \\
+        --target-tensor-parallel-size 8 --target-pipeline-parallel-size 4
+    python tools/checkpoint/convert.py --from native --to hf --input ckpt --output hf-dir [--allow-approximate]
+    python tools/checkpoint/convert.py --from native --to native --input ckpt --output ckpt-tp2 \\
+        --target-tensor-parallel-size 2
+    python tools/checkpoint/convert.py --from native --to native --input ckpt --output model.safetensors --consolidate
+
+Hugging Face input: a Llama or Mistral directory (config.json and model.safetensors, or shards with
+model.safetensors.index.json; never pickle). Native input: a --save directory (its tracker's
+checkpoint, or --ckpt-step). Memory holds one layer's tensors; every output is written under a
+temporary name and renamed when complete. The native output also gets ``model.yaml``, the
+model config to pass as ``--config`` when training from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from longctx_megatron.atomic_file import atomic_write
+from longctx_megatron.checkpoint import layout
+from longctx_megatron.checkpoint.hf import (
+    ConversionError,
+    config_from_hf,
+    config_to_hf,
+    layer_from_hf,
+    layer_to_hf,
+    outer_from_hf,
+    outer_to_hf,
+)
+from longctx_megatron.checkpoint.offline import OfflineWriter, converted_metadata, parameter_of
+from longctx_megatron.checkpoint.reader import CheckpointError, CheckpointReader, verify_files
+from longctx_megatron.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
+from longctx_megatron.config import ConfigError, save_config
+from longctx_megatron.config.serialization import config_from_dict
+from longctx_megatron.parallel.state import ParallelLayoutError
+
+SHARD_BYTES = 2 * 2**30  # Hugging Face output shard size
+
+
+class HFCheckpoint:
+    """Tensors of a Hugging Face model directory by name, memory-mapped; errors name the file or tensor."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self._readers: dict[str, SafetensorsReader] = {}
+        index = os.path.join(directory, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as file:
+                self.files = json.load(file)["weight_map"]
+        elif os.path.exists(os.path.join(directory, "model.safetensors")):
+            self.files = {name: "model.safetensors" for name in self._open("model.safetensors").keys()}
+        else:
+            raise ConversionError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                                  "(pickled .bin checkpoints are not read)")
+
+    def _open(self, file: str) -> SafetensorsReader:
+        if file not in self._readers:
+            path = os.path.join(self.directory, file)
+            if not os.path.exists(path):
+                raise ConversionError(f"{path}: missing shard (listed in model.safetensors.index.json)")
+            try:
+                self._readers[file] = SafetensorsReader(path)
+            except SafetensorsError as error:
+                raise ConversionError(str(error)) from None
+        return self._readers[file]
+
+    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name not in self.files:
+            raise ConversionError(f"{self.directory}: tensor {name} is missing")
+        tensor = self._open(self.files[name]).get(name)
+        if tuple(tensor.shape) != tuple(shape):
+            raise ConversionError(f"{name}: shape {list(tensor.shape)} in the checkpoint, {list(shape)} expected from "
+                                  "config.json")
+        return tensor.clone()
+
+
+def _newest(root: str, step: int | None) -> CheckpointReader:
+    iteration = step if step is not None else layout.read_tracker(root)
+    if iteration is None:
+        raise CheckpointError(f"{root}: no {layout.TRACKER} (pass --ckpt-step)")
+    directory = layout.iteration_dir(root, iteration)
+    problems = verify_files(directory) if os.path.isdir(directory) else [f"{directory} does not exist"]
+    if problems:
+        raise CheckpointError("; ".join(problems))
+    return CheckpointReader(directory)
+
+
+def hf_to_native(args, log) -> str:
+    with open(os.path.join(args.input, "config.json")) as file:
+        config = config_from_hf(json.load(file), os.path.join(args.input, "config.json"))
+    source = HFCheckpoint(args.input)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    writer = OfflineWriter(args.output, 0, config, args.target_tensor_parallel_size,
+                           args.target_pipeline_parallel_size)
+
+    def group(tensors: dict, what: str) -> None:
+        converted = {f"model/{name}": t.to(dtype) if dtype else t for name, t in tensors.items()}
+        files = writer.write_group(converted)
+        log(f"{what}: {len(converted)} tensors -> {len(files)} files")
+
+    group(outer_from_hf(source.get, config), "embedding, final norm, output")
+    for index in range(config.n_layers):
+        group(layer_from_hf(index, source.get, config), f"layer {index + 1}/{config.n_layers}")
+    params_dtype = dtype or source.get("model.norm.weight", (config.d_model,)).dtype
+    directory = writer.finish(converted_metadata(config, os.path.abspath(args.input), params_dtype))
+    save_config(config, os.path.join(args.output, "model.yaml"))
+    log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)} (stage layers "
+        f"{writer.stage_layers}); train from it with --config {os.path.join(args.output, 'model.yaml')} "
+        f"--load {args.output}")
+    return directory
+
+
+def native_to_hf(args, log) -> str:
+    reader = _newest(args.input, args.ckpt_step)
+    config = config_from_dict(reader.metadata["config"])
+    hf_config, notes = config_to_hf(config, args.allow_approximate)
+    for note in notes:
+        log(f"approximate: {note}")
+    staged = args.output.rstrip("/") + ".incomplete"
+    shutil.rmtree(staged, ignore_errors=True)
+    os.makedirs(staged)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+
+    def get(name: str) -> torch.Tensor:
+        tensor = reader.read_global(f"model/{name}")
+        return tensor.to(dtype) if dtype else tensor
+
+    groups = [("embedding, final norm, output", lambda: outer_to_hf(get, config))] + [
+        (f"layer {i + 1}/{config.n_layers}", lambda i=i: layer_to_hf(i, get, config)) for i in range(config.n_layers)]
+    shards, current, size = [], {}, 0
+    weight_map = {}
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            name = f"part-{len(shards):05d}.safetensors"
+            write_safetensors(os.path.join(staged, name), current, {"format": "pt"})
+            shards.append((name, list(current)))
+            current, size = {}, 0
+
+    for what, build in groups:
+        tensors = build()
+        for name, tensor in tensors.items():
+            current[name] = tensor.contiguous()
+            size += tensor.numel() * tensor.element_size()
+        log(f"{what}: {len(tensors)} tensors")
+        if size >= SHARD_BYTES:
+            flush()
+    flush()
+    total = len(shards)
+    for number, (name, names) in enumerate(shards, start=1):
+        final = f"model-{number:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+        os.rename(os.path.join(staged, name), os.path.join(staged, final))
+        weight_map.update({tensor: final for tensor in names})
+    if total > 1:
+        with atomic_write(os.path.join(staged, "model.safetensors.index.json"), "w") as file:
+            json.dump({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, file, indent=2)
+    hf_config["torch_dtype"] = str(dtype or get("final_norm.weight").dtype).removeprefix("torch.")
+    with atomic_write(os.path.join(staged, "config.json"), "w") as file:
+        json.dump(hf_config, file, indent=2)
+    if os.path.exists(args.output):
+        shutil.rmtree(args.output)
+    os.rename(staged, args.output)
+    log(f"wrote {args.output} ({hf_config['architectures'][0]}, {total} safetensors file(s))")
+    return args.output
+
+
+def native_to_native(args, log) -> str:
+    reader = _newest(args.input, args.ckpt_step)
+    config = config_from_dict(reader.metadata["config"])
+    names = [name for name in reader.names() if not name.startswith("rng/")]  # RNG states belong to a layout
+    by_parameter: dict[str, list[str]] = {}
+    for name in names:
+        by_parameter.setdefault(parameter_of(name), []).append(name)
+    if args.consolidate:
+        tensors = {parameter_of(name): reader.read_global(name) for name in names if name.startswith("model/")}
+        staged = args.output + ".incomplete"
+        write_safetensors(staged, tensors, {"config": json.dumps(reader.metadata["config"]),
+                                            "iteration": str(reader.metadata["iteration"])})
+        os.replace(staged, args.output)
+        log(f"wrote {args.output}: {len(tensors)} global tensors")
+        return args.output
+    iteration = reader.metadata["iteration"]
+    writer = OfflineWriter(args.output, iteration, config, args.target_tensor_parallel_size,
+                           args.target_pipeline_parallel_size)
+    layers: dict[str, list[str]] = {}
+    for parameter, members in by_parameter.items():
+        key = ".".join(parameter.split(".")[:2]) if parameter.startswith("layers.") else parameter
+        layers.setdefault(key, []).extend(members)
+    for key, members in layers.items():
+        files = writer.write_group({name: reader.read_global(name) for name in members})
+        log(f"{key}: {len(members)} tensors -> {len(files)} files")
+    metadata = {key: value for key, value in reader.metadata.items()
+                if key not in ("format", "version", "iteration", "layout")}
+    directory = writer.finish(metadata)
+    save_config(config, os.path.join(args.output, "model.yaml"))
+    log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)}")
+    return directory
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--from", dest="source", choices=["hf", "native"], required=True)
+    parser.add_argument("--to", dest="target", choices=["hf", "native"], required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
+    parser.add_argument("--ckpt-step", type=int, help="native input: this iteration instead of the tracker's")
+    parser.add_argument("--consolidate", action="store_true", help="native -> native: one safetensors file of "
+                        "global model tensors")
+    parser.add_argument("--allow-approximate", action="store_true", help="native -> hf: export plans without a "
+                        "Hugging Face equivalent as Llama (full attention), listing what changes")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
+    return parser
+
+
+def main(argv=None, log=print) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        if args.source == "hf" and args.target == "hf":
+            raise ConversionError("--from hf --to hf: nothing to convert")
+        for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
+            if getattr(args, flag) < 1:
+                raise ConversionError(f"--{flag.replace('_', '-')} must be >= 1")
+        if args.consolidate and (args.source, args.target) != ("native", "native"):
+            raise ConversionError("--consolidate is for --from native --to native")
+        convert = {("hf", "native"): hf_to_native, ("native", "hf"): native_to_hf,
+                   ("native", "native"): native_to_native}[(args.source, args.target)]
+        convert(args, log)
+    except (ConversionError, CheckpointError, ConfigError, ParallelLayoutError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    log(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
