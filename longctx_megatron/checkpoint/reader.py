@@ -77,6 +77,9 @@ class CheckpointReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entry(name)["shape"])
 
+    def dtype(self, name: str) -> torch.dtype:
+        return getattr(torch, self._entry(name)["dtype"].removeprefix("torch."))
+
     def _entry(self, name: str) -> dict:
         try:
             return self.tensors[name]
@@ -94,7 +97,7 @@ class CheckpointReader:
     def read_box(self, name: str, offsets: list[int], sizes: list[int]) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of global tensor ``name``, as saved (dtype included)."""
         entry = self._entry(name)
-        out = torch.empty(sizes, dtype=getattr(torch, entry["dtype"].removeprefix("torch.")))
+        out = torch.empty(sizes, dtype=self.dtype(name))
         covered = 0
         for piece in entry["pieces"]:
             lo = [max(o, p) for o, p in zip(offsets, piece["offsets"], strict=True)]
@@ -124,8 +127,7 @@ class CheckpointReader:
                                   f"{list(expected)} in this model")
         if spec is None:
             return self.read_box(name, [0] * len(expected), list(expected))
-        dtype = getattr(torch, self._entry(name)["dtype"].removeprefix("torch."))
-        out = torch.zeros(tuple(local_shape), dtype=dtype)
+        out = torch.zeros(tuple(local_shape), dtype=self.dtype(name))
         for local, start, length in spec.regions():
             if length:
                 offsets = [0] * len(expected)

@@ -14,6 +14,7 @@ Files are readable by ``safetensors.safe_open`` and Hugging Face (tested).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -44,6 +45,21 @@ class WrittenFile:
     crc32: int
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor to be produced only when its bytes are written (one at a time: bounded memory)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: object  # () -> torch.Tensor of that shape and dtype
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
@@ -51,9 +67,9 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.dtype != torch.uint8 else memoryview(flat.numpy())
 
 
-def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+def write_safetensors(path: str, tensors: dict[str, torch.Tensor | Deferred], metadata: dict[str, str] | None = None
                       ) -> WrittenFile:
-    """Write ``tensors`` (CPU) to ``path`` and fsync it; returns its size and CRC-32."""
+    """Write ``tensors`` (CPU, or Deferred) to ``path`` and fsync it; returns its size and CRC-32."""
     header, offset = {}, 0
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPES:
@@ -67,15 +83,24 @@ def write_safetensors(path: str, tensors: dict[str, torch.Tensor], metadata: dic
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     prefix = struct.pack("<Q", len(encoded)) + encoded
-    blocks = [memoryview(prefix)] + [view[i:i + _BLOCK] for tensor in tensors.values()
-                                     for view in [_raw_bytes(tensor)] for i in range(0, len(view), _BLOCK)]
     # The CRC of block i is computed in a second thread while block i is written: both release
     # the GIL, so a rank writes at about min(disk, CRC) speed rather than 1 / (1/disk + 1/CRC).
     with ThreadPoolExecutor(1) as pool, open(path, "wb") as file:
-        crc = pool.submit(int, 0)
-        for block in blocks:
-            crc = pool.submit(lambda data, previous: zlib.crc32(data, previous.result()), block, crc)
-            file.write(block)
+        crc = pool.submit(zlib.crc32, prefix)
+        file.write(prefix)
+        for name, tensor in tensors.items():
+            if isinstance(tensor, Deferred):
+                loaded = tensor.load()
+                if tuple(loaded.shape) != tuple(tensor.shape) or loaded.dtype != tensor.dtype:
+                    raise SafetensorsError(f"{path}: {name!r} loaded as {list(loaded.shape)} {loaded.dtype}, "
+                                           f"announced as {list(tensor.shape)} {tensor.dtype}")
+                tensor = loaded
+            view = _raw_bytes(tensor)
+            for start in range(0, len(view), _BLOCK):
+                block = view[start:start + _BLOCK]
+                crc = pool.submit(lambda data, previous: zlib.crc32(data, previous.result()), block, crc)
+                file.write(block)
+            crc.result()  # the tensor's bytes may be freed once its CRC is done
         file.flush()
         os.fsync(file.fileno())
         return WrittenFile(path, len(prefix) + offset, crc.result())

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longctx_megatron.checkpoint.safetensors_io import (
+    Deferred,
     SafetensorsError,
     SafetensorsReader,
     file_crc32,
@@ -55,3 +56,16 @@ def test_truncated_and_garbage_files_are_named(tmp_path):
     path.write_bytes(b"abc")
     with pytest.raises(SafetensorsError, match="too short"):
         SafetensorsReader(str(path))
+
+
+def test_deferred_tensors_are_loaded_while_writing(tmp_path):
+    path = str(tmp_path / "a.safetensors")
+    loaded = []
+    tensors = {name: Deferred(tuple(t.shape), t.dtype, lambda t=t, name=name: loaded.append(name) or t)
+               for name, t in TENSORS.items()}
+    written = write_safetensors(path, tensors)
+    assert loaded == list(TENSORS) and written.crc32 == file_crc32(path)
+    with SafetensorsReader(path) as reader:
+        assert all(torch.equal(reader.get(name), tensor) for name, tensor in TENSORS.items())
+    with pytest.raises(SafetensorsError, match="'x' loaded as \\[2\\] torch.float32, announced as \\[3\\]"):
+        write_safetensors(path, {"x": Deferred((3,), torch.float32, lambda: torch.zeros(2))})

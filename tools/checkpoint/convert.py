@@ -38,7 +38,12 @@ from longctx_megatron.checkpoint.hf import (
 )
 from longctx_megatron.checkpoint.offline import OfflineWriter, converted_metadata, parameter_of
 from longctx_megatron.checkpoint.reader import CheckpointError, CheckpointReader, verify_files
-from longctx_megatron.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader, write_safetensors
+from longctx_megatron.checkpoint.safetensors_io import (
+    Deferred,
+    SafetensorsError,
+    SafetensorsReader,
+    write_safetensors,
+)
 from longctx_megatron.config import ConfigError, save_config
 from longctx_megatron.config.serialization import config_from_dict
 from longctx_megatron.parallel.state import ParallelLayoutError
@@ -182,7 +187,9 @@ def native_to_native(args, log) -> str:
     for name in names:
         by_parameter.setdefault(parameter_of(name), []).append(name)
     if args.consolidate:
-        tensors = {parameter_of(name): reader.read_global(name) for name in names if name.startswith("model/")}
+        tensors = {parameter_of(name): Deferred(reader.shape(name), reader.dtype(name),
+                                                lambda name=name: reader.read_global(name))
+                   for name in names if name.startswith("model/")}  # read one at a time while writing
         staged = args.output + ".incomplete"
         write_safetensors(staged, tensors, {"config": json.dumps(reader.metadata["config"]),
                                             "iteration": str(reader.metadata["iteration"])})
