@@ -111,12 +111,13 @@ def _describe(spec) -> str:
 
 
 def _ranges(layers: list[int]) -> str:
+    """"layer 2" or "layers 0-15, 20"."""
     spans, start = [], layers[0]
     for previous, current in zip(layers, layers[1:] + [None], strict=True):
         if current != previous + 1:
             spans.append(f"{start}" if start == previous else f"{start}-{previous}")
             start = current
-    return ", ".join(spans)
+    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(spans)
 
 
 def config_to_hf(config: ModelConfig, allow_approximate: bool = False) -> tuple[dict, list[str]]:
@@ -129,9 +130,9 @@ def config_to_hf(config: ModelConfig, allow_approximate: bool = False) -> tuple[
         if not mistral and spec.kind != "full":
             groups.setdefault(_describe(spec), []).append(index)
     rope_layers = [index for index, spec in enumerate(plan) if spec.rope != config.rope]
-    problems = [f"layers {_ranges(layers)}: {what}" for what, layers in groups.items()]
+    problems = [f"{_ranges(layers)}: {what}" for what, layers in groups.items()]
     if rope_layers:
-        problems.append(f"layers {_ranges(rope_layers)}: a RoPE other than the model's ({config.rope})")
+        problems.append(f"{_ranges(rope_layers)}: a RoPE other than the model's ({config.rope})")
     if config.rope.scaling == "ntk":
         problems.append("RoPE scaling 'ntk' (static NTK) has no Hugging Face rope_type")
     notes = []
@@ -142,10 +143,10 @@ def config_to_hf(config: ModelConfig, allow_approximate: bool = False) -> tuple[
                 "and Mistral one sliding window without global tokens in every layer; " + "; ".join(problems)
                 + ". Pass --allow-approximate to export it as Llama with full causal attention in those layers "
                 "(the model's outputs will change)")
-        notes = [f"layers {_ranges(layers)}: {what} -> full causal attention (every key they saw, and more)"
+        notes = [f"{_ranges(layers)}: {what} -> full causal attention (every key they saw, and more)"
                  for what, layers in groups.items()]
         if rope_layers:
-            notes.append(f"layers {_ranges(rope_layers)}: their own RoPE -> the model's RoPE ({config.rope})")
+            notes.append(f"{_ranges(rope_layers)}: their own RoPE -> the model's RoPE ({config.rope})")
         mistral = False
     rope = dataclasses.replace(config.rope, scaling="none") if config.rope.scaling == "ntk" else config.rope
     if config.rope.scaling == "ntk":
