@@ -8,9 +8,10 @@ as boxes (offsets + local shape) cut from the rank's tensor-parallel slices. Nam
 * ``optimizer/main/<param>``: float32 master weights, only when the weights are not float32;
 * ``rng/rank00003/...``: that rank's generator states (meaningful only under the same layout).
 
-The distributed optimizer's flat per-bucket shards are gathered over the data-parallel group and
-cut back into parameters before saving, and re-flattened for the new layout's buckets on
-loading, so a ZeRO-1 checkpoint is indistinguishable from a plain one. Each replicated tensor is
+Each data-parallel rank of the distributed optimizer writes its own flat per-bucket shard, cut
+into boxes of the parameters it covers (a partial row, whole rows, a partial row each), with no
+communication; loading re-flattens model-space regions for the new layout's buckets, so a ZeRO-1
+checkpoint loads into any layout, with or without ZeRO. Each replicated tensor is
 written by one rank only: sharded ones by one data-parallel replica, TP-replicated ones (norms) by
 one (tp, dp) pair, chosen greedily by size so every rank writes about as many bytes.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.data_parallel import DistributedOptimizer, flat_bucket
 from longctx_megatron.parallel.layers import ShardSpec
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
@@ -42,16 +42,44 @@ def global_shape(param: torch.Tensor, spec: ShardSpec | None) -> tuple[int, ...]
     return tuple(spec.global_shape) if spec is not None else tuple(param.shape)
 
 
+def local_to_global(spec: ShardSpec | None, offsets: list[int], box: torch.Tensor
+                    ) -> list[tuple[list[int], torch.Tensor]]:
+    """(global offsets, sub-box) for the parts of ``box`` (at ``offsets`` in a rank's TP-local tensor)
+    that hold real (unpadded) values; stacked parts come out separately."""
+    if spec is None:
+        return [(list(offsets), box)]
+    dim, out = spec.dim, []
+    for local, start, length in spec.regions():
+        lo, hi = max(offsets[dim], local), min(offsets[dim] + box.shape[dim], local + length)
+        if lo < hi:
+            moved = list(offsets)
+            moved[dim] = start + lo - local
+            out.append((moved, box.narrow(dim, lo - offsets[dim], hi - lo)))
+    return out
+
+
 def boxes(tensor: torch.Tensor, spec: ShardSpec | None) -> list[tuple[list[int], torch.Tensor]]:
     """(global offsets, box) for each part of a rank's slice that holds real (unpadded) values."""
-    if spec is None:
-        return [([0] * tensor.dim(), tensor)]
-    out = []
-    for local, start, length in spec.regions():
-        if length:
-            offsets = [0] * tensor.dim()
-            offsets[spec.dim] = start
-            out.append((offsets, tensor.narrow(spec.dim, local, length)))
+    return local_to_global(spec, [0] * tensor.dim(), tensor)
+
+
+def flat_boxes(flat: torch.Tensor, shape: torch.Size, start: int) -> list[tuple[list[int], torch.Tensor]]:
+    """(offsets, box) views covering ``flat``, the values from row-major position ``start`` on of a
+    tensor of ``shape`` (at most 2-D): a partial first row, whole rows, a partial last row."""
+    if len(shape) > 2:
+        raise ValueError(f"flat ranges of a {len(shape)}-D tensor are not supported")
+    if len(shape) < 2:
+        return [([start] if shape else [], flat.view(-1) if shape else flat.view(()))]
+    cols, pos, stop, out = shape[1], start, start + flat.numel(), []
+    while pos < stop:
+        row, col = divmod(pos, cols)
+        if col or stop - pos < cols:
+            count = min(cols - col, stop - pos)
+            out.append(([row, col], flat[pos - start:pos - start + count].view(1, count)))
+        else:
+            count = (stop - pos) // cols * cols
+            out.append(([row, 0], flat[pos - start:pos - start + count].view(-1, cols)))
+        pos += count
     return out
 
 
@@ -80,34 +108,35 @@ def optimizer_steps(optimizer) -> int:
     return int(inner.param_groups[0].get("step", 0))  # apex FusedAdam keeps it per group
 
 
-def optimizer_state(optimizer, params: list, keep: set[str], ctx) -> dict[str, dict[str, torch.Tensor]]:
-    """name -> {"exp_avg", "exp_avg_sq", "main"} in the parameter's (TP-local) shape, for names in ``keep``."""
-    name_of = {param: name for name, param, _, copy in params if not copy}
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    if not isinstance(optimizer, DistributedOptimizer):
-        for param, name in name_of.items():
-            state = optimizer.state.get(param, {})
-            if name in keep and all(kind in state for kind in MOMENTS):
-                out[name] = {kind: state[kind] for kind in MOMENTS}
-        return out
+def optimizer_state(optimizer, params: list, keep: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> {"exp_avg", "exp_avg_sq"} in the parameter's (TP-local) shape, for names in ``keep``."""
+    out = {}
+    for name, param, _, copy in params:
+        state = optimizer.state.get(param, {})
+        if not copy and name in keep and all(kind in state for kind in MOMENTS):
+            out[name] = {kind: state[kind] for kind in MOMENTS}
+    return out
+
+
+def distributed_optimizer_boxes(optimizer: DistributedOptimizer, params: list, ctx):
+    """(name, kind, param, spec, local offsets, box) for every value of this DP rank's
+    shard of each bucket: its part of the Adam moments (and of the fp32 masters, when the weights
+    are not fp32), cut into boxes of the parameters' TP-local tensors. Nothing is communicated."""
+    info = {param: (name, spec) for name, param, spec, copy in params if not copy}
     for bucket, master in zip(optimizer.grads.buckets, optimizer.masters, strict=True):
         state = optimizer.optimizer.state.get(master, {})
         flats = {kind: state[kind] for kind in MOMENTS if kind in state}
-        if any(param.dtype != torch.float32 for param in bucket.params):  # else the weights are the masters
-            flats["main"] = master.detach()
-        for kind, shard in flats.items():
-            full = torch.empty(bucket.padded, dtype=torch.float32, device=shard.device)
-            if ctx.dp_size > 1:
-                mappings.all_gather_single(full, shard.contiguous(), group=ctx.dp_group)
-            else:
-                full.copy_(shard)
-            offset = 0
-            for param in bucket.params:
-                name = name_of.get(param)
-                if name in keep:
-                    out.setdefault(name, {})[kind] = full[offset:offset + param.numel()].view_as(param).clone()
-                offset += param.numel()
-    return out
+        size = bucket.padded // ctx.dp_size
+        first, offset = ctx.dp_rank * size, 0
+        for param in bucket.params:
+            lo, hi = max(offset, first), min(offset + param.numel(), first + size)
+            name, spec = info.get(param, (None, None))
+            if lo < hi and name is not None and (spec is not None or ctx.tp_rank == 0):  # TP replicas: once
+                kinds = {**flats, "main": master.detach()} if param.dtype != torch.float32 else flats
+                for kind, flat in kinds.items():
+                    for offsets, box in flat_boxes(flat[lo - first:hi - first], param.shape, lo - offset):
+                        yield name, kind, param, spec, offsets, box
+            offset += param.numel()
 
 
 def rng_states(chunks: list, device: torch.device) -> dict[str, torch.Tensor]:
@@ -143,34 +172,35 @@ def collect(chunks: list, optimizer, ctx, device: torch.device, buffers: dict | 
     """
     params = model_parameters(chunks)
     mine = writers(params, ctx)
-    moments = optimizer_state(optimizer, params, mine, ctx)
+    distributed = isinstance(optimizer, DistributedOptimizer)
+    moments = {} if distributed else optimizer_state(optimizer, params, mine)
     tensors: dict[str, torch.Tensor] = {}
     index: list[dict] = []
 
-    private = isinstance(optimizer, DistributedOptimizer)  # its state arrives as fresh gathered copies
-
-    def add(name: str, tensor: torch.Tensor, spec: ShardSpec | None, fresh: bool = False) -> None:
-        cut = boxes(tensor.detach(), spec)
+    def add(name: str, cut: list, shape: tuple[int, ...], tag: str = "") -> None:
         for part, (offsets, box) in enumerate(cut):
-            key = name if len(cut) == 1 else f"{name}#{part}"
-            if buffers is not None and not (fresh and box.device.type == "cpu"):
+            key = f"{name}{tag}" if len(cut) == 1 else f"{name}{tag}#{part}"
+            if buffers is not None:
                 box = _copy_into(buffers, key, box)
             elif box.device.type != "cpu":
                 box = box.to("cpu")
             tensors[key] = box
             index.append({"name": name, "key": key, "offsets": offsets, "shape": list(box.shape),
-                          "global_shape": list(global_shape(tensor, spec)), "dtype": str(box.dtype)})
+                          "global_shape": list(shape), "dtype": str(box.dtype)})
 
     with torch.no_grad():
         for name, param, spec, copy in params:
             if copy or name not in mine:
                 continue
-            add(f"model/{name}", param, spec)
+            add(f"model/{name}", boxes(param.detach(), spec), global_shape(param, spec))
             for kind, value in moments.get(name, {}).items():
-                if kind != "main" or param.dtype != torch.float32:
-                    add(f"optimizer/{kind}/{name}", value, spec, fresh=private)
-        for key, state in rng_states(chunks, device).items():
-            add(f"rng/rank{ctx.rank:05d}/{key}", state, None)
+                add(f"optimizer/{kind}/{name}", boxes(value, spec), global_shape(param, spec))
+        if distributed:
+            for name, kind, param, spec, offsets, box in distributed_optimizer_boxes(optimizer, params, ctx):
+                add(f"optimizer/{kind}/{name}", local_to_global(spec, offsets, box), global_shape(param, spec),
+                    tag="@" + ".".join(map(str, offsets)))
+        for key, value in rng_states(chunks, device).items():
+            add(f"rng/rank{ctx.rank:05d}/{key}", [([0], value)], tuple(value.shape))
     return tensors, index
 
 

@@ -97,13 +97,31 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _elastic_store(timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with keys private to this restart attempt.
+
+    torchrun keeps one store across restarts, so without a prefix a restarted rank can read the
+    address a killed rank of the previous attempt published and fail to connect (seen with
+    ``--max-restarts``: "Gloo connectFullMesh failed ... Connection refused" to the dead rank's port).
+    """
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not agent_hosts_it and os.environ["RANK"] == "0", timeout=timeout,
+                          multi_tenant=not agent_hosts_it)
+    return dist.PrefixStore(f"longctx/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def _init_process_group(backend: str, timeout: datetime.timedelta) -> None:
     if backend == "nccl" and not torch.cuda.is_available():
         raise ParallelLayoutError("backend 'nccl' needs CUDA devices; use 'gloo' on CPU")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun or a test launcher
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=timeout)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend, store=_elastic_store(timeout), rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     else:  # a plain single process
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
 

@@ -166,9 +166,7 @@ def test_sigterm_under_torchrun_saves_exits_0_and_resumes(tmp_path):
 def test_a_killed_rank_restarts_the_job_which_ends_as_if_uninterrupted(tmp_path):
     root, reference = str(tmp_path / "ckpt"), str(tmp_path / "reference")
     flags = ["--train-iters", "30", "--save-interval", "5", "--log-interval", "1"]
-    # One restart is what the kill needs; a second absorbs a rare gloo connect failure while the
-    # restarted workers start on an overloaded 2-core CI machine (seen once in a full parallel run).
-    process, log = _torchrun(tmp_path, flags + ["--save", root, "--load", root], restarts=2)
+    process, log = _torchrun(tmp_path, flags + ["--save", root, "--load", root], restarts=1)
     _wait_for(lambda: (layout.read_tracker(root) or 0) >= 5, process, log)
     os.kill(_workers(process.pid)[0], signal.SIGKILL)
     assert process.wait(timeout=240) == 0, log.read_text()[-3000:]

@@ -4,6 +4,7 @@ layout's slices, equal ShardSpec.take of the global tensor (padding included).""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -70,3 +71,30 @@ def test_shape_mismatch_and_missing_pieces_are_named(tmp_path):
     reader.tensors["model/w"]["pieces"].pop()
     with pytest.raises(CheckpointError, match="the pieces of 'model/w' cover 96 of the 192 values"):
         reader.read_global("model/w")
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (9,), (1, 4)])
+def test_flat_ranges_become_boxes_that_cover_exactly_the_range(shape):
+    """The distributed optimizer writes flat ranges of parameters as boxes; every range must round-trip."""
+    full = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape)
+    flat = full.flatten()
+    for start in range(flat.numel()):
+        for stop in range(start + 1, flat.numel() + 1):
+            rebuilt = torch.full_like(full, -1.0)
+            for offsets, box in state.flat_boxes(flat[start:stop], full.shape, start):
+                rebuilt[tuple(slice(o, o + n) for o, n in zip(offsets, box.shape, strict=True))] = box
+            expected = torch.full_like(flat, -1.0)
+            expected[start:stop] = flat[start:stop]
+            assert torch.equal(rebuilt.flatten(), expected), (start, stop)
+
+
+def test_local_boxes_map_to_global_through_padding_and_stacked_parts():
+    spec = _spec("stacked gate_up", 1, 2)  # rank 1 of 2: rows 8-15 and 24-31 of the global [32, 8]
+    full = torch.randn(32, 8)
+    local = spec.take(full)
+    pieces = state.local_to_global(spec, [6, 2], local[6:11, 2:5])  # crosses the part boundary at row 8
+    assert [offsets for offsets, _ in pieces] == [[14, 2], [24, 2]]
+    for offsets, box in pieces:
+        assert torch.equal(box, full[offsets[0]:offsets[0] + box.shape[0], offsets[1]:offsets[1] + box.shape[1]])
+    spec = _spec("vocabulary, padded", 1, 2)  # rows 48-95 of a padded 96; the tensor has 37: all padding
+    assert state.local_to_global(spec, [0, 0], torch.zeros(48, 8)) == []
