@@ -52,18 +52,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue as queue_module
 import re
 import shutil
-import socket
 import tempfile
 import time
-import traceback
 import zlib
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from longctx_megatron.parallel.local_ranks import run_on_ranks
 
 BLOCK = 16 * 2**20
 DEFAULT_LAYOUTS = ["tp1", "dp2", "dp2+zero", "tp2xdp2", "dp4"]
@@ -280,55 +277,6 @@ def _measure(rank: int, world: int, job: dict) -> dict:
     return out
 
 
-def _entry(rank: int, world: int, port: int, job: dict, results) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    if world > 1:
-        torch.set_num_threads(1)
-    try:
-        results.put((rank, True, _measure(rank, world, job)))
-    except BaseException:  # noqa: BLE001 - sent to the main process, which raises it
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_layout(world: int, job: dict, timeout: float) -> list[dict]:
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    port = _free_port()
-    processes = [context.Process(target=_entry, args=(rank, world, port, job, results), daemon=True)
-                 for rank in range(world)]
-    for process in processes:
-        process.start()
-    outcomes: dict[int, dict] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(outcomes) < world:
-            try:
-                rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue_module.Empty:
-                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(outcomes))} did not finish in "
-                                   f"{timeout:.0f} s") from None
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world} failed:\n{value}")
-            outcomes[rank] = value
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-                process.join()
-    return [outcomes[rank] for rank in range(world)]
-
-
 # -------------------------------------------------------------------------------------------- main
 def summarize(ranks: list[dict]) -> dict:
     """Per repeat the slowest rank, then the best repeat, for every time (each column on its own);
@@ -399,7 +347,7 @@ def run_size(args, size: float, layouts: list, base: str) -> None:
         root = tempfile.mkdtemp(prefix=f"{name.replace('+', '_')}_", dir=base)
         job = {"flags": [*flags, *layout_flags], "root": root, "overlap": args.overlap, "repeats": args.repeats}
         try:
-            ranks = run_layout(world, job, args.timeout)
+            ranks = run_on_ranks(_measure, world, job, timeout=args.timeout)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         if args.verbose:
