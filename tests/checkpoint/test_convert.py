@@ -207,3 +207,21 @@ def test_plans_without_a_hugging_face_equivalent_are_refused_or_approximated(tmp
     assert ("approximate: layers 0-3: sliding window 128 with global tokens every 64 -> full causal attention "
             "(every key they saw, and more)") in notes
     assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).config.model_type == "llama"
+
+
+def test_sharded_hugging_face_directories_both_ways(tmp_path, monkeypatch):
+    """Reading a model saved in several safetensors shards, and writing one (with its index)."""
+    single = hf_model(str(tmp_path / "single"), "llama")
+    model = transformers.AutoModelForCausalLM.from_pretrained(single, torch_dtype=torch.float32)
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="40KB")
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    for name in ("single", "sharded"):
+        _convert("--from", "hf", "--to", "native", "--input", str(tmp_path / name),
+                 "--output", str(tmp_path / f"n-{name}"))
+    assert_same_tensors(tensors(layout.iteration_dir(str(tmp_path / "n-single"), 0)),
+                        tensors(layout.iteration_dir(str(tmp_path / "n-sharded"), 0)))
+    monkeypatch.setattr(convert, "SHARD_BYTES", 100_000)
+    _convert("--from", "native", "--to", "hf", "--input", str(tmp_path / "n-sharded"),
+             "--output", str(tmp_path / "out"))
+    assert len([n for n in os.listdir(tmp_path / "out") if n.endswith(".safetensors")]) > 1
+    assert hf_logits(str(tmp_path / "out")).equal(hf_logits(single))
