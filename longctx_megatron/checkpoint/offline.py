@@ -17,6 +17,7 @@ from longctx_megatron.checkpoint import layout, state
 from longctx_megatron.checkpoint.safetensors_io import write_safetensors
 from longctx_megatron.checkpoint.sharded import publish_checkpoint
 from longctx_megatron.config import ModelConfig
+from longctx_megatron.config.serialization import config_to_dict
 from longctx_megatron.parallel.pipeline import plan_pipeline
 from longctx_megatron.parallel.state import check_model_fits_layout
 from longctx_megatron.parallel.tensor import shard_spec_for
@@ -89,8 +90,6 @@ class OfflineWriter:
 
 def converted_metadata(config: ModelConfig, source: str, dtype: torch.dtype) -> dict:
     """Training state of a checkpoint that starts training (nothing consumed, no optimizer state)."""
-    from longctx_megatron.config.serialization import config_to_dict
-
     return {"consumed_samples": 0, "skipped_iterations": 0, "optimizer_steps": 0, "loss_scaler": None,
             "learning_rate": None, "config": config_to_dict(config), "tokenizer": None,
             "params_dtype": str(dtype).removeprefix("torch."), "converted_from": source}

@@ -33,8 +33,7 @@ def model_parameters(chunks: list) -> list[tuple[str, torch.nn.Parameter, ShardS
     for chunk in chunks:
         specs = tensor_parallel_shards(chunk)
         for name, param in chunk.named_parameters():
-            copy = name.startswith("embedding.") and not chunk.pre_process
-            out.append((name, param, specs.get(name), copy))
+            out.append((name, param, specs.get(name), chunk.is_embedding_copy(name)))
     return out
 
 

@@ -56,6 +56,11 @@ class GPTModel(torch.nn.Module):
         self.output = torch.nn.Linear(config.d_model, config.vocab_size, bias=False) if untied else None
         self.head = LanguageModelHead() if post_process else None
 
+    def is_embedding_copy(self, name: str) -> bool:
+        """Whether parameter ``name`` is the last stage's copy of the tied embedding (the first
+        stage's is the original: only it counts in the gradient norm and goes into checkpoints)."""
+        return name == "embedding.weight" and not self.pre_process
+
     def output_weight(self) -> torch.Tensor:
         return self.embedding.weight if self.output is None else self.output.weight
 

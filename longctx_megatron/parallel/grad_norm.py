@@ -23,9 +23,8 @@ def norm_weights(models, ctx: ParallelContext | None) -> dict[torch.nn.Parameter
     weights = {}
     for model in models if isinstance(models, list | tuple) else [models]:
         shards = tensor_parallel_shards(model)
-        pipeline_copy = getattr(model, "pre_process", True) is False  # this chunk's embedding is the tied copy
         for name, param in model.named_parameters():
-            duplicate = pipeline_copy and name == "embedding.weight"
+            duplicate = model.is_embedding_copy(name) if hasattr(model, "is_embedding_copy") else False
             weights[param] = 0.0 if duplicate else 1.0 if name in shards else 1.0 / tp
     return weights
 
