@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import transformers  # a dev dependency: these tests must run, not skip
 
 import pretrain_longctx
 from longctx_megatron.checkpoint import layout, state
@@ -20,8 +21,6 @@ from longctx_megatron.parallel.pipeline import build_pipeline_chunks
 from longctx_megatron.parallel.state import initialize_parallel
 from tests.checkpoint.helpers import BASE, assert_same_tensors, tensors
 from tests.distributed import run_on_ranks
-
-transformers = pytest.importorskip("transformers")
 
 _CONVERT = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "checkpoint", "convert.py")
 _spec = importlib.util.spec_from_file_location("convert", _CONVERT)  # tools/checkpoint is not a package

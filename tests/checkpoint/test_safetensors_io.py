@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import safetensors  # the reference implementation (a dev dependency)
 import torch
 
 from longctx_megatron.checkpoint.safetensors_io import (
@@ -36,7 +37,6 @@ def test_round_trip_size_and_crc(tmp_path):
 
 
 def test_reference_implementation_reads_our_files(tmp_path):
-    safetensors = pytest.importorskip("safetensors")
     path = str(tmp_path / "a.safetensors")
     write_safetensors(path, TENSORS)
     with safetensors.safe_open(path, framework="pt") as handle:
