@@ -25,6 +25,7 @@ def test_tiny_cpu_example_runs_and_learns(tmp_path):
     assert "validation at iteration 12" in result.stdout
     assert "tensor 2 x pipeline 2 x data 1" in result.stdout
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+    assert (tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt").read_text() == "12\n"
 
 
 def test_7b_example_flags_describe_the_design_model():
@@ -35,10 +36,11 @@ def test_7b_example_flags_describe_the_design_model():
     script = (ROOT / "examples" / "pretrain_longctx_7b.sh").read_text()
     command = script[script.index("pretrain_longctx.py") + len("pretrain_longctx.py"):].replace("\\\n", " ")
     flags = command.replace('"$DATA"', "corpus").replace('"$TOKENIZER"', "tok.model")
-    flags = flags.replace('"$OUT/tensorboard"', "tb").split()
+    flags = flags.replace('"$OUT/tensorboard"', "tb").replace('"$OUT/checkpoints"', "ckpt").split()
     args = build_parser().parse_args(flags)
     validate_args(args, world_size=8)
     config = model_config(args, ModelConfig())
     assert config.estimate_params() == 5_802_037_248
     assert [spec.kind for spec in config.layer_plan()].count("full") == 4
     assert args.seq_length == 102400 and args.tensor_model_parallel_size == 8
+    assert args.save == args.load == "ckpt" and args.async_save  # resumable as launched
