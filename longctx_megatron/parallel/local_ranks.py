@@ -2,25 +2,32 @@
 
 ``run_on_ranks(body, world_size, *args)`` calls ``body(rank, world_size, *args)`` in every rank
 with MASTER_ADDR/PORT, RANK, WORLD_SIZE set (so ``initialize_parallel`` uses env://) and returns
-the ranks' return values. A rank's exception is re-raised with its traceback; ranks still running
-at the deadline are killed and a TimeoutError names the ranks that hung. ``body`` must be a
-module-level function (spawned processes import it by name). Used by the tests and benchmarks;
-with more than one rank each gets one intra-op thread, since they share the machine's cores.
+the ranks' return values. A rank's exception is re-raised with its traceback; a rank that dies
+without a result (killed, segfault) is named with its exit code; ranks still running at the
+deadline are killed and a TimeoutError names the ranks that hung. ``body`` must be a module-level
+function (spawned processes import it by name). Used by the tests and benchmarks; with more than
+one rank each gets one intra-op thread, since they share the machine's cores.
+
+Results cross the process boundary as bytes: each rank pickles its value with the standard
+pickler (tensors by value) and writes it to a pipe of its own. A torch.multiprocessing queue
+would pass tensor storage by file descriptor, which the parent can only receive while the rank
+is still alive: a rank that returned and exited first made ``get`` fail with FileNotFoundError
+on the sender's socket, one run in many.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
-import queue as queue_module
+import pickle
 import socket
 import time
 import traceback
 
-import torch.multiprocessing as mp
-
 
 class RankFailed(RuntimeError):
-    """A rank raised; the message carries its traceback."""
+    """A rank raised or died; the message carries its traceback or exit code."""
 
 
 def free_port() -> int:
@@ -29,7 +36,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(body, rank, world_size, port, results, args):
+def _entry(body, rank, world_size, port, sender, args):
     import torch
     import torch.distributed as dist
 
@@ -40,37 +47,51 @@ def _entry(body, rank, world_size, port, results, args):
     if world_size > 1:
         torch.set_num_threads(1)
     try:
-        results.put((rank, True, body(rank, world_size, *args)))
+        payload = pickle.dumps((True, body(rank, world_size, *args)), protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        payload = pickle.dumps((False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    sender.send_bytes(payload)
+    sender.close()
 
 
 def run_on_ranks(body, world_size: int, *args, timeout: float = 180.0) -> list:
-    context = mp.get_context("spawn")
-    results = context.Queue()
+    context = multiprocessing.get_context("spawn")
     port = free_port()
+    pipes = [context.Pipe(duplex=False) for _ in range(world_size)]
     processes = [
-        context.Process(target=_entry, args=(body, rank, world_size, port, results, args), daemon=True)
+        context.Process(target=_entry, args=(body, rank, world_size, port, pipes[rank][1], args), daemon=True)
         for rank in range(world_size)
     ]
     for process in processes:
         process.start()
+    for _, sender in pipes:
+        sender.close()  # the rank holds the only write end: its exit without a result reads as EOF
     deadline = time.monotonic() + timeout
+    pending = {pipes[rank][0]: rank for rank in range(world_size)}
     outcomes: dict[int, object] = {}
     try:
-        while len(outcomes) < world_size:
-            try:
-                rank, ok, value = results.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue_module.Empty:
-                hung = sorted(set(range(world_size)) - set(outcomes))
-                raise TimeoutError(f"ranks {hung} of {world_size} did not finish within {timeout:.0f} s") from None
-            if not ok:
-                raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
-            outcomes[rank] = value
+        while pending:
+            ready = multiprocessing.connection.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                hung = sorted(pending.values())
+                raise TimeoutError(f"ranks {hung} of {world_size} did not finish within {timeout:.0f} s")
+            for receiver in ready:
+                rank = pending.pop(receiver)
+                try:
+                    ok, value = pickle.loads(receiver.recv_bytes())
+                except EOFError:
+                    processes[rank].join(timeout=5)
+                    raise RankFailed(f"rank {rank} of {world_size} exited (code {processes[rank].exitcode}) "
+                                     "without a result") from None
+                if not ok:
+                    raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
+                outcomes[rank] = value
     finally:
+        for receiver, _ in pipes:
+            receiver.close()
         for process in processes:
             process.join(timeout=5)
             if process.is_alive():
