@@ -27,9 +27,9 @@ import torch.multiprocessing as mp
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.grad_norm import clip_grad_norm
 from longctx_megatron.parallel.state import initialize_parallel
-from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads
 
 
 class CollectiveCounter:
@@ -78,6 +78,7 @@ def _worker(rank, world_size, port, args, sequence_parallel, results):
     )
     model = build_model(config, device, seed=1, parallel=ctx, sequence_parallel=sequence_parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    grads = DataParallelGradients([model], ctx)  # fp32 gradients; sums the SP norms' over TP
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq_length), generator=generator).to(device)
     labels = torch.randint(0, args.vocab, (args.batch, args.seq_length), generator=generator).to(device)
@@ -86,10 +87,9 @@ def _worker(rank, world_size, port, args, sequence_parallel, results):
 
     def step():
         _, loss = model(ids, labels=labels)
-        optimizer.zero_grad(set_to_none=True)
+        grads.start(1)
         loss.backward()
-        if sequence_parallel:
-            allreduce_sequence_parallel_grads(model, ctx)
+        grads.finish()
         clip_grad_norm(model, 1.0, ctx)
         optimizer.step()
 

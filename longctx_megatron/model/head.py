@@ -19,11 +19,12 @@ class LanguageModelHead(torch.nn.Module):
         weight: torch.Tensor,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = F.linear(hidden, weight)
         if labels is None:
             return logits, None
-        return logits, masked_mean(per_token_cross_entropy(logits, labels), labels, loss_mask)
+        return logits, reduce_token_losses(per_token_cross_entropy(logits, labels), labels, loss_mask, loss_reduction)
 
 
 def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -34,9 +35,22 @@ def per_token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch
     return losses.view(labels.shape)
 
 
-def masked_mean(losses: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean over the positions whose label is not ignored and whose ``loss_mask`` is nonzero."""
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def loss_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """Float32 weight of each position in the loss: 0 where the label is ignored or ``loss_mask`` is 0.
+    The one definition of which tokens count (the loss, and the token count of per-token loss)."""
     weight = (labels != IGNORE_INDEX).float()
-    if loss_mask is not None:
-        weight = weight * loss_mask.float()
-    return (losses * weight).sum() / weight.sum().clamp_min(1.0)
+    return weight * loss_mask.float() if loss_mask is not None else weight
+
+
+def reduce_token_losses(losses: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
+                        reduction: str = "mean") -> torch.Tensor:
+    """The loss of a batch from its per-token losses: their weighted ``"mean"`` (over the tokens that
+    count) or ``"sum"`` (a per-token loss: the caller divides by the token count of the global batch)."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction {reduction!r} is not one of {LOSS_REDUCTIONS}")
+    weight = loss_weights(labels, loss_mask)
+    total = (losses * weight).sum()
+    return total if reduction == "sum" else total / weight.sum().clamp_min(1.0)

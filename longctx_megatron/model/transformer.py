@@ -71,8 +71,10 @@ class GPTModel(torch.nn.Module):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
+        loss_reduction: str = "mean",
     ):
-        """input_ids (B, T) -> (logits (B, T, V), mean loss over loss_mask or None without labels).
+        """input_ids (B, T) -> (logits (B, T, V), loss over loss_mask or None without labels): the
+        mean over the tokens that count, or with ``loss_reduction="sum"`` their sum.
 
         Under tensor parallelism the logits are this rank's vocabulary shard. A stage without
         ``pre_process`` takes ``hidden`` (the previous stage's output) and ``position_ids``
@@ -98,4 +100,4 @@ class GPTModel(torch.nn.Module):
             hidden = layer(hidden, *rope_tables[rotary.cfg])
         if not self.post_process:
             return hidden
-        return self.head(self.final_norm(hidden), self.output_weight(), labels, loss_mask)
+        return self.head(self.final_norm(hidden), self.output_weight(), labels, loss_mask, loss_reduction)

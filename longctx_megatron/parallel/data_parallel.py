@@ -4,8 +4,14 @@ Every parameter gets a float32 ``main_grad``, a view into a contiguous bucket bu
 each micro-batch's gradient is accumulated by a post-accumulate-grad hook (so gradients add up in
 fp32 whatever the parameter dtype). Buckets fill in backward order; as soon as a bucket has seen
 the last micro-batch's gradient of all its parameters its reduction starts asynchronously while
-backward continues on earlier layers. ``finish()`` waits for the reductions and hands averaged
-gradients to the optimizer as ``param.grad``.
+backward continues on earlier layers.
+
+``DataParallelGradients`` is the one owner of "the gradient of a parameter": ``main_grad`` is what
+every optimizer reads (for float32 parameters ``param.grad`` is the same memory; for bf16/fp16
+parameters there is no other gradient), and every reduction acts on it. ``finish()`` waits for the
+DP reductions, divides by the step's divisor (DP size, loss scale, or the global token count) and
+sums the gradients of the parameters that other ranks hold as copies fed different data: the tied
+embedding's first- and last-stage copies, and norms replicated over TP under sequence parallelism.
 
 With the distributed optimizer (``--use-distributed-optimizer``) each bucket is reduce-scattered
 instead: a DP rank receives only the summed gradient of its 1/dp shard of every bucket, keeps
@@ -20,7 +26,9 @@ import torch.distributed as dist
 
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.grad_norm import reduce_norm_squares
+from longctx_megatron.parallel.pipeline import tied_embedding_weights
 from longctx_megatron.parallel.state import ParallelContext
+from longctx_megatron.parallel.tensor import sequence_parallel_replicas
 
 
 class _Bucket:
@@ -38,8 +46,24 @@ class _Bucket:
         self.work = None
 
 
+def summed_replicas(models: list[torch.nn.Module], ctx: ParallelContext
+                    ) -> list[tuple[list[torch.nn.Parameter], dist.ProcessGroup]]:
+    """(parameters, group) for each set of parameters held as copies on the ranks of ``group``
+    that see different data, so that their gradients must be summed over it (beyond DP)."""
+    out = []
+    tied = tied_embedding_weights(models, ctx)
+    if tied:
+        out.append((tied, ctx.embedding_group))
+    if ctx.tp_size > 1:
+        replicas = [param for model in models for param in sequence_parallel_replicas(model)]
+        if replicas:
+            out.append((replicas, ctx.tp_group))
+    return out
+
+
 class DataParallelGradients:
-    """Accumulates micro-batch gradients in fp32 buckets and reduces them over the DP group."""
+    """Accumulates micro-batch gradients in fp32 buckets, reduces them over the DP group and sums
+    the replicas of ``summed_replicas``: the gradient every optimizer reads (``param.main_grad``)."""
 
     def __init__(self, models: list[torch.nn.Module], ctx: ParallelContext, bucket_mb: float = 25.0,
                  distributed_optimizer: bool = False):
@@ -49,7 +73,7 @@ class DataParallelGradients:
         limit = max(1, int(bucket_mb * 2**20 / 4))
         # The tied embedding's first- and last-stage copies get a bucket each of their own, so both
         # have the same offsets and the same DP shard: summing the copies' gradients after a
-        # reduce-scatter (allreduce_embedding_grads) then adds matching rows.
+        # reduce-scatter (finish() sums the copies) then adds matching rows.
         tied = {model.embedding.weight for model in models if getattr(model, "embedding", None) is not None}
         self.buckets = [_Bucket([param], ctx.dp_size, device) for param in reversed(params) if param in tied]
         current, size = [], 0
@@ -67,6 +91,7 @@ class DataParallelGradients:
         for param in params:
             param.main_grad = self._bucket_of[param].views[param]  # float32, read by the optimizers
             param.register_post_accumulate_grad_hook(self._accumulate)
+        self.replicas = summed_replicas(models, ctx)
 
     def start(self, microbatches: int) -> None:
         """Prepare for a step of ``microbatches`` backward passes per parameter."""
@@ -89,24 +114,40 @@ class DataParallelGradients:
             else:
                 bucket.work = dist.all_reduce(bucket.buffer, group=self.ctx.dp_group, async_op=True)
 
-    def finish(self) -> None:
-        """Wait for the reductions; every parameter's ``grad`` becomes the DP-averaged gradient (the
-        ``main_grad`` view itself for float32 parameters, so in-place fixes such as the tied-embedding
-        sum reach the buffer). For the distributed optimizer only this rank's shard is averaged."""
+    def finish(self, divisor: float | None = None) -> None:
+        """Wait for the DP reductions, divide every gradient by ``divisor`` (default: the DP size, so
+        gradients are DP means; the trainer folds the fp16 loss scale or the global token count in),
+        then sum the replicas' gradients. Float32 parameters' ``grad`` is their ``main_grad`` view;
+        bf16/fp16 parameters get none (the optimizer's fp32 masters read ``main_grad``). Under the
+        distributed optimizer only this rank's shard of each bucket is meaningful afterwards."""
         for bucket in self.buckets:
             if bucket.seen != bucket.expected:
                 raise RuntimeError(f"a gradient bucket saw {bucket.seen} of {bucket.expected} gradients: "
                                    "call start(microbatches) with the number of backward passes")
             if bucket.work is not None:
                 bucket.work.wait()
-            if self.ctx.dp_size > 1:
-                bucket.buffer.div_(self.ctx.dp_size)
+        divisor = self.ctx.dp_size if divisor is None else divisor
+        for bucket in self.buckets:
+            if divisor != 1:
+                bucket.buffer.div_(divisor)
             for param in bucket.params:
-                param.grad = param.main_grad if param.dtype == torch.float32 else param.main_grad.to(param.dtype)
+                param.grad = param.main_grad if param.dtype == torch.float32 else None
+        for params, group in self.replicas:
+            _sum_over_group([param.main_grad for param in params], group)
 
     def shard(self, bucket: _Bucket) -> torch.Tensor:
         """This DP rank's part of a bucket's flat gradient buffer."""
         return bucket.buffer.view(self.ctx.dp_size, -1)[self.ctx.dp_rank]
+
+
+def _sum_over_group(tensors: list[torch.Tensor], group) -> None:
+    """All-reduce (sum) ``tensors`` in place over ``group`` with one collective."""
+    flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for tensor in tensors:
+        tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+        offset += tensor.numel()
 
 
 def flat_bucket(bucket: _Bucket, values) -> torch.Tensor:

@@ -49,8 +49,11 @@ def grad_norm(models, ctx: ParallelContext | None) -> torch.Tensor:
 
 
 def clip_grad_norm(models, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:
-    """Scale gradients so their global norm is at most ``max_norm``; returns the norm before clipping."""
+    """Scale gradients so their global norm is at most ``max_norm`` (0: no clipping, as Megatron's
+    ``--clip-grad 0``); returns the norm before clipping."""
     norm = grad_norm(models, ctx)
+    if not max_norm:
+        return norm
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for model in models if isinstance(models, list | tuple) else [models]:
         for param in model.parameters():

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.config.vocab import padded_vocab_size
-from longctx_megatron.model.head import masked_mean
+from longctx_megatron.model.head import reduce_token_losses
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from longctx_megatron.parallel.state import ParallelContext
@@ -142,7 +142,7 @@ class VocabParallelHead(torch.nn.Module):
         self.vocab_size, self.group, self.sequence_parallel = vocab_size, ctx.tp_group, sequence_parallel
         self.tp_rank = ctx.tp_rank
 
-    def forward(self, hidden, weight, labels=None, loss_mask=None):
+    def forward(self, hidden, weight, labels=None, loss_mask=None, loss_reduction="mean"):
         if self.sequence_parallel:
             hidden = mappings.gather_from_sequence_parallel_region(hidden, self.group)
         else:
@@ -152,4 +152,4 @@ class VocabParallelHead(torch.nn.Module):
             return logits, None
         vocab_start = self.tp_rank * weight.shape[0]
         losses = vocab_parallel_cross_entropy(logits, labels, self.group, vocab_start, self.vocab_size)
-        return logits, masked_mean(losses, labels, loss_mask)
+        return logits, reduce_token_losses(losses, labels, loss_mask, loss_reduction)

@@ -140,7 +140,8 @@ def schedule_interleaved(count: int, stages: int, stage: int, chunks: int) -> li
 
 def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: ParallelContext,
                                hidden_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-                               forward_only: bool = False, loss_scale: float = 1.0) -> list[torch.Tensor]:
+                               forward_only: bool = False, loss_scale: float = 1.0,
+                               per_token_loss: bool = False) -> list[torch.Tensor]:
     """Run forward and backward of every micro-batch through this rank's model chunks; gradients accumulate.
 
     One chunk is plain 1F1B; several are the interleaved schedule (chunk c is virtual stage
@@ -148,9 +149,11 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
     ``loss_mask`` and ``position_ids`` (every stage needs the positions; only the first reads
     tokens, only the last labels). ``hidden_shape`` is one micro-batch's activation between
     stages: (b, s, d), with s divided by the TP size under sequence parallelism. Returns the
-    micro-batch losses on the last stage (each divided by the micro-batch count: gradients are
-    of the mean). ``forward_only`` runs the forwards alone without autograd (evaluation);
-    ``loss_scale`` multiplies the loss before backward (fp16 loss scaling).
+    micro-batch losses on the last stage: each micro-batch's token mean divided by the micro-batch
+    count (gradients are of the mean, Megatron's default), or with ``per_token_loss`` each
+    micro-batch's sum of token losses (the caller divides gradients by the global batch's token
+    count: Megatron's --calculate-per-token-loss). ``forward_only`` runs the forwards alone without
+    autograd (evaluation); ``loss_scale`` multiplies the loss before backward (fp16 loss scaling).
 
     Sends are posted without waiting (each message has a unique tag) and only receives block, so
     any dependency-respecting order, as both schedules are, cannot deadlock.
@@ -188,9 +191,10 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
                     input_ids=batch["tokens"] if model.pre_process else None, position_ids=positions,
                     labels=batch["labels"] if model.post_process else None,
                     loss_mask=batch.get("loss_mask") if model.post_process else None, hidden=received,
+                    loss_reduction="sum" if per_token_loss else "mean",
                 )
             if model.post_process:
-                result = result[1] / count
+                result = result[1] if per_token_loss else result[1] / count
                 losses.append(result.detach())
                 result = result * loss_scale
             else:
@@ -209,15 +213,12 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
     return losses
 
 
-def allreduce_embedding_grads(chunks: list, ctx: ParallelContext) -> None:
-    """Sum the tied embedding's gradient over its first- and last-stage copies (they must stay equal)."""
+def tied_embedding_weights(chunks: list, ctx: ParallelContext) -> list[torch.nn.Parameter]:
+    """This rank's copy of the tied embedding when the first and last pipeline stages both hold one
+    (their gradients are summed over ``ctx.embedding_group`` so the copies stay equal); else []."""
     if ctx.pp_size == 1 or ctx.embedding_group is None or not chunks[0].config.tie_embeddings:
-        return
-    holder = next(chunk for chunk in chunks if chunk.embedding is not None)
-    weight = holder.embedding.weight
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=ctx.embedding_group)
+        return []
+    return [next(chunk for chunk in chunks if chunk.embedding is not None).embedding.weight]
 
 
 def build_pipeline_chunks(config: ModelConfig, ctx: ParallelContext, sizes: list[int], **build_kwargs) -> list:

@@ -9,7 +9,6 @@ the sharded QKV weight and its global KV-head offset from ``first_kv_head``.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.parallel.layers import (
@@ -96,27 +95,15 @@ def tensor_parallel_shards(model: torch.nn.Module) -> dict[str, ShardSpec]:
     }
 
 
-def allreduce_sequence_parallel_grads(model: torch.nn.Module, ctx: ParallelContext) -> None:
-    """Sum the gradients of parameters replicated across TP but fed sequence shards (the norms,
-    marked ``sequence_parallel_replica`` by apply_tensor_parallel).
-
-    Call once per step after backward (before clipping), when sequence parallelism is on.
-    """
-    grads = [
-        param.grad
+def sequence_parallel_replicas(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters replicated across TP but fed sequence shards (the norms, marked
+    ``sequence_parallel_replica`` by apply_tensor_parallel): their gradients are summed over TP."""
+    return [
+        param
         for module in model.modules()
         if getattr(module, "sequence_parallel_replica", False)
         for param in module.parameters(recurse=False)
-        if param.grad is not None
     ]
-    if not grads or ctx.tp_size == 1:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=ctx.tp_group)
-    offset = 0
-    for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-        offset += grad.numel()
 
 
 def shard_spec_for(name: str, global_shape: tuple[int, ...], vocab_size: int, rank: int, size: int

@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--adam-beta1", type=float, default=0.9)
     train.add_argument("--adam-beta2", type=float, default=0.95)
     train.add_argument("--adam-eps", type=float, default=1e-8)
-    train.add_argument("--clip-grad", type=float, default=1.0)
+    train.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: none)")
+    train.add_argument("--calculate-per-token-loss", action="store_true",
+                       help="loss = sum of token losses / unmasked tokens of the global batch (default, as in "
+                       "Megatron: the mean over micro-batches and DP ranks of each micro-batch's token mean)")
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--fp16", action="store_true")
     train.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="fp16 dynamic loss scale start")
@@ -133,6 +136,8 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
                  "train_iters", "log_interval", "eval_iters"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.clip_grad < 0:
+        fail(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad}")
     if args.bf16 and args.fp16:
         fail("--bf16 and --fp16 are exclusive")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:

@@ -1,10 +1,11 @@
 """The training loop of pretrain_longctx.py: parallel layout, model chunks, data, optimizer, schedule, logs.
 
 One step: this DP rank's micro-batches go through the pipeline schedule (gradients accumulate
-in fp32 buckets, reduced over DP while backward runs), the tied-embedding copies and the
-sequence-parallel norms sum their gradients, fp16 gradients are unscaled and checked, the global
-norm is clipped and the optimizer steps. A non-finite loss or gradient norm skips the step (no
-update); the skips are counted, and too many in a row stop training (recovery.SkipGuard).
+in fp32 buckets, reduced over DP while backward runs); the buckets then divide the gradients
+(DP mean or per-token mean, fp16 unscaling) and sum the tied-embedding copies' and the
+sequence-parallel norms' gradients; the global norm is checked and clipped and the optimizer
+steps. A non-finite loss or gradient norm skips the step (no update); the skips are counted, and
+too many in a row stop training (recovery.SkipGuard).
 
 The loop saves checkpoints every ``--save-interval`` iterations, at the end, and when an exit
 condition (preemption signal, time budget, ``--exit-interval``) says to stop; ``--load`` resumes
@@ -36,17 +37,16 @@ from longctx_megatron.data.gpt_dataset import GPTDatasetConfig
 from longctx_megatron.data.indexed_dataset import dataset_exists
 from longctx_megatron.data.sampler import PretrainingSampler
 from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches
+from longctx_megatron.model.head import loss_weights
 from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
 from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
 from longctx_megatron.parallel.pipeline import (
-    allreduce_embedding_grads,
     build_pipeline_chunks,
     describe_split,
     forward_backward_pipelined,
     plan_pipeline,
 )
 from longctx_megatron.parallel.state import ParallelContext, check_model_fits_layout, initialize_parallel
-from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads
 from longctx_megatron.training.arguments import model_config, validate_args
 from longctx_megatron.training.lr_schedule import learning_rate
 from longctx_megatron.training.recovery import ExitConditions, SkipGuard
@@ -138,15 +138,30 @@ class Trainer:
         seq = self.args.seq_length // (self.ctx.tp_size if self.args.sequence_parallel else 1)
         return (self.args.micro_batch_size, seq, self.config.d_model)
 
-    def _mean_loss(self, losses: list[torch.Tensor]) -> float:
-        """The step's loss on every rank: summed over micro-batches on the last stage, averaged over DP."""
+    def _token_count(self, batches: list[dict]) -> float | None:
+        """With --calculate-per-token-loss, the number of tokens in the loss over the whole global
+        batch (all DP ranks); else None (each micro-batch's loss is its own token mean)."""
+        if not self.args.calculate_per_token_loss:
+            return None
+        count = sum(loss_weights(b["labels"], b.get("loss_mask")).double().sum() for b in batches)
+        count = count.to(self.device)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(count, group=self.ctx.dp_group)
+        return max(count.item(), 1.0)
+
+    def _mean_loss(self, losses: list[torch.Tensor], tokens: float | None) -> float:
+        """The step's loss on every rank: the micro-batch losses of the last stage summed over the
+        micro-batches and DP ranks, divided by the DP size (Megatron's default: a mean of
+        micro-batch means) or by the global token count (--calculate-per-token-loss)."""
         value = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         value = value.to(self.device, torch.float32)
         if self.ctx.pp_size > 1:
             dist.all_reduce(value, group=self.ctx.pp_group)  # only the last stage holds a loss
         if self.ctx.dp_size > 1:
             dist.all_reduce(value, group=self.ctx.dp_group)
-            value /= self.ctx.dp_size
+        divisor = self.ctx.dp_size if tokens is None else tokens
+        if divisor != 1:
+            value /= divisor
         return value.item()
 
     def step(self, iteration: int) -> tuple[float, float, bool]:
@@ -157,18 +172,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = self._batches(self.train_data, self.consumed_samples)
+        tokens = self._token_count(batches)
         self.grads.start(len(batches))
         scale = self.scaler.scale if self.scaler else 1.0
         losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), self.dtype,
-                                            loss_scale=scale)
-        self.grads.finish()
-        if scale != 1.0:
-            for bucket in self.grads.buckets:
-                bucket.buffer.div_(scale)
-        allreduce_embedding_grads(self.chunks, self.ctx)
-        for chunk in self.chunks:
-            allreduce_sequence_parallel_grads(chunk, self.ctx)
-        loss = self._mean_loss(losses)
+                                            loss_scale=scale, per_token_loss=tokens is not None)
+        # DP mean (or per-token mean) and fp16 unscaling in one division of the fp32 gradients.
+        self.grads.finish(divisor=(self.ctx.dp_size if tokens is None else tokens) * scale)
+        loss = self._mean_loss(losses, tokens)
         if isinstance(self.optimizer, DistributedOptimizer):
             norm = self.optimizer.grad_norm()
             finite = bool(torch.isfinite(norm)) and math.isfinite(loss)
@@ -192,8 +203,10 @@ class Trainer:
         total = 0.0
         for index in range(self.args.eval_iters):
             batches = self._batches(self.valid_data, index * self.global_batch)
-            total += self._mean_loss(forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(),
-                                                                self.dtype, forward_only=True))
+            tokens = self._token_count(batches)
+            losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), self.dtype,
+                                                forward_only=True, per_token_loss=tokens is not None)
+            total += self._mean_loss(losses, tokens)
         for chunk in self.chunks:
             chunk.train()
         loss = total / self.args.eval_iters

@@ -9,13 +9,9 @@ from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
 from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
-from longctx_megatron.parallel.pipeline import (
-    allreduce_embedding_grads,
-    build_pipeline_chunks,
-    forward_backward_pipelined,
-)
+from longctx_megatron.parallel.pipeline import build_pipeline_chunks, forward_backward_pipelined
 from longctx_megatron.parallel.state import initialize_parallel
-from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, tensor_parallel_shards
+from longctx_megatron.parallel.tensor import tensor_parallel_shards
 from tests.distributed import run_on_ranks
 from tests.parallel.test_pipeline import CONFIG
 from tests.parallel.test_tensor_parallel import gather_global
@@ -62,9 +58,6 @@ def _body(rank, world_size, tp, pp, dp, distributed_optimizer):
         grads.start(len(batches))
         losses = forward_backward_pipelined(chunks, batches, ctx, (1, SEQ // tp, config.d_model))
         grads.finish()
-        allreduce_embedding_grads(chunks, ctx)
-        for chunk in chunks:
-            allreduce_sequence_parallel_grads(chunk, ctx)
         if distributed_optimizer:
             norm = optimizer.step(CLIP)
         else:

@@ -7,9 +7,9 @@ import torch
 
 from longctx_megatron.config import ConfigError, ModelConfig
 from longctx_megatron.model.build import build_model
+from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.grad_norm import grad_norm
 from longctx_megatron.parallel.pipeline import (
-    allreduce_embedding_grads,
     balanced_split,
     build_pipeline_chunks,
     describe_split,
@@ -21,7 +21,7 @@ from longctx_megatron.parallel.pipeline import (
     stage_costs,
 )
 from longctx_megatron.parallel.state import initialize_parallel
-from longctx_megatron.parallel.tensor import allreduce_sequence_parallel_grads, tensor_parallel_shards
+from longctx_megatron.parallel.tensor import tensor_parallel_shards
 from tests.distributed import run_on_ranks
 from tests.parallel.test_tensor_parallel import gather_global
 
@@ -78,6 +78,7 @@ def _pipeline_body(rank, world_size, tp, pp, sequence_parallel, sizes):
                                    sequence_parallel=sequence_parallel)
     ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
     opt = torch.optim.AdamW([p for chunk in chunks for p in chunk.parameters()], lr=1e-2)
+    grads = DataParallelGradients(chunks, ctx)  # fp32 gradients; sums the tied copies and the SP norms
     hidden = (1, SEQ // tp if sequence_parallel else SEQ, config.d_model)
     batches = [{"tokens": tokens[i:i + 1], "labels": labels[i:i + 1]} for i in range(MICRO)]
     result = {"losses": [], "ref_losses": []}
@@ -85,12 +86,9 @@ def _pipeline_body(rank, world_size, tp, pp, sequence_parallel, sizes):
         _, ref_loss = reference(tokens, labels=labels)
         ref_opt.zero_grad()
         ref_loss.backward()
-        opt.zero_grad()
+        grads.start(len(batches))
         losses = forward_backward_pipelined(chunks, batches, ctx, hidden)
-        allreduce_embedding_grads(chunks, ctx)
-        for chunk in chunks:
-            if sequence_parallel:
-                allreduce_sequence_parallel_grads(chunk, ctx)
+        grads.finish()
         if step == 0:  # gradients of every parameter of this rank, and the global norm
             ref_params = dict(reference.named_parameters())
             for chunk in chunks:

@@ -9,15 +9,12 @@ import torch.distributed as dist
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.grad_norm import grad_norm
 from longctx_megatron.parallel.layers import ShardSpec
 from longctx_megatron.parallel.random import model_parallel_rng
 from longctx_megatron.parallel.state import initialize_parallel
-from longctx_megatron.parallel.tensor import (
-    allreduce_sequence_parallel_grads,
-    apply_tensor_parallel,
-    tensor_parallel_shards,
-)
+from longctx_megatron.parallel.tensor import apply_tensor_parallel, tensor_parallel_shards
 from tests.distributed import run_on_ranks
 
 COMMON = dict(
@@ -60,10 +57,11 @@ def _parity_body(rank, world_size, tp):
         for sequence_parallel in (False, True):
             model = build_model(config, seed=11, attention_backend="chunked", parallel=ctx,
                                 sequence_parallel=sequence_parallel)
+            grads = DataParallelGradients([model], ctx)  # sums the SP norms' gradients over TP
+            grads.start(1)
             logits, loss = model(ids, labels=labels, loss_mask=loss_mask)
             loss.backward()
-            if sequence_parallel:
-                allreduce_sequence_parallel_grads(model, ctx)
+            grads.finish()
             case = f"{name} tp={tp} sp={sequence_parallel}"
             torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, msg=lambda m, c=case: f"{c} loss: {m}")
             if tp > 1:  # logits are vocab-parallel: gather the vocabulary dimension

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.config.vocab import padded_vocab_size
-from longctx_megatron.model.head import masked_mean
+from longctx_megatron.model.head import reduce_token_losses
 from longctx_megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from longctx_megatron.parallel.layers import VocabParallelEmbedding
 from longctx_megatron.parallel.state import initialize_parallel
@@ -34,7 +34,7 @@ def _cross_entropy_body(rank, world_size):
     logits = logits[..., :padded]
     full = logits[..., :VOCAB].clone().requires_grad_()
     want = F.cross_entropy(full.flatten(0, 1), labels.flatten(), reduction="none", ignore_index=-100).view(3, 10)
-    want_mean = masked_mean(want, labels, loss_mask)
+    want_mean = reduce_token_losses(want, labels, loss_mask)
     (want * grad).sum().backward()
 
     local_size = padded // world_size
@@ -43,7 +43,7 @@ def _cross_entropy_body(rank, world_size):
     (got * grad).sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert (got[1, 2:5] == 0).all()
-    torch.testing.assert_close(masked_mean(got, labels, loss_mask), want_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(reduce_token_losses(got, labels, loss_mask), want_mean, rtol=1e-6, atol=1e-6)
     want_grad = torch.cat([full.grad, torch.zeros(3, 10, padded - VOCAB)], dim=-1)
     torch.testing.assert_close(local.grad, want_grad[..., rank * local_size:(rank + 1) * local_size],
                                rtol=1e-6, atol=1e-7)
