@@ -37,13 +37,17 @@ class _Bucket:
         numel = sum(p.numel() for p in params)
         self.padded = -(-numel // dp_size) * dp_size  # reduce-scatter needs equal shards
         self.buffer = torch.zeros(self.padded, dtype=torch.float32, device=device)
-        self.views, offset = {}, 0
-        for param in params:
-            self.views[param] = self.buffer[offset:offset + param.numel()].view_as(param)
-            offset += param.numel()
+        self.views = {param: self.buffer[start:stop].view_as(param) for param, start, stop in self.param_ranges()}
         self.expected = 0
         self.seen = 0
         self.work = None
+
+    def param_ranges(self):
+        """(parameter, start, stop) of each parameter's values in the flat buffer, in order."""
+        offset = 0
+        for param in self.params:
+            yield param, offset, offset + param.numel()
+            offset += param.numel()
 
 
 def summed_replicas(models: list[torch.nn.Module], ctx: ParallelContext
@@ -153,10 +157,8 @@ def _sum_over_group(tensors: list[torch.Tensor], group) -> None:
 def flat_bucket(bucket: _Bucket, values) -> torch.Tensor:
     """A bucket-shaped flat float32 tensor holding ``values(param)`` for each parameter (padding 0)."""
     flat = torch.zeros(bucket.padded, dtype=torch.float32, device=bucket.buffer.device)
-    offset = 0
-    for param in bucket.params:
-        flat[offset:offset + param.numel()] = values(param)
-        offset += param.numel()
+    for param, start, stop in bucket.param_ranges():
+        flat[start:stop] = values(param)
     return flat
 
 
@@ -208,8 +210,6 @@ class DistributedOptimizer:
                     mappings.all_gather_single(gathered, master.detach(), group=self.ctx.dp_group)
                 else:
                     gathered.copy_(master.detach())
-                offset = 0
-                for param in bucket.params:
-                    param.copy_(gathered[offset:offset + param.numel()].view_as(param))
-                    offset += param.numel()
+                for param, start, stop in bucket.param_ranges():
+                    param.copy_(gathered[start:stop].view_as(param))
         return norm
