@@ -19,6 +19,9 @@ setup(
             "transformers",
             "safetensors",
             "ruff",
+            # Megatron-LM's own library, the oracle of the compatibility tests (its indexed-dataset
+            # writer, split rule, ...). Its only hard requirements are torch, numpy and packaging.
+            "megatron-core==0.16.1",
         ],
         "gpu": ["flash-attn"],
     },

@@ -8,8 +8,10 @@ Flags and output names follow Megatron-LM's tool, so its datasets and ours are i
 The input is streamed in bounded batches (memory does not grow with the corpus), tokenised by a
 pool of workers and written in input order. Malformed lines and documents missing a key are
 skipped, counted and the first few reported with file and line; the run fails if they exceed
---max-bad-fraction. Outputs are written under temporary names: the .bin is renamed into place
-first and the .idx (which makes the dataset visible) last, only when the whole run succeeded.
+--max-bad-fraction. An empty document is written as Megatron-LM writes it: a document with no
+sequences (its .idx then equals Megatron's byte for byte). Outputs are written under temporary
+names: the .bin is renamed into place first and the .idx (which makes the dataset visible) last,
+only when the whole run succeeded.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ def preprocess(args: argparse.Namespace, log=print) -> Stats:
     with contextlib.ExitStack() as stack:  # datasets are published only if everything below succeeds
         builders = {key: stack.enter_context(building_dataset(prefix, dtype)) for key, prefix in outputs.items()}
         if args.workers > 1:
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(args.workers, _init_worker, init))
+            pool = stack.enter_context(_worker_pool(args.workers, init))
         for batch in _batches(read_lines(files, progress), BATCH_LINES * args.workers):
             lines = [line for _, _, line in batch]
             results = pool.map(encode_line, lines, chunksize=64) if args.workers > 1 else list(map(encode_line, lines))
@@ -174,24 +176,40 @@ def preprocess(args: argparse.Namespace, log=print) -> Stats:
     return stats
 
 
+@contextlib.contextmanager
+def _worker_pool(workers: int, init: tuple):
+    """A pool of tokenising workers, shut down when the block ends: closed and joined after success
+    (the workers exit before this process does), terminated and joined after an error."""
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init)
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
 def _record(stats: Stats, builders, path: str, number: int, status: str, value) -> None:
     if status == "bad":
         stats.bad += 1
         if len(stats.bad_examples) < REPORTED_BAD_LINES:
             stats.bad_examples.append(f"{path}:{number}: {value}")
         return
-    if all(len(tokens) == 0 for tokens in value.values()):
-        stats.empty += 1
-        return
+    # As Megatron-LM: a document with no tokens for a key is still a document of that key's
+    # dataset, holding no sequence (its document-index entry repeats the previous one).
+    stats.empty += all(len(tokens) == 0 for tokens in value.values())
     for key, tokens in value.items():
-        builders[key].add_item(tokens)
+        if len(tokens):
+            builders[key].add_item(tokens)
         builders[key].end_document()
     stats.documents += 1
     stats.tokens += sum(len(tokens) for tokens in value.values())
 
 
 def _check_bad_fraction(stats: Stats, max_fraction: float) -> None:
-    seen = stats.documents + stats.empty + stats.bad
+    seen = stats.documents + stats.bad
     if seen == 0:
         raise ValueError("the input holds no documents")
     if stats.bad / seen > max_fraction:
@@ -208,7 +226,8 @@ def _log_progress(log, stats: Stats, progress: Progress, start: float, final: bo
     line = (f"{stats.documents:,} documents, {stats.tokens:,} tokens | {stats.documents / elapsed:,.0f} docs/s, "
             f"{rate / 2**20:.2f} MB/s | {elapsed:.1f} s" + ("" if final else f", ETA {eta:.0f} s"))
     if final:
-        line += f" | skipped: {stats.bad} bad line(s), {stats.empty} empty document(s)"
+        line += (f" | skipped: {stats.bad} bad line(s) | {stats.empty} empty document(s), kept as documents "
+                 "without sequences (as Megatron-LM)")
         for example in stats.bad_examples:
             line += f"\n  {example}"
     log(line)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from longctx_megatron.data.blended import BlendedDataset, blend_counts, parse_data_path
-from longctx_megatron.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_document_ranges
+from longctx_megatron.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_ranges
 from longctx_megatron.data.indexed_dataset import IndexedDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -24,8 +24,7 @@ def build_gpt_datasets(
     prefix is asked for exactly its share of the blend.
     """
     weighted = parse_data_path(data_path)
-    ranges = {prefix: split_document_ranges(len(IndexedDataset(prefix).document_indices) - 1, split)
-              for _, prefix in weighted}
+    ranges = {prefix: split_ranges(len(IndexedDataset(prefix)), split) for _, prefix in weighted}
     datasets = []
     for index, (name, total) in enumerate(zip(SPLIT_NAMES, num_samples, strict=True)):
         if total <= 0:
@@ -36,7 +35,8 @@ def build_gpt_datasets(
         for (_, prefix), count in zip(weighted, counts, strict=True):
             first, last = ranges[prefix][index]
             if count and first == last:
-                raise ValueError(f"{prefix}: --split {split} leaves no documents for the {name} split")
+                raise ValueError(f"{prefix}: --split {split} leaves no sequences for the {name} split "
+                                 f"({len(IndexedDataset(prefix))} in the dataset)")
             if count:
                 split_config = dataclasses.replace(config, num_samples=int(count))
                 parts.append((int(count), GPTDataset(prefix, first, last, split_config, cache_dir, name)))

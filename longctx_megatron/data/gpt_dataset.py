@@ -9,7 +9,9 @@ Three index arrays define the dataset, all built with vectorised numpy and cache
 
 Sequences are stored with their end-of-document token (preprocess ``--append-eod``), so joining
 them yields documents separated by EOD. Each sample may carry position ids that restart after an
-EOD and a loss mask that skips predicting EOD, for document-aware long-context training.
+EOD, and a loss mask that is 0 at the positions whose *input* token is EOD (as Megatron-LM's
+``--eod-mask-loss``: the prediction made from an EOD, i.e. of the next document's first token, is
+not trained; predicting the EOD itself still is).
 """
 
 from __future__ import annotations
@@ -46,22 +48,26 @@ class GPTDatasetConfig:
             raise ValueError("reset_position_ids and eod_mask_loss need the tokenizer's eod id")
 
 
-def split_document_ranges(num_documents: int, split: str) -> list[tuple[int, int]]:
-    """Document ranges for train/valid/test from weights like ``"969,30,1"`` (Megatron's rounding)."""
+def split_ranges(num_sequences: int, split: str) -> list[tuple[int, int]]:
+    """Sequence ranges [begin, end) for train/valid/test from weights like ``"969,30,1"``.
+
+    Megatron-core's rule for GPT data: the weights are normalised, their cumulative sums are the
+    split's book-ends, and each book-end b becomes ``int(round(b * num_sequences))``. It counts
+    sequences, not documents (``GPTDataset.numel_low_level_dataset``): an empty document holds no
+    sequence and moves no boundary.
+    """
     try:
         weights = [float(part) for part in split.replace("/", ",").split(",")]
     except ValueError:
         raise ValueError(f"--split {split!r} must be comma-separated numbers, e.g. 969,30,1") from None
     if any(w < 0 for w in weights) or not sum(weights) > 0 or len(weights) > 3:
         raise ValueError(f"--split {split!r} needs up to three non-negative weights with a positive sum")
-    weights = (weights + [0.0, 0.0])[:3]
-    total = sum(weights)
-    bounds = [0]
-    for weight in weights:
-        bounds.append(bounds[-1] + int(round(weight / total * num_documents)))
-    shift = bounds[-1] - num_documents  # rounding drift goes to the later splits, as Megatron does
-    bounds = [bounds[0]] + [b - shift for b in bounds[1:]]
-    return [(max(0, a), max(0, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    weights = np.array((weights + [0.0, 0.0])[:3], dtype=np.float64)
+    bookends = [0.0]
+    for fraction in (weights / weights.sum()).tolist():
+        bookends.append(bookends[-1] + fraction)
+    bounds = [int(round(b * float(num_sequences))) for b in bookends]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def _build_indices(sizes: np.ndarray, first: int, last: int, config: GPTDatasetConfig):
@@ -84,17 +90,16 @@ def _build_indices(sizes: np.ndarray, first: int, last: int, config: GPTDatasetC
 
 
 class GPTDataset(torch.utils.data.Dataset):
-    """``num_samples`` samples from documents ``[first_document, last_document)`` of ``prefix``."""
+    """``num_samples`` samples from sequences ``[first, last)`` of ``prefix`` (one sequence per
+    non-empty document, as tools/preprocess_data.py writes them; ``split_ranges`` gives the ranges)."""
 
-    def __init__(self, prefix: str, first_document: int, last_document: int, config: GPTDatasetConfig,
+    def __init__(self, prefix: str, first: int, last: int, config: GPTDatasetConfig,
                  cache_dir: str | None = None, name: str = "train"):
         self.config = config
         self.indexed = IndexedDataset(prefix)
-        document_starts = self.indexed.document_indices
-        if not 0 <= first_document < last_document <= len(document_starts) - 1:
-            raise ValueError(f"{prefix}: document range [{first_document}, {last_document}) is empty or out of "
-                             f"bounds (the dataset has {len(document_starts) - 1} documents)")
-        first, last = int(document_starts[first_document]), int(document_starts[last_document])
+        if not 0 <= first < last <= len(self.indexed):
+            raise ValueError(f"{prefix}: sequence range [{first}, {last}) is empty or out of bounds (the dataset "
+                             f"has {len(self.indexed)} sequences)")
         description = dict(
             version=INDEX_FORMAT_VERSION, name=name, index=os.path.abspath(index_file_path(prefix)),
             index_bytes=os.path.getsize(index_file_path(prefix)), sequences=[first, last], **asdict(config),

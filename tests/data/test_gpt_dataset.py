@@ -9,7 +9,7 @@ import torch
 from longctx_megatron.data import gpt_dataset
 from longctx_megatron.data.blended import BlendedDataset, blend_counts, blend_indices, parse_data_path
 from longctx_megatron.data.builders import build_gpt_datasets
-from longctx_megatron.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_document_ranges
+from longctx_megatron.data.gpt_dataset import GPTDataset, GPTDatasetConfig, split_ranges
 from longctx_megatron.data.indexed_dataset import IndexedDatasetBuilder, data_file_path, index_file_path
 from longctx_megatron.data.sampler import PretrainingSampler
 from tests.distributed import run_on_ranks
@@ -117,17 +117,17 @@ def test_position_reset_and_eod_loss_mask(tmp_path):
 
 
 def test_split_ranges():
-    assert split_document_ranges(1000, "969,30,1") == [(0, 969), (969, 999), (999, 1000)]
-    assert split_document_ranges(10, "1") == [(0, 10), (10, 10), (10, 10)]
-    assert split_document_ranges(7, "50,50") == [(0, 3), (3, 7), (7, 7)]  # drift moves every bound, as Megatron
+    assert split_ranges(1000, "969,30,1") == [(0, 969), (969, 999), (999, 1000)]
+    assert split_ranges(10, "1") == [(0, 10), (10, 10), (10, 10)]
+    assert split_ranges(7, "50,50") == [(0, 4), (4, 7), (7, 7)]  # round(3.5) = 4, as megatron-core
     for bad, message in (("a,b", "comma-separated numbers"), ("0,0", "positive sum"), ("1,1,1,1", "three")):
         with pytest.raises(ValueError, match=message):
-            split_document_ranges(10, bad)
+            split_ranges(10, bad)
 
 
 def test_bad_dataset_arguments(corpus, tmp_path):
     prefix, _ = corpus
-    with pytest.raises(ValueError, match=r"document range \[30, 30\) is empty"):
+    with pytest.raises(ValueError, match=r"sequence range \[30, 30\) is empty"):
         GPTDataset(prefix, 30, 30, GPTDatasetConfig(seq_length=8, num_samples=5), cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="need the tokenizer's eod id"):
         GPTDatasetConfig(seq_length=8, num_samples=5, eod_mask_loss=True)
@@ -167,7 +167,7 @@ def test_build_blended_train_valid_test(tmp_path):
                  for i in range(100))
     assert np.bincount(train.dataset_index).tolist() == [30, 70]
     assert 60 <= from_b <= 80
-    with pytest.raises(ValueError, match="leaves no documents for the test split"):
+    with pytest.raises(ValueError, match="leaves no sequences for the test split"):
         build_gpt_datasets([a], "100,0,0", (10, 0, 5), config, cache_dir=str(tmp_path / "cache"))
 
 

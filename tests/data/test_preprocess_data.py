@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -76,18 +77,29 @@ def test_one_and_two_workers_write_identical_files(tmp_path):
     assert outputs[0] == outputs[1]
 
 
+def test_worker_pool_is_shut_down_when_the_run_ends(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in stdlib_documents(6)])
+    preprocess_data.preprocess(_args(tmp_path, "--workers", "2"), log=lambda *_: None)
+    assert multiprocessing.active_children() == []  # joined, not left to exit with the process
+    monkeypatch.setattr(preprocess_data, "_record", lambda *_: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        preprocess_data.preprocess(_args(tmp_path, "--workers", "2"), log=lambda *_: None)
+    assert multiprocessing.active_children() == []
+
+
 def test_bad_lines_are_skipped_counted_and_reported(tmp_path):
     good = [{"text": d} for d in stdlib_documents(30)]
     write_jsonl(tmp_path / "in.jsonl", good[:10] + ["{not json"] + good[10:20] + [{"title": "no text"}, {"text": ""}]
                 + good[20:])
     lines = []
     stats = preprocess_data.preprocess(_args(tmp_path, "--max-bad-fraction", "0.1"), log=lines.append)
-    assert (stats.documents, stats.bad, stats.empty) == (30, 2, 1)
+    assert (stats.documents, stats.bad, stats.empty) == (31, 2, 1)
     report = "\n".join(lines)
     assert f"{tmp_path / 'in.jsonl'}:11: malformed JSON" in report
     assert f"{tmp_path / 'in.jsonl'}:22: missing key 'text'" in report
-    assert "2 bad line(s), 1 empty document(s)" in report
-    assert len(IndexedDataset(str(tmp_path / "out_text_document"))) == 30
+    assert "2 bad line(s) | 1 empty document(s), kept as documents without sequences" in report
+    dataset = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert len(dataset) == 30 and len(dataset.document_indices) == 32  # the empty document has no sequence
 
 
 def test_too_many_bad_lines_fail_and_write_nothing(tmp_path):
