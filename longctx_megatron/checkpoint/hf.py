@@ -70,6 +70,8 @@ def rope_to_hf(rope: RopeConfig) -> dict:
 
 
 def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{where}: expected a JSON object, got a JSON {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         found = ", ".join(hf.get("architectures") or []) or model_type

@@ -177,8 +177,12 @@ def test_errors_name_what_is_wrong(tmp_path, capsys, trained):
     config_path = os.path.join(hf_dir, "config.json")
     hf_config = json.load(open(config_path))
     json.dump({**hf_config, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, open(config_path, "w"))
-    assert "unsupported architecture 'GPT2LMHeadModel'" in _error(capsys, "--from", "hf", "--to", "native",
-                                                                  "--input", hf_dir, "--output", str(tmp_path / "o"))
+    message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert "unsupported architecture 'GPT2LMHeadModel'" in message
+    assert "supported: LlamaForCausalLM, MistralForCausalLM" in message  # the list is never empty
+    json.dump([hf_config], open(config_path, "w"))
+    message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert "config.json: expected a JSON object, got a JSON list" in message
     json.dump({**hf_config, "intermediate_size": 80}, open(config_path, "w"))
     message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
     assert "model.layers.0.mlp.gate_proj.weight: shape [96, 64] in the checkpoint, [80, 64] expected" in message

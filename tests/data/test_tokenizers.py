@@ -317,7 +317,6 @@ HF_SENTENCES = ["the quick brown fox jumps over the lazy dog", "hello world, hel
 
 
 def test_huggingface_tokenizer(tmp_path):
-    pytest.importorskip("transformers")
     special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
     path = _save_hf_tokenizer(tmp_path / "hf", HF_SENTENCES, **special)
     tok = build_tokenizer("HuggingFaceTokenizer", path)
@@ -340,7 +339,6 @@ def test_huggingface_tokenizer(tmp_path):
 
 
 def test_huggingface_tokenizer_errors(tmp_path):
-    pytest.importorskip("transformers")
     with pytest.raises(OSError, match="no-such-dir.*local_files_only"):
         HuggingFaceTokenizer(str(tmp_path / "no-such-dir"))
     path = _save_hf_tokenizer(tmp_path / "noeos", HF_SENTENCES, bos_token="<s>")

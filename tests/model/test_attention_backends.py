@@ -166,6 +166,25 @@ def test_selection_on_cpu():
         factory.select("flash", FullPattern(), q)
 
 
+@pytest.mark.parametrize("pattern", [SlidingPattern(4), SlidingPattern(4, 2), DilatedPattern(3, 2, group_size=2)],
+                         ids=str)
+def test_auto_picks_only_a_backend_that_runs_the_layer_with_its_dropout(monkeypatch, pattern):
+    """CUDA's order (flash, flex, chunked) on CPU inputs without grad, where flex can run: with
+    attention dropout 'auto' must pass over flex, which has none, instead of picking it and raising."""
+    monkeypatch.setitem(factory.AUTO_ORDER, "cpu", factory.AUTO_ORDER["cuda"])
+    q, k, v = _inputs(pattern, 8, 2, 2)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    assert factory.select("auto", pattern, q).name == "flex"
+    backend = factory.select("auto", pattern, q, dropout_p=0.1)
+    assert backend.name == "chunked"
+    torch.manual_seed(0)
+    out = backend.attend(q, k, v, pattern, dropout_p=0.1)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert factory.select("auto", FullPattern(), q, dropout_p=0.1).name == "flex"  # causal SDPA has dropout
+    with pytest.raises(BackendUnavailable, match="FlexAttention has no attention dropout"):
+        factory.select("flex", pattern, q, dropout_p=0.1)
+
+
 @pytest.mark.parametrize(
     "pattern", [SlidingPattern(4, 3), DilatedPattern(3, 2, group_size=2, first_kv_head=1)], ids=str
 )

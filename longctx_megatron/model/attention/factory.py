@@ -45,17 +45,19 @@ def create(name: str) -> AttentionBackend:
     return _INSTANCES[name]
 
 
-def select(name: str, pattern: Pattern, q: torch.Tensor) -> AttentionBackend:
-    """The backend that runs ``pattern`` on ``q``: the named one (checked), or the best for 'auto'."""
+def select(name: str, pattern: Pattern, q: torch.Tensor, dropout_p: float = 0.0) -> AttentionBackend:
+    """The backend that runs ``pattern`` on ``q`` with attention dropout ``dropout_p``: the named one
+    (checked), or for 'auto' the first in the device's order that can run the layer as configured."""
     if name != "auto":
         backend = create(name)
-        backend.check(pattern, q)
+        backend.check(pattern, q, dropout_p)
         return backend
     for candidate in AUTO_ORDER.get(q.device.type, AUTO_DEFAULT):
         backend = create(candidate)
-        if backend.unsupported_reason(pattern, q) is None:
+        if backend.unsupported_reason(pattern, q, dropout_p) is None:
             return backend
-    raise BackendUnavailable(f"no attention backend can run {pattern} on {q.device} ({q.dtype})")
+    raise BackendUnavailable(f"no attention backend can run {pattern} on {q.device} ({q.dtype}) with dropout "
+                             f"{dropout_p}")
 
 
 for _name, _factory in (

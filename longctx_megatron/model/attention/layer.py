@@ -70,8 +70,8 @@ class SelfAttention(torch.nn.Module):
         q, k, v = split_qkv(self.qkv(x), self.group_size, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         pattern = self.pattern
-        backend = factory.select(self.backend, pattern, q)
         dropout_p = self.attention_dropout if self.training else 0.0
+        backend = factory.select(self.backend, pattern, q, dropout_p)
         with self.dropout_rng():
             out = backend.attend(q, k, v, pattern, dropout_p)
         return self.out(out.transpose(1, 2).flatten(2))

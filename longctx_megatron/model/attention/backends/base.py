@@ -22,12 +22,13 @@ class BackendUnavailable(RuntimeError):
 class AttentionBackend(ABC):
     name: str = "?"
 
-    def unsupported_reason(self, pattern: Pattern, q: torch.Tensor) -> str | None:
-        """Why this backend cannot run ``pattern`` on ``q``'s device/dtype, or None when it can."""
+    def unsupported_reason(self, pattern: Pattern, q: torch.Tensor, dropout_p: float = 0.0) -> str | None:
+        """Why this backend cannot run ``pattern`` on ``q``'s device/dtype with attention dropout
+        ``dropout_p``, or None when it can."""
         return None
 
-    def check(self, pattern: Pattern, q: torch.Tensor) -> None:
-        reason = self.unsupported_reason(pattern, q)
+    def check(self, pattern: Pattern, q: torch.Tensor, dropout_p: float = 0.0) -> None:
+        reason = self.unsupported_reason(pattern, q, dropout_p)
         if reason is not None:
             raise BackendUnavailable(f"attention backend {self.name!r} cannot run {pattern}: {reason}")
 
@@ -44,7 +45,7 @@ class DecomposedBackend(AttentionBackend):
     def attend(self, q, k, v, pattern, dropout_p=0.0):
         from longctx_megatron.model.attention.decompose import attend_decomposed
 
-        self.check(pattern, q)
+        self.check(pattern, q, dropout_p)
         return attend_decomposed(self, q, k, v, pattern, dropout_p)
 
     @abstractmethod

@@ -22,7 +22,7 @@ except ImportError:
 class FlashBackend(DecomposedBackend):
     name = "flash"
 
-    def unsupported_reason(self, pattern, q):
+    def unsupported_reason(self, pattern, q, dropout_p=0.0):
         if flash_attn_func is None:
             return "flash-attn is not installed (pip install -e '.[gpu]' on a CUDA machine)"
         if q.device.type != "cuda":

@@ -12,9 +12,9 @@ import functools
 
 import torch
 
-from longctx_megatron.model.attention.backends.base import BackendUnavailable, DecomposedBackend
+from longctx_megatron.model.attention.backends.base import DecomposedBackend
 from longctx_megatron.model.attention.backends.chunked import sdpa_causal
-from longctx_megatron.model.attention.patterns import SlidingPattern
+from longctx_megatron.model.attention.patterns import FullPattern, SlidingPattern
 
 try:
     from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
@@ -30,19 +30,19 @@ def _compiled_flex():
 class FlexBackend(DecomposedBackend):
     name = "flex"
 
-    def unsupported_reason(self, pattern, q):
+    def unsupported_reason(self, pattern, q, dropout_p=0.0):
         if flex_attention is None:
             return "this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
         if q.device.type != "cuda" and q.requires_grad:
             return "FlexAttention has no backward pass on CPU; use 'chunked' to train on CPU"
+        if dropout_p > 0.0 and not isinstance(pattern, FullPattern):
+            return "FlexAttention has no attention dropout (windows need it); set attention_dropout=0 or use 'chunked'"
         return None
 
     def causal(self, q, k, v, dropout_p):
         return sdpa_causal(q, k, v, dropout_p)
 
     def window(self, q, k, v, window, key_valid, need_lse, dropout_p):
-        if dropout_p > 0.0:
-            raise BackendUnavailable("FlexAttention has no attention dropout; set attention_dropout=0 or use 'chunked'")
         rule = SlidingPattern(window).mask_mod
 
         def mask_mod(b, h, q_idx, kv_idx):  # create_block_mask wants a plain function
