@@ -33,7 +33,7 @@ from longctx_megatron.parallel.tensor import sequence_parallel_replicas
 
 class _Bucket:
     def __init__(self, params: list[torch.nn.Parameter], dp_size: int, device):
-        self.params = params
+        self.params, self.dp_size = params, dp_size
         numel = sum(p.numel() for p in params)
         self.padded = -(-numel // dp_size) * dp_size  # reduce-scatter needs equal shards
         self.buffer = torch.zeros(self.padded, dtype=torch.float32, device=device)
@@ -41,6 +41,10 @@ class _Bucket:
         self.expected = 0
         self.seen = 0
         self.work = None
+
+    def shard(self, flat: torch.Tensor, dp_rank: int) -> torch.Tensor:
+        """DP rank ``dp_rank``'s part (a view) of a bucket-shaped flat tensor: the one shard rule."""
+        return flat.view(self.dp_size, -1)[dp_rank]
 
     def param_ranges(self):
         """(parameter, start, stop) of each parameter's values in the flat buffer, in order."""
@@ -78,7 +82,7 @@ class DataParallelGradients:
         # The tied embedding's first- and last-stage copies get a bucket each of their own, so both
         # have the same offsets and the same DP shard: summing the copies' gradients after a
         # reduce-scatter (finish() sums the copies) then adds matching rows.
-        tied = {model.embedding.weight for model in models if getattr(model, "embedding", None) is not None}
+        tied = set(tied_embedding_weights(models, ctx))
         self.buckets = [_Bucket([param], ctx.dp_size, device) for param in reversed(params) if param in tied]
         current, size = [], 0
         for param in reversed(params):  # roughly the order backward produces gradients
@@ -112,7 +116,7 @@ class DataParallelGradients:
         bucket.seen += 1
         if bucket.seen == bucket.expected and self.ctx.dp_size > 1:
             if self.distributed_optimizer:
-                shard = bucket.buffer.view(self.ctx.dp_size, -1)[self.ctx.dp_rank]
+                shard = bucket.shard(bucket.buffer, self.ctx.dp_rank)
                 bucket.work = mappings.reduce_scatter_single(shard, bucket.buffer, group=self.ctx.dp_group,
                                                             async_op=True)
             else:
@@ -141,11 +145,14 @@ class DataParallelGradients:
 
     def shard(self, bucket: _Bucket) -> torch.Tensor:
         """This DP rank's part of a bucket's flat gradient buffer."""
-        return bucket.buffer.view(self.ctx.dp_size, -1)[self.ctx.dp_rank]
+        return bucket.shard(bucket.buffer, self.ctx.dp_rank)
 
 
 def _sum_over_group(tensors: list[torch.Tensor], group) -> None:
     """All-reduce (sum) ``tensors`` in place over ``group`` with one collective."""
+    if len(tensors) == 1:  # the tied embedding: no copy of a vocabulary-sized gradient
+        dist.all_reduce(tensors[0], group=group)
+        return
     flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
     dist.all_reduce(flat, group=group)
     offset = 0
@@ -175,10 +182,11 @@ class DistributedOptimizer:
         self.grads, self.ctx, self.weight_decay = grads, grads.ctx, weight_decay
         self.masters, self.decay_masks, self.norm_weights = [], [], []
         for bucket in grads.buckets:
-            shard = lambda flat: flat.view(self.ctx.dp_size, -1)[self.ctx.dp_rank].clone()  # noqa: E731
-            self.masters.append(torch.nn.Parameter(shard(flat_bucket(bucket, lambda p: p.detach().float().flatten()))))
-            self.decay_masks.append(shard(flat_bucket(bucket, lambda p: float(decay(p)))))
-            self.norm_weights.append(shard(flat_bucket(bucket, lambda p: norm_weights[p])))
+            def shard(values, bucket=bucket):
+                return bucket.shard(flat_bucket(bucket, values), self.ctx.dp_rank).clone()
+            self.masters.append(torch.nn.Parameter(shard(lambda p: p.detach().float().flatten())))
+            self.decay_masks.append(shard(lambda p: float(decay(p))))
+            self.norm_weights.append(shard(lambda p: norm_weights[p]))
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
 
     @property

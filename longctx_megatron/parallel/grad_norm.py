@@ -43,6 +43,9 @@ def grad_norm(models, ctx: ParallelContext | None) -> torch.Tensor:
     device = next(iter(weights)).device
     total = torch.zeros((), device=device)
     for param, weight in weights.items():
+        if param.grad is None and param.dtype != torch.float32 and hasattr(param, "main_grad"):
+            raise TypeError("grad_norm reads param.grad, which a bf16/fp16 parameter does not have: its fp32 "
+                            "gradient is main_grad, read by DistributedOptimizer.grad_norm()")
         if param.grad is not None and weight:
             total += param.grad.detach().float().pow(2).sum() * weight
     return reduce_norm_squares(total, ctx)

@@ -50,11 +50,16 @@ def _entry(body, rank, world_size, port, sender, args):
         payload = pickle.dumps((True, body(rank, world_size, *args)), protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:
         payload = pickle.dumps((False, traceback.format_exc()))
-    finally:
+    try:  # the result goes out first: tearing down the group can block when a peer has failed
+        sender.send_bytes(payload)
+        sender.close()
+    except BrokenPipeError:
+        pass  # the parent has already stopped waiting (another rank failed)
+    try:
         if dist.is_initialized():
             dist.destroy_process_group()
-    sender.send_bytes(payload)
-    sender.close()
+    except Exception:  # the result is already delivered: a failing teardown changes nothing
+        pass
 
 
 def run_on_ranks(body, world_size: int, *args, timeout: float = 180.0) -> list:
@@ -65,14 +70,14 @@ def run_on_ranks(body, world_size: int, *args, timeout: float = 180.0) -> list:
         context.Process(target=_entry, args=(body, rank, world_size, port, pipes[rank][1], args), daemon=True)
         for rank in range(world_size)
     ]
-    for process in processes:
-        process.start()
-    for _, sender in pipes:
-        sender.close()  # the rank holds the only write end: its exit without a result reads as EOF
-    deadline = time.monotonic() + timeout
     pending = {pipes[rank][0]: rank for rank in range(world_size)}
     outcomes: dict[int, object] = {}
     try:
+        for process in processes:
+            process.start()
+        for _, sender in pipes:
+            sender.close()  # the rank holds the only write end: its exit without a result reads as EOF
+        deadline = time.monotonic() + timeout
         while pending:
             ready = multiprocessing.connection.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
@@ -90,9 +95,12 @@ def run_on_ranks(body, world_size: int, *args, timeout: float = 180.0) -> list:
                     raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
                 outcomes[rank] = value
     finally:
-        for receiver, _ in pipes:
+        for receiver, sender in pipes:
             receiver.close()
+            sender.close()
         for process in processes:
+            if process.pid is None:
+                continue  # never started
             process.join(timeout=5)
             if process.is_alive():
                 process.kill()

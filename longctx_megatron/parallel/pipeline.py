@@ -21,6 +21,7 @@ from longctx_megatron.config.counting import head_forward_flops, layer_forward_f
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.model.build import build_model
+from longctx_megatron.model.head import loss_weights
 from longctx_megatron.parallel.state import ParallelContext
 
 
@@ -148,12 +149,15 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
     c * p + pp_rank). ``microbatches`` are dicts with ``tokens``, ``labels`` and optionally
     ``loss_mask`` and ``position_ids`` (every stage needs the positions; only the first reads
     tokens, only the last labels). ``hidden_shape`` is one micro-batch's activation between
-    stages: (b, s, d), with s divided by the TP size under sequence parallelism. Returns the
-    micro-batch losses on the last stage: each micro-batch's token mean divided by the micro-batch
-    count (gradients are of the mean, Megatron's default), or with ``per_token_loss`` each
-    micro-batch's sum of token losses (the caller divides gradients by the global batch's token
-    count: Megatron's --calculate-per-token-loss). ``forward_only`` runs the forwards alone without
-    autograd (evaluation); ``loss_scale`` multiplies the loss before backward (fp16 loss scaling).
+    stages: (b, s, d), with s divided by the TP size under sequence parallelism.
+
+    What backward differentiates: each micro-batch's token mean divided by the micro-batch count
+    (gradients are of the mean of micro-batch means, Megatron's default), or with
+    ``per_token_loss`` its sum of token losses (the caller divides the gradients by the global
+    batch's token count: Megatron's --calculate-per-token-loss), times ``loss_scale`` (fp16).
+    Returns, on the last stage, each micro-batch's sum of token losses (detached), from which the
+    caller reports sum / tokens over the global batch in either mode, as Megatron does.
+    ``forward_only`` runs the forwards alone without autograd (evaluation).
 
     Sends are posted without waiting (each message has a unique tag) and only receives block, so
     any dependency-respecting order, as both schedules are, cannot deadlock.
@@ -191,12 +195,14 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
                     input_ids=batch["tokens"] if model.pre_process else None, position_ids=positions,
                     labels=batch["labels"] if model.post_process else None,
                     loss_mask=batch.get("loss_mask") if model.post_process else None, hidden=received,
-                    loss_reduction="sum" if per_token_loss else "mean",
+                    loss_reduction="sum",
                 )
             if model.post_process:
-                result = result[1] if per_token_loss else result[1] / count
-                losses.append(result.detach())
-                result = result * loss_scale
+                total = result[1]
+                losses.append(total.detach())
+                if not per_token_loss:  # the token mean, exactly as the head's "mean" reduction
+                    total = total / loss_weights(batch["labels"], batch.get("loss_mask")).sum().clamp_min(1.0) / count
+                result = total * loss_scale
             else:
                 sends.append(dist.isend(result.detach().contiguous(), next_rank,
                                         tag=tag(False, micro, virtual_stage + 1)))

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--adam-eps", type=float, default=1e-8)
     train.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: none)")
     train.add_argument("--calculate-per-token-loss", action="store_true",
-                       help="loss = sum of token losses / unmasked tokens of the global batch (default, as in "
-                       "Megatron: the mean over micro-batches and DP ranks of each micro-batch's token mean)")
+                       help="gradients of sum of token losses / unmasked tokens of the global batch (default, as "
+                       "in Megatron: of the mean over micro-batches and DP ranks of each micro-batch's token mean)")
     train.add_argument("--bf16", action="store_true")
     train.add_argument("--fp16", action="store_true")
     train.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="fp16 dynamic loss scale start")

@@ -138,30 +138,24 @@ class Trainer:
         seq = self.args.seq_length // (self.ctx.tp_size if self.args.sequence_parallel else 1)
         return (self.args.micro_batch_size, seq, self.config.d_model)
 
-    def _token_count(self, batches: list[dict]) -> float | None:
-        """With --calculate-per-token-loss, the number of tokens in the loss over the whole global
-        batch (all DP ranks); else None (each micro-batch's loss is its own token mean)."""
-        if not self.args.calculate_per_token_loss:
-            return None
+    def _token_count(self, batches: list[dict]) -> float:
+        """The number of tokens in the loss (label not ignored, loss mask 1) over the whole global
+        batch: this DP rank's micro-batches, summed over DP. Every rank computes it from the data."""
         count = sum(loss_weights(b["labels"], b.get("loss_mask")).double().sum() for b in batches)
         count = count.to(self.device)
         if self.ctx.dp_size > 1:
             dist.all_reduce(count, group=self.ctx.dp_group)
         return max(count.item(), 1.0)
 
-    def _mean_loss(self, losses: list[torch.Tensor], tokens: float | None) -> float:
-        """The step's loss on every rank: the micro-batch losses of the last stage summed over the
-        micro-batches and DP ranks, divided by the DP size (Megatron's default: a mean of
-        micro-batch means) or by the global token count (--calculate-per-token-loss)."""
+    def _loss_sum(self, losses: list[torch.Tensor]) -> float:
+        """The global batch's sum of token losses on every rank: the last stage's micro-batch sums,
+        summed over the micro-batches and DP ranks."""
         value = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
-        value = value.to(self.device, torch.float32)
+        value = value.to(self.device, torch.float64)
         if self.ctx.pp_size > 1:
             dist.all_reduce(value, group=self.ctx.pp_group)  # only the last stage holds a loss
         if self.ctx.dp_size > 1:
             dist.all_reduce(value, group=self.ctx.dp_group)
-        divisor = self.ctx.dp_size if tokens is None else tokens
-        if divisor != 1:
-            value /= divisor
         return value.item()
 
     def step(self, iteration: int) -> tuple[float, float, bool]:
@@ -173,13 +167,14 @@ class Trainer:
             group["lr"] = lr
         batches = self._batches(self.train_data, self.consumed_samples)
         tokens = self._token_count(batches)
+        per_token = args.calculate_per_token_loss
         self.grads.start(len(batches))
         scale = self.scaler.scale if self.scaler else 1.0
         losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), self.dtype,
-                                            loss_scale=scale, per_token_loss=tokens is not None)
+                                            loss_scale=scale, per_token_loss=per_token)
         # DP mean (or per-token mean) and fp16 unscaling in one division of the fp32 gradients.
-        self.grads.finish(divisor=(self.ctx.dp_size if tokens is None else tokens) * scale)
-        loss = self._mean_loss(losses, tokens)
+        self.grads.finish(divisor=(tokens if per_token else self.ctx.dp_size) * scale)
+        loss = self._loss_sum(losses) / tokens  # reported as Megatron does in either mode
         if isinstance(self.optimizer, DistributedOptimizer):
             norm = self.optimizer.grad_norm()
             finite = bool(torch.isfinite(norm)) and math.isfinite(loss)
@@ -200,16 +195,15 @@ class Trainer:
             return None
         for chunk in self.chunks:
             chunk.eval()
-        total = 0.0
+        total, tokens = 0.0, 0.0
         for index in range(self.args.eval_iters):
             batches = self._batches(self.valid_data, index * self.global_batch)
-            tokens = self._token_count(batches)
-            losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), self.dtype,
-                                                forward_only=True, per_token_loss=tokens is not None)
-            total += self._mean_loss(losses, tokens)
+            tokens += self._token_count(batches)
+            total += self._loss_sum(forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(),
+                                                               self.dtype, forward_only=True))
         for chunk in self.chunks:
             chunk.train()
-        loss = total / self.args.eval_iters
+        loss = total / tokens  # over every evaluated token, as Megatron
         self.log(f"validation at iteration {iteration}: loss {loss:.4f} | perplexity {math.exp(min(loss, 50)):.2f}")
         if self.writer:
             self.writer.add_scalar("validation/loss", loss, iteration)

@@ -103,7 +103,7 @@ def _pipeline_body(rank, world_size, tp, pp, sequence_parallel, sizes):
         opt.step()
         result["ref_losses"].append(ref_loss.item())
         if any(chunk.post_process for chunk in chunks):
-            result["losses"].append(sum(losses).item())
+            result["losses"].append(sum(losses).item() / (MICRO * SEQ))  # token-loss sums -> mean
     return result
 
 

@@ -73,10 +73,15 @@ def test_per_token_loss_gradients_do_not_depend_on_micro_batch_or_dp_size(eod_da
     assert _max_gap(runs[False, 1, 2], runs[False, 1, 1]) < 1e-6
 
 
-def test_per_token_loss_is_the_token_mean_of_the_global_batch(eod_dataset):
-    """One micro-batch per step: the per-token loss equals the default (a single token mean)."""
-    flags = _flags(eod_dataset, 4, False)
-    default = setup(build_parser().parse_args(flags), 1, log=lambda *_: None).step(0)[0]
-    per_token = setup(build_parser().parse_args(flags + ["--calculate-per-token-loss"]), 1,
-                      log=lambda *_: None).step(0)[0]
-    assert per_token == pytest.approx(default, rel=1e-6)
+def test_reported_loss_is_the_token_mean_of_the_global_batch_in_both_modes(eod_dataset):
+    """As Megatron, the logged training and validation losses are sum of token losses / tokens over
+    the global batch (and over all evaluation iterations), whatever the weighting of the gradients.
+    One micro-batch of 4 samples is the reference: there every reduction is that token mean."""
+    def losses(micro_batch: int, per_token: bool) -> tuple[float, float]:
+        flags = _flags(eod_dataset, micro_batch, per_token) + ["--eval-iters", "2"]
+        trainer = setup(build_parser().parse_args(flags), 1, log=lambda *_: None)
+        return trainer.step(0)[0], trainer.evaluate(1)
+
+    reference = losses(4, False)
+    for micro_batch, per_token in ((1, False), (1, True), (2, True), (4, True)):
+        assert losses(micro_batch, per_token) == pytest.approx(reference, rel=1e-6), (micro_batch, per_token)
