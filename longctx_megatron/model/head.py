@@ -45,6 +45,12 @@ def loss_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.
     return weight * loss_mask.float() if loss_mask is not None else weight
 
 
+def token_mean(total: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A batch's token-loss sum ``total`` as a mean over the tokens that count (``weight`` from
+    ``loss_weights``; at least 1, so a fully masked batch gives 0)."""
+    return total / weight.sum().clamp_min(1.0)
+
+
 def reduce_token_losses(losses: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None,
                         reduction: str = "mean") -> torch.Tensor:
     """The loss of a batch from its per-token losses: their weighted ``"mean"`` (over the tokens that
@@ -53,4 +59,4 @@ def reduce_token_losses(losses: torch.Tensor, labels: torch.Tensor, loss_mask: t
         raise ValueError(f"loss_reduction {reduction!r} is not one of {LOSS_REDUCTIONS}")
     weight = loss_weights(labels, loss_mask)
     total = (losses * weight).sum()
-    return total if reduction == "sum" else total / weight.sum().clamp_min(1.0)
+    return total if reduction == "sum" else token_mean(total, weight)

@@ -21,7 +21,7 @@ from longctx_megatron.config.counting import head_forward_flops, layer_forward_f
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.model.build import build_model
-from longctx_megatron.model.head import loss_weights
+from longctx_megatron.model.head import loss_weights, token_mean
 from longctx_megatron.parallel.state import ParallelContext
 
 
@@ -200,8 +200,8 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
             if model.post_process:
                 total = result[1]
                 losses.append(total.detach())
-                if not per_token_loss:  # the token mean, exactly as the head's "mean" reduction
-                    total = total / loss_weights(batch["labels"], batch.get("loss_mask")).sum().clamp_min(1.0) / count
+                if not per_token_loss:  # the token mean, as the head's "mean" reduction forms it
+                    total = token_mean(total, loss_weights(batch["labels"], batch.get("loss_mask"))) / count
                 result = total * loss_scale
             else:
                 sends.append(dist.isend(result.detach().contiguous(), next_rank,
