@@ -22,8 +22,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from longctx_megatron.config import ModelConfig
-from longctx_megatron.parallel.pipeline import build_pipeline_chunks, forward_backward_pipelined
+from longctx_megatron.parallel.pipeline_schedule import forward_backward_pipelined
 from longctx_megatron.parallel.state import initialize_parallel
+from longctx_megatron.training.stages import build_pipeline_chunks
 
 
 def _worker(rank, world, port, args, microbatches, chunks, results):

@@ -25,10 +25,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from longctx_megatron.config import ModelConfig
-from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.grad_norm import clip_grad_norm
+from longctx_megatron.parallel.parallelize import build_parallel_model
 from longctx_megatron.parallel.state import initialize_parallel
 
 
@@ -76,7 +76,7 @@ def _worker(rank, world_size, port, args, sequence_parallel, results):
         vocab_size=args.vocab, max_seq_len=args.seq_length, attention_layout=f"sliding:{args.layers}",
         sliding_window=args.window, global_every=0,
     )
-    model = build_model(config, device, seed=1, parallel=ctx, sequence_parallel=sequence_parallel)
+    model = build_parallel_model(config, ctx, device, seed=1, sequence_parallel=sequence_parallel)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     grads = DataParallelGradients([model], ctx)  # fp32 gradients; sums the SP norms' over TP
     generator = torch.Generator().manual_seed(0)

@@ -18,7 +18,7 @@ from longctx_megatron.checkpoint.safetensors_io import write_safetensors
 from longctx_megatron.checkpoint.sharded import publish_checkpoint
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.serialization import config_to_dict
-from longctx_megatron.parallel.pipeline import plan_pipeline
+from longctx_megatron.parallel.pipeline_plan import plan_pipeline
 from longctx_megatron.parallel.state import check_model_fits_layout
 from longctx_megatron.parallel.tensor import shard_spec_for
 

@@ -1,4 +1,4 @@
-"""Model configuration: dataclasses, layer plan, validation, serialization, counting."""
+"""Model configuration: dataclasses, layer plan, validation, serialization (counting is model/counting.py)."""
 
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.layer_plan import ATTENTION_KINDS, LayerSpec

@@ -68,18 +68,6 @@ class ModelConfig:
         """Query heads per KV head (GQA ratio)."""
         return self.n_heads // self.n_kv_heads
 
-    def estimate_params(self) -> int:
-        """Exact parameter count (tied embeddings once); see config/counting.py."""
-        from longctx_megatron.config.counting import estimate_params
-
-        return estimate_params(self)
-
-    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
-        """Model FLOPs per token at ``seq_len`` under each layer's attention pattern."""
-        from longctx_megatron.config.counting import flops_per_token
-
-        return flops_per_token(self, seq_len, training)
-
     def layer_plan(self) -> list[LayerSpec]:
         """One resolved spec per layer, in order; every spec has its RoPE filled in."""
         if self.layers is not None:

@@ -1,4 +1,8 @@
-"""Build a GPTModel on the meta device, then materialise and initialise it parameter by parameter."""
+"""Build a GPTModel on the meta device, then materialise and initialise it parameter by parameter.
+
+``build_model`` is the plain model; a parallel one is built on meta, parallelized, then
+materialised with each rank's slices (parallel/parallelize.py: ``build_parallel_model``).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,6 @@ import torch
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.model.init import initialize_parameters
 from longctx_megatron.model.transformer import GPTModel
-from longctx_megatron.parallel.random import model_parallel_rng
-from longctx_megatron.parallel.state import ParallelContext
-from longctx_megatron.parallel.tensor import apply_tensor_parallel, tensor_parallel_shards
 
 
 def build_model(
@@ -18,26 +19,23 @@ def build_model(
     seed: int = 1234,
     attention_backend: str = "auto",
     dtype: torch.dtype = torch.float32,
-    parallel: ParallelContext | None = None,
-    sequence_parallel: bool = False,
     layers: range | None = None,
     pre_process: bool = True,
     post_process: bool = True,
 ) -> GPTModel:
-    """``device="meta"`` gives a shape-only model (counting, planning) that allocates nothing.
-
-    With ``parallel``, the model is this rank's tensor-parallel shard; its RNG tracker (dropout
-    inside sharded regions) is ``model.rng_tracker``, seeded from ``seed``. ``layers``,
-    ``pre_process`` and ``post_process`` select a pipeline stage (see GPTModel).
-    """
+    """``device="meta"`` gives a shape-only model (counting, planning, parallelizing) that allocates
+    nothing. ``layers``, ``pre_process`` and ``post_process`` select a pipeline stage (see GPTModel)."""
     with torch.device("meta"):
         model = GPTModel(config, attention_backend, layers, pre_process, post_process)
-    if parallel is not None:
-        model.rng_tracker = model_parallel_rng(seed, parallel.tp_rank, parallel.pp_rank, torch.device(device).type)
-        apply_tensor_parallel(model, parallel, model.rng_tracker, sequence_parallel)
     if torch.device(device).type == "meta":
         return model
-    shards = tensor_parallel_shards(model)
+    return materialize(model, device, seed, dtype)
+
+
+def materialize(model: GPTModel, device: str | torch.device, seed: int, dtype: torch.dtype, shards=None) -> GPTModel:
+    """Allocate a meta model's parameters on ``device`` and fill each from its global tensor; a
+    parameter named in ``shards`` (name -> object with ``global_shape`` and ``take``, e.g. a
+    tensor-parallel ShardSpec) gets its slice of that tensor. Returns the model in ``dtype``."""
     model.to_empty(device=device)
-    initialize_parameters(model, config, seed, shards)
+    initialize_parameters(model, model.config, seed, shards)
     return model.to(dtype)

@@ -2,7 +2,8 @@
 
 Each parameter's values come from a generator seeded by (seed, global parameter name), so they do
 not depend on construction order, device or parallel layout: a tensor-parallel rank takes its slice
-of the same global tensor, and memory peaks at one tensor even for the 7B model.
+of the same global tensor, and memory peaks at one tensor even for the 7B model. A fused weight
+(model/fused.py) is initialised as its declared ``parts`` stacked matrices: the fan-out is one part's.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import math
 import torch
 
 from longctx_megatron.config.model_config import ModelConfig
+from longctx_megatron.model.fused import fused_layouts
 
 # Projections writing into the residual stream get std / sqrt(2 * n_layers) (GPT-2 / Megatron).
 OUTPUT_PROJECTIONS = ("attention.out.weight", "mlp.down.weight")
-FUSED_PAIRS = ("mlp.gate_up.weight",)
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -24,13 +25,13 @@ def parameter_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def init_std(name: str, shape: torch.Size, config: ModelConfig) -> float | None:
-    """Standard deviation of parameter ``name``'s normal init; None for norm weights (ones)."""
+def init_std(name: str, shape: torch.Size, config: ModelConfig, parts: int = 1) -> float | None:
+    """Standard deviation of parameter ``name``'s normal init (``parts`` stacked matrices of equal
+    height); None for norm weights (ones)."""
     if len(shape) == 1:
         return None
     fan_out, fan_in = shape
-    if name.endswith(FUSED_PAIRS):  # two matrices stacked: each has half the rows
-        fan_out //= 2
+    fan_out //= parts
     if config.init_method == "xavier":
         std = math.sqrt(2.0 / (fan_in + fan_out))
     elif config.init_method == "kaiming":
@@ -42,9 +43,9 @@ def init_std(name: str, shape: torch.Size, config: ModelConfig) -> float | None:
     return std
 
 
-def init_global_tensor(name: str, shape: torch.Size, config: ModelConfig, seed: int) -> torch.Tensor:
-    """The float32 CPU value of global parameter ``name``."""
-    std = init_std(name, shape, config)
+def init_global_tensor(name: str, shape: torch.Size, config: ModelConfig, seed: int, parts: int = 1) -> torch.Tensor:
+    """The float32 CPU value of global parameter ``name`` (``parts`` as its fused layout declares)."""
+    std = init_std(name, shape, config, parts)
     if std is None:
         return torch.ones(shape)
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))
@@ -58,10 +59,10 @@ def initialize_parameters(model: torch.nn.Module, config: ModelConfig, seed: int
     ``shards`` maps the names of sharded parameters to objects with ``global_shape`` and
     ``take(global_tensor)`` (tensor parallelism's ShardSpec); those parameters get their slice.
     """
-    shards = shards or {}
+    shards, layouts = shards or {}, fused_layouts(model)
     for name, param in model.named_parameters():
-        shard = shards.get(name)
+        shard, parts = shards.get(name), layouts[name].parts if name in layouts else 1
         if shard is None:
-            param.copy_(init_global_tensor(name, param.shape, config, seed))
+            param.copy_(init_global_tensor(name, param.shape, config, seed, parts))
         else:
-            param.copy_(shard.take(init_global_tensor(name, torch.Size(shard.global_shape), config, seed)))
+            param.copy_(shard.take(init_global_tensor(name, torch.Size(shard.global_shape), config, seed, parts)))

@@ -8,13 +8,11 @@ Parameters keep their global names (``layers.17.mlp.down.weight``) on every stag
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-import torch.nn.functional as F
 
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.model.block import TransformerBlock
+from longctx_megatron.model.dropout import Dropout
 from longctx_megatron.model.head import LanguageModelHead
 from longctx_megatron.model.norm import RMSNorm
 
@@ -30,8 +28,6 @@ class LayerStack(torch.nn.ModuleDict):
 
 
 class GPTModel(torch.nn.Module):
-    """``dropout_rng`` is the context for embedding dropout (per-rank under sequence parallelism)."""
-
     def __init__(
         self,
         config: ModelConfig,
@@ -43,13 +39,13 @@ class GPTModel(torch.nn.Module):
         super().__init__()
         self.config = config
         self.pre_process, self.post_process = pre_process, post_process
-        self.dropout_rng = contextlib.nullcontext
         plan = config.layer_plan()
         layers = range(config.n_layers) if layers is None else layers
         # The last stage needs the tied embedding for its head: it keeps a copy (same global name,
         # same initial value; pipeline parallelism sums the two copies' gradients).
         has_embedding = pre_process or (post_process and config.tie_embeddings)
         self.embedding = torch.nn.Embedding(config.vocab_size, config.d_model) if has_embedding else None
+        self.embedding_dropout = Dropout(config.hidden_dropout) if pre_process else None
         self.layers = LayerStack({str(i): TransformerBlock(config, plan[i], attention_backend) for i in layers})
         self.final_norm = RMSNorm(config.d_model, config.norm_eps) if post_process else None
         untied = post_process and not config.tie_embeddings
@@ -86,10 +82,7 @@ class GPTModel(torch.nn.Module):
         if self.pre_process:
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-            p = self.config.hidden_dropout if self.training else 0.0
-            hidden = self.embedding(input_ids)
-            with self.dropout_rng():
-                hidden = F.dropout(hidden, p)
+            hidden = self.embedding_dropout(self.embedding(input_ids))
         elif hidden is None or position_ids is None:
             raise ValueError("a stage without pre_process needs the previous stage's hidden and position_ids")
         rope_tables = {}  # layers sharing a RoPE config share one cos/sin table

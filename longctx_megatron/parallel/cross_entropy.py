@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from longctx_megatron.model.head import IGNORE_INDEX
+from longctx_megatron.model.loss import IGNORE_INDEX
 from longctx_megatron.parallel.mappings import all_reduce
 
 

@@ -26,9 +26,8 @@ import torch.distributed as dist
 
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.grad_norm import reduce_norm_squares
-from longctx_megatron.parallel.pipeline import tied_embedding_weights
+from longctx_megatron.parallel.replicas import sequence_parallel_replicas, tied_embedding_weights
 from longctx_megatron.parallel.state import ParallelContext
-from longctx_megatron.parallel.tensor import sequence_parallel_replicas
 
 
 class _Bucket:

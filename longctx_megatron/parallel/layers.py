@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.config.vocab import padded_vocab_size
-from longctx_megatron.model.head import reduce_token_losses
+from longctx_megatron.model.loss import reduce_token_losses
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from longctx_megatron.parallel.state import ParallelContext

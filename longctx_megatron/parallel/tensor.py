@@ -1,16 +1,25 @@
 """apply_tensor_parallel: turn a built plain GPTModel into this rank's tensor-parallel shard.
 
-One plan names the modules to swap; each new layer holds its slice of the same global weight (the
-old module's values when the model is already materialised, else filled later by the initialiser
-from the global tensor). The model's code is untouched: attention reads its local head count from
-the sharded QKV weight and its global KV-head offset from ``first_kv_head``.
+One plan names the projections to swap and how each splits (column: output features; row: input
+features); how many stacked parts a fused weight has comes from the layout its module declares
+(model/fused.py), never from its name. Each new layer holds its slice of the same global weight
+(the old module's values when the model is already materialised, else filled later by the
+initialiser from the global tensor). Core attention is rebuilt for the rank's heads (its global
+first KV head sets the dilated offsets) and draws dropout from the per-rank stream; under sequence
+parallelism the hidden dropouts do too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.config.vocab import padded_vocab_size
+from longctx_megatron.model.attention.layer import CoreAttention
+from longctx_megatron.model.attention.patterns import pattern_for
+from longctx_megatron.model.build import build_model
+from longctx_megatron.model.dropout import Dropout
+from longctx_megatron.model.fused import fused_layouts
 from longctx_megatron.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -21,13 +30,21 @@ from longctx_megatron.parallel.layers import (
 from longctx_megatron.parallel.random import RNGStatesTracker
 from longctx_megatron.parallel.state import ParallelContext, check_model_fits_layout
 
-# Module name suffix -> (split, stacked parts). Column: output features; row: input features.
-TENSOR_PARALLEL_PLAN = {
-    "attention.qkv": ("column", 1),  # grouped layout: whole KV groups are contiguous rows
-    "attention.out": ("row", 1),
-    "mlp.gate_up": ("column", 2),  # [gate; up], each half split on its own
-    "mlp.down": ("row", 1),
-}
+# Module name suffix -> split. Grouped QKV keeps whole KV groups contiguous, so a column split of
+# its rows gives each rank complete heads.
+TENSOR_PARALLEL_PLAN = {"attention.qkv": "column", "attention.out": "row", "mlp.gate_up": "column", "mlp.down": "row"}
+VOCABULARY_PARALLEL = ("embedding", "output")  # split by (padded) vocabulary rows
+
+
+def tensor_parallel_plan(model: torch.nn.Module) -> dict[str, tuple[str, int]]:
+    """Module name -> (split "column" | "row", stacked parts) for every projection the plan shards."""
+    layouts, plan = fused_layouts(model), {}
+    for name, _ in model.named_modules():
+        style = next((s for suffix, s in TENSOR_PARALLEL_PLAN.items() if name.endswith(suffix)), None)
+        if style is not None:
+            layout = layouts.get(f"{name}.weight")
+            plan[name] = (style, layout.parts if layout is not None else 1)
+    return plan
 
 
 def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
@@ -51,11 +68,8 @@ def apply_tensor_parallel(
         return model
     device = next(model.parameters()).device
     sp = sequence_parallel
-    for name, module in list(model.named_modules()):
-        plan = next((p for suffix, p in TENSOR_PARALLEL_PLAN.items() if name.endswith(suffix)), None)
-        if plan is None:
-            continue
-        style, parts = plan
+    for name, (style, parts) in tensor_parallel_plan(model).items():
+        module = model.get_submodule(name)
         if style == "column":
             new = ColumnParallelLinear(module.in_features, module.out_features, ctx, sequence_parallel=sp,
                                        parts=parts, device=device)
@@ -74,15 +88,15 @@ def apply_tensor_parallel(
 
     kv_per_rank = config.n_kv_heads // ctx.tp_size
     for layer in model.layers:
-        layer.attention.first_kv_head = ctx.tp_rank * kv_per_rank
-        layer.attention.dropout_rng = rng.fork  # heads differ per rank: per-rank dropout masks
-        if sp:
-            layer.dropout_rng = rng.fork  # sequence shards differ per rank too
-            layer.attention_norm.sequence_parallel_replica = layer.mlp_norm.sequence_parallel_replica = True
-    if sp:
-        model.dropout_rng = rng.fork
-        if model.final_norm is not None:
-            model.final_norm.sequence_parallel_replica = True
+        attention, core = layer.attention, layer.attention.core_attention
+        pattern = pattern_for(attention.spec, attention.group_size, ctx.tp_rank * kv_per_rank)
+        # Heads differ per rank: per-rank attention-dropout masks.
+        attention.core_attention = CoreAttention(pattern, core.dropout, core.backend, dropout_rng=rng.fork)
+        if sp:  # sequence shards differ per rank too
+            layer.attention_out_dropout = Dropout(layer.attention_out_dropout.p, rng.fork)
+            layer.mlp_out_dropout = Dropout(layer.mlp_out_dropout.p, rng.fork)
+    if sp and model.embedding_dropout is not None:
+        model.embedding_dropout = Dropout(model.embedding_dropout.p, rng.fork)
     return model
 
 
@@ -95,15 +109,21 @@ def tensor_parallel_shards(model: torch.nn.Module) -> dict[str, ShardSpec]:
     }
 
 
-def sequence_parallel_replicas(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Parameters replicated across TP but fed sequence shards (the norms, marked
-    ``sequence_parallel_replica`` by apply_tensor_parallel): their gradients are summed over TP."""
-    return [
-        param
-        for module in model.modules()
-        if getattr(module, "sequence_parallel_replica", False)
-        for param in module.parameters(recurse=False)
-    ]
+def offline_shard_specs(config: ModelConfig, rank: int, size: int) -> dict[str, ShardSpec]:
+    """Global-parameter name -> the ShardSpec ``apply_tensor_parallel`` gives it on TP rank ``rank``
+    of ``size`` (replicated ones absent): the same plan and declared layouts, read from a meta model,
+    for tools that cut tensors without a process group."""
+    if size == 1:
+        return {}
+    model = build_model(config, device="meta")
+    specs = {f"{name}.weight": ShardSpec(0, rank, size, (config.vocab_size, config.d_model),
+                                         padded_vocab_size(config.vocab_size, size))
+             for name in VOCABULARY_PARALLEL if getattr(model, name) is not None}
+    for name, (style, parts) in tensor_parallel_plan(model).items():
+        shape = tuple(model.get_submodule(name).weight.shape)
+        dim = 0 if style == "column" else 1
+        specs[f"{name}.weight"] = ShardSpec(dim, rank, size, shape, shape[dim], parts)
+    return specs
 
 
 def shard_spec_for(name: str, global_shape: tuple[int, ...], vocab_size: int, rank: int, size: int
@@ -115,9 +135,9 @@ def shard_spec_for(name: str, global_shape: tuple[int, ...], vocab_size: int, ra
     module = name.removesuffix(".weight")
     if module in ("embedding", "output"):
         return ShardSpec(0, rank, size, tuple(global_shape), padded_vocab_size(vocab_size, size))
-    plan = next((p for suffix, p in TENSOR_PARALLEL_PLAN.items() if module.endswith(suffix)), None)
-    if plan is None:
+    style = next((s for suffix, s in TENSOR_PARALLEL_PLAN.items() if module.endswith(suffix)), None)
+    if style is None:
         return None
-    style, parts = plan
+    parts = 2 if module.endswith("gate_up") else 1  # TEMPORARY until offline.py uses offline_shard_specs
     dim = 0 if style == "column" else 1
     return ShardSpec(dim, rank, size, tuple(global_shape), global_shape[dim], parts)

@@ -9,7 +9,7 @@ import os
 from longctx_megatron.config import ModelConfig, load_config
 from longctx_megatron.data.tokenizers import TOKENIZER_TYPES
 from longctx_megatron.model.attention import factory
-from longctx_megatron.model.block import RECOMPUTE_GRANULARITIES
+from longctx_megatron.parallel.parallelize import RECOMPUTE_GRANULARITIES
 from longctx_megatron.parallel.state import check_layout
 from longctx_megatron.training.lr_schedule import DECAY_STYLES
 

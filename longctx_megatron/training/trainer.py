@@ -37,19 +37,17 @@ from longctx_megatron.data.gpt_dataset import GPTDatasetConfig
 from longctx_megatron.data.indexed_dataset import dataset_exists
 from longctx_megatron.data.sampler import PretrainingSampler
 from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches
-from longctx_megatron.model.head import loss_weights
+from longctx_megatron.model.counting import estimate_params, flops_per_token
+from longctx_megatron.model.loss import loss_weights
 from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
 from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
-from longctx_megatron.parallel.pipeline import (
-    build_pipeline_chunks,
-    describe_split,
-    forward_backward_pipelined,
-    plan_pipeline,
-)
+from longctx_megatron.parallel.pipeline_plan import describe_split, plan_pipeline
+from longctx_megatron.parallel.pipeline_schedule import forward_backward_pipelined
 from longctx_megatron.parallel.state import ParallelContext, check_model_fits_layout, initialize_parallel
 from longctx_megatron.training.arguments import model_config, validate_args
 from longctx_megatron.training.lr_schedule import learning_rate
 from longctx_megatron.training.recovery import ExitConditions, SkipGuard
+from longctx_megatron.training.stages import build_pipeline_chunks
 
 try:
     from apex.optimizers import FusedAdam
@@ -229,7 +227,7 @@ class Trainer:
     def _loop(self, conditions: ExitConditions) -> str | None:
         """The iterations; returns why it stopped early, or None at --train-iters."""
         args, start, first = self.args, time.perf_counter(), self.iteration
-        flops = self.config.flops_per_token(args.seq_length)
+        flops = flops_per_token(self.config, args.seq_length)
         peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if self.device.type == "cuda"
                                          and k in torch.cuda.get_device_name(self.device)), None)
         devices = self.ctx.world_size
@@ -396,17 +394,15 @@ def setup(args: argparse.Namespace, world_size: int, log=print) -> Trainer:
         device = torch.device("cuda", torch.cuda.current_device())
     if ctx.rank != 0:
         log = _silent
-    log(f"model: {config.estimate_params():,} parameters; layout: tensor {ctx.tp_size} x pipeline {ctx.pp_size} x "
+    log(f"model: {estimate_params(config):,} parameters; layout: tensor {ctx.tp_size} x pipeline {ctx.pp_size} x "
         f"data {ctx.dp_size}" + (" with sequence parallelism" if args.sequence_parallel else ""))
     if costs is not None and stages > 1:
         log(describe_split(config, sizes, costs, head))
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     chunks = build_pipeline_chunks(config, ctx, sizes, device=device, seed=args.seed,
                                    attention_backend=args.attention_backend, dtype=dtype,
-                                   sequence_parallel=args.sequence_parallel)
-    for chunk in chunks:
-        for block in chunk.layers:
-            block.recompute = args.recompute_granularity or "none"
+                                   sequence_parallel=args.sequence_parallel,
+                                   recompute_granularity=args.recompute_granularity or "none")
     grads = DataParallelGradients(chunks, ctx, distributed_optimizer=args.use_distributed_optimizer)
     betas = (args.adam_beta1, args.adam_beta2)
     if args.use_distributed_optimizer or dtype != torch.float32:  # fp32 master weights live in the optimizer

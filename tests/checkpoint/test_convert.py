@@ -17,8 +17,8 @@ from longctx_megatron.checkpoint.reader import CheckpointReader
 from longctx_megatron.checkpoint.safetensors_io import SafetensorsReader
 from longctx_megatron.config.serialization import config_from_dict
 from longctx_megatron.model.build import build_model
-from longctx_megatron.parallel.pipeline import build_pipeline_chunks
 from longctx_megatron.parallel.state import initialize_parallel
+from longctx_megatron.training.stages import build_pipeline_chunks
 from tests.checkpoint.helpers import BASE, assert_same_tensors, tensors
 from tests.distributed import run_on_ranks
 

@@ -12,6 +12,7 @@ from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.layer_plan import LayerSpec
 from longctx_megatron.model.attention.layer import SelfAttention
 from longctx_megatron.model.build import build_model
+from longctx_megatron.model.fused import fused_layouts
 from longctx_megatron.model.init import init_global_tensor
 
 
@@ -68,11 +69,13 @@ def test_initialisation_depends_only_on_seed_and_name():
     config = tiny_config()
     first, second = build_model(config, seed=5), build_model(config, seed=5)
     other = build_model(config, seed=6)
+    layouts = fused_layouts(first)
     for (name, a), (_, b), (_, c) in zip(
         first.named_parameters(), second.named_parameters(), other.named_parameters(), strict=True
     ):
         assert torch.equal(a, b), name
-        assert torch.equal(a, init_global_tensor(name, a.shape, config, 5)), name
+        parts = layouts[name].parts if name in layouts else 1
+        assert torch.equal(a, init_global_tensor(name, a.shape, config, 5, parts)), name
         if a.dim() == 2:
             assert not torch.equal(a, c), name
         else:
@@ -84,7 +87,9 @@ def test_init_scales(method):
     config = tiny_config(d_model=256, d_ff=512, n_layers=8, init_method=method, attention_layout="full:8")
     model = build_model(config, device="meta")
     shapes = dict((n, p.shape) for n, p in model.named_parameters())
-    gate = init_global_tensor("layers.0.mlp.gate_up.weight", shapes["layers.0.mlp.gate_up.weight"], config, 0)[:512]
+    parts = fused_layouts(model)["layers.0.mlp.gate_up.weight"].parts  # [gate; up], as the module declares
+    gate = init_global_tensor("layers.0.mlp.gate_up.weight", shapes["layers.0.mlp.gate_up.weight"], config, 0,
+                              parts)[:512]
     down = init_global_tensor("layers.0.mlp.down.weight", shapes["layers.0.mlp.down.weight"], config, 0)
     fan_out, fan_in = gate.shape
     want = {"normal": 0.02, "xavier": math.sqrt(2 / (fan_in + fan_out)), "kaiming": 1 / math.sqrt(fan_in)}[method]
@@ -143,13 +148,12 @@ def test_qkv_layout_shards_by_contiguous_kv_groups(kind):
     total = torch.zeros_like(want)
     for group in range(n_kv):
         # What a parallelizer does: same module class, projections swapped for slices of the globals.
-        shard = SelfAttention(d_model, n_heads, n_kv, spec, backend="chunked")
+        shard = SelfAttention(d_model, n_heads, n_kv, spec, backend="chunked", first_kv_head=group)
         shard.qkv = torch.nn.Linear(d_model, rows_per_group, bias=False)
         shard.out = torch.nn.Linear(cols_per_group, d_model, bias=False)
         with torch.no_grad():
             shard.qkv.weight.copy_(full.qkv.weight[group * rows_per_group:(group + 1) * rows_per_group])
             shard.out.weight.copy_(full.out.weight[:, group * cols_per_group:(group + 1) * cols_per_group])
-        shard.first_kv_head = group
         assert shard.n_kv_heads == 1
         total = total + shard(x, cos, sin)
     torch.testing.assert_close(total, want, atol=1e-5, rtol=1e-5)

@@ -9,9 +9,10 @@ from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
 from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
-from longctx_megatron.parallel.pipeline import build_pipeline_chunks, forward_backward_pipelined
+from longctx_megatron.parallel.pipeline_schedule import forward_backward_pipelined
 from longctx_megatron.parallel.state import initialize_parallel
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
+from longctx_megatron.training.stages import build_pipeline_chunks
 from tests.distributed import run_on_ranks
 from tests.parallel.test_pipeline import CONFIG
 from tests.parallel.test_tensor_parallel import gather_global

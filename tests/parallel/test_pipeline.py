@@ -9,19 +9,21 @@ from longctx_megatron.config import ConfigError, ModelConfig
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.grad_norm import grad_norm
-from longctx_megatron.parallel.pipeline import (
+from longctx_megatron.parallel.pipeline_plan import (
     balanced_split,
-    build_pipeline_chunks,
     describe_split,
-    forward_backward_pipelined,
     parse_split,
     plan_pipeline,
+    stage_costs,
+)
+from longctx_megatron.parallel.pipeline_schedule import (
+    forward_backward_pipelined,
     schedule_1f1b,
     schedule_interleaved,
-    stage_costs,
 )
 from longctx_megatron.parallel.state import initialize_parallel
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
+from longctx_megatron.training.stages import build_pipeline_chunks
 from tests.distributed import run_on_ranks
 from tests.parallel.test_tensor_parallel import gather_global
 

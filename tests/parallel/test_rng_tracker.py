@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longctx_megatron.config import ModelConfig
-from longctx_megatron.model.build import build_model
+from longctx_megatron.parallel.parallelize import build_parallel_model
 from longctx_megatron.parallel.random import MODEL_PARALLEL_RNG, RNGStatesTracker, model_parallel_rng
 from longctx_megatron.parallel.state import initialize_parallel
 from tests.distributed import run_on_ranks
@@ -48,8 +48,8 @@ def _dropout_body(rank, world_size):
     ctx = initialize_parallel(tensor=world_size, backend="gloo")
     config = ModelConfig(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=50, max_seq_len=64,
                          attention_layout="full:1", attention_dropout=0.5, hidden_dropout=0.5)
-    model = build_model(config, seed=3, parallel=ctx, attention_backend="chunked")
-    attention = model.layers[0].attention
+    model = build_parallel_model(config, ctx, seed=3, attention_backend="chunked")
+    attention = model.layers[0].attention.core_attention
     assert attention.dropout_rng == model.rng_tracker.fork  # attention dropout runs in the per-rank stream
     with attention.dropout_rng():
         inside = torch.nn.functional.dropout(torch.ones(64), 0.5)

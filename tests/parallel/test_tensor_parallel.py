@@ -12,6 +12,7 @@ from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.grad_norm import grad_norm
 from longctx_megatron.parallel.layers import ShardSpec
+from longctx_megatron.parallel.parallelize import build_parallel_model
 from longctx_megatron.parallel.random import model_parallel_rng
 from longctx_megatron.parallel.state import initialize_parallel
 from longctx_megatron.parallel.tensor import apply_tensor_parallel, tensor_parallel_shards
@@ -55,8 +56,8 @@ def _parity_body(rank, world_size, tp):
         ref_loss.backward()
         ref_params = dict(reference.named_parameters())
         for sequence_parallel in (False, True):
-            model = build_model(config, seed=11, attention_backend="chunked", parallel=ctx,
-                                sequence_parallel=sequence_parallel)
+            model = build_parallel_model(config, ctx, seed=11, attention_backend="chunked",
+                                         sequence_parallel=sequence_parallel)
             grads = DataParallelGradients([model], ctx)  # sums the SP norms' gradients over TP
             grads.start(1)
             logits, loss = model(ids, labels=labels, loss_mask=loss_mask)
@@ -119,7 +120,7 @@ def _count_collectives_body(rank, world_size, n_layers):
     ids, _, _ = _batch()
     result = {}
     for sequence_parallel in (False, True):
-        model = build_model(config, attention_backend="chunked", parallel=ctx, sequence_parallel=sequence_parallel)
+        model = build_parallel_model(config, ctx, attention_backend="chunked", sequence_parallel=sequence_parallel)
         counts.clear()
         with torch.no_grad():
             model(ids)
@@ -143,9 +144,9 @@ def test_collectives_per_layer():
 
 
 def test_offline_shard_specs_equal_the_applied_ones():
-    """tools cut checkpoints with shard_spec_for; it must agree with apply_tensor_parallel on every parameter."""
+    """tools cut checkpoints with offline_shard_specs; it must agree with apply_tensor_parallel on every parameter."""
     from longctx_megatron.parallel.state import ParallelContext
-    from longctx_megatron.parallel.tensor import shard_spec_for, tensor_parallel_shards
+    from longctx_megatron.parallel.tensor import offline_shard_specs, tensor_parallel_shards
 
     config = ModelConfig(d_model=64, n_layers=3, n_heads=8, n_kv_heads=4, d_ff=96, vocab_size=300, max_seq_len=256,
                          sliding_window=32, global_every=16, dilated_window=16, dilation=2, tie_embeddings=False)
@@ -154,9 +155,9 @@ def test_offline_shard_specs_equal_the_applied_ones():
             ctx = ParallelContext(world_size=size, rank=rank, tp_size=size, pp_size=1, dp_size=1, tp_rank=rank,
                                   pp_rank=0, dp_rank=0, tp_group=None, pp_group=None, dp_group=None,
                                   tp_ranks=tuple(range(size)), pp_ranks=(rank,), dp_ranks=(rank,))
-            model = build_model(config, device="meta", parallel=ctx)
+            model = build_parallel_model(config, ctx, device="meta")
             applied = tensor_parallel_shards(model)
             full = build_model(config, device="meta")
-            for name, param in full.named_parameters():
-                offline = shard_spec_for(name, tuple(param.shape), config.vocab_size, rank, size)
-                assert offline == applied.get(name), name
+            offline = offline_shard_specs(config, rank, size)
+            for name, _ in full.named_parameters():
+                assert offline.get(name) == applied.get(name), name

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.config.vocab import padded_vocab_size
-from longctx_megatron.model.head import reduce_token_losses
+from longctx_megatron.model.loss import reduce_token_losses
 from longctx_megatron.parallel.cross_entropy import vocab_parallel_cross_entropy
 from longctx_megatron.parallel.layers import VocabParallelEmbedding
 from longctx_megatron.parallel.state import initialize_parallel

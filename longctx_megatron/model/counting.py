@@ -9,11 +9,12 @@ the half-empty key blocks of the chunked backend are not counted, as MFU convent
 from __future__ import annotations
 
 from longctx_megatron.config.model_config import ModelConfig
+from longctx_megatron.model.attention.layer import GroupedQKV
 from longctx_megatron.model.attention.patterns import pattern_for
 
 
 def _layer_matmul_params(config: ModelConfig) -> int:
-    qkv = config.d_model * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+    qkv = config.d_model * GroupedQKV(config.group_size, config.head_dim).rows(config.n_kv_heads)
     out = config.n_heads * config.head_dim * config.d_model
     mlp = 3 * config.d_model * config.d_ff
     return qkv + out + mlp

@@ -1,13 +1,10 @@
-"""Pipeline parallelism: a cost-balanced split of the layer plan into stages; 1F1B and interleaved 1F1B.
+"""Pipeline schedules: Megatron-LM's 1F1B and interleaved 1F1B, run by one executor.
 
-Sliding, dilated and full layers cost different amounts at a given sequence length (a full layer
-at 100K tokens attends to ~50K keys per query, a sliding one to 4K), so stages are balanced by
-each layer's forward FLOPs from the config (the head's cost is charged to the last stage), not by
-layer count. The schedules are Megatron-LM's: 1F1B (p - r - 1 warm-up forwards on stage r, then
-one forward and one backward alternately, then the cool-down backwards, so at most p
-micro-batches are alive on a stage) and interleaved 1F1B with virtual stages (each rank holds v
-model chunks, which shrinks the bubble by v). One executor runs either order over point-to-point
-sends of the hidden states and their gradients.
+1F1B: p - r - 1 warm-up forwards on stage r, then one forward and one backward alternately, then
+the cool-down backwards, so at most p micro-batches are alive on a stage. Interleaved 1F1B: each
+rank holds v model chunks (virtual stages), which shrinks the bubble by v. One executor runs either
+order over point-to-point sends of the hidden states and their gradients. Which layers a stage
+holds is parallel/pipeline_plan.py.
 """
 
 from __future__ import annotations
@@ -17,95 +14,9 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from longctx_megatron.config.counting import head_forward_flops, layer_forward_flops
 from longctx_megatron.config.errors import ConfigError
-from longctx_megatron.config.model_config import ModelConfig
-from longctx_megatron.model.build import build_model
-from longctx_megatron.model.head import loss_weights, token_mean
+from longctx_megatron.model.loss import loss_weights, token_mean
 from longctx_megatron.parallel.state import ParallelContext
-
-
-def balanced_split(costs: list[float], stages: int, last_extra: float = 0.0) -> list[int]:
-    """Layers per stage (contiguous, each >= 1) minimising the most expensive stage.
-
-    ``last_extra`` is work only the last stage does (final norm, logits, loss). Exact dynamic
-    programme over split points: O(stages * layers^2), instant for any real depth.
-    """
-    n = len(costs)
-    if not 1 <= stages <= n:
-        raise ConfigError(f"pipeline-model-parallel size {stages} needs between 1 and n_layers={n} stages")
-    prefix = [0.0]
-    for cost in costs:
-        prefix.append(prefix[-1] + cost)
-    inf = float("inf")
-    # best[s][i]: minimal max-stage cost placing the first i layers on s stages; cut[s][i]: last stage start.
-    best = [[inf] * (n + 1) for _ in range(stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, stages + 1):
-        for i in range(s, n + 1):
-            extra = last_extra if (s == stages and i == n) else 0.0
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j] + extra)
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    sizes, end = [], n
-    for s in range(stages, 0, -1):
-        start = cut[s][end]
-        sizes.append(end - start)
-        end = start
-    return sizes[::-1]
-
-
-def parse_split(text: str, n_layers: int, stages: int) -> list[int]:
-    """``--pipeline-layer-split 10,8,7,7``: layers per stage, checked against the model and layout."""
-    try:
-        sizes = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--pipeline-layer-split {text!r} must be comma-separated layer counts") from None
-    if len(sizes) != stages or any(size < 1 for size in sizes) or sum(sizes) != n_layers:
-        raise ConfigError(
-            f"--pipeline-layer-split {text!r} must give {stages} positive layer counts (one per pipeline "
-            f"stage) adding up to n_layers={n_layers}"
-        )
-    return sizes
-
-
-def stage_costs(sizes: list[int], costs: list[float], last_extra: float = 0.0) -> list[float]:
-    totals, start = [], 0
-    for size in sizes:
-        totals.append(sum(costs[start:start + size]))
-        start += size
-    totals[-1] += last_extra
-    return totals
-
-
-def plan_pipeline(config: ModelConfig, stages: int, seq_len: int, override: str | None = None):
-    """(layers per stage, per-layer costs, head cost): the override if given, else the balanced split."""
-    costs = layer_forward_flops(config, seq_len)
-    head = head_forward_flops(config)
-    sizes = parse_split(override, config.n_layers, stages) if override else balanced_split(costs, stages, head)
-    return sizes, costs, head
-
-
-def describe_split(config: ModelConfig, sizes: list[int], costs: list[float], head: float) -> str:
-    """One line per stage: its layers, their patterns and its share of the cost (printed at start-up)."""
-    plan, totals, start, lines = config.layer_plan(), stage_costs(sizes, costs, head), 0, []
-    for stage, (size, total) in enumerate(zip(sizes, totals, strict=True)):
-        kinds = {}
-        for spec in plan[start:start + size]:
-            kinds[spec.kind] = kinds.get(spec.kind, 0) + 1
-        mix = ", ".join(f"{count} {kind}" for kind, count in kinds.items())
-        extras = (" + embedding" if stage == 0 else "") + (" + head" if stage == len(sizes) - 1 else "")
-        lines.append(f"stage {stage}: layers {start}-{start + size - 1} ({mix}{extras}), "
-                     f"{total / sum(totals):.1%} of the FLOPs")
-        start += size
-    return "\n".join(lines)
-
-
-def stage_layers(sizes: list[int], stage: int) -> range:
-    start = sum(sizes[:stage])
-    return range(start, start + sizes[stage])
 
 
 def schedule_1f1b(count: int, stages: int, stage: int) -> list[tuple[str, int, int]]:
@@ -217,27 +128,3 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
     for work in sends:
         work.wait()
     return losses
-
-
-def tied_embedding_weights(chunks: list, ctx: ParallelContext) -> list[torch.nn.Parameter]:
-    """This rank's copy of the tied embedding when the first and last pipeline stages both hold one
-    (their gradients are summed over ``ctx.embedding_group`` so the copies stay equal); else []."""
-    if ctx.pp_size == 1 or ctx.embedding_group is None or not chunks[0].config.tie_embeddings:
-        return []
-    return [next(chunk for chunk in chunks if chunk.embedding is not None).embedding.weight]
-
-
-def build_pipeline_chunks(config: ModelConfig, ctx: ParallelContext, sizes: list[int], **build_kwargs) -> list:
-    """This rank's model chunks, TP-sharded by ``ctx``: ``sizes`` gives the layers of every virtual
-    stage (len(sizes) = chunks x pp_size); chunk c holds virtual stage c * pp_size + pp_rank."""
-    virtual = len(sizes)
-    if virtual % ctx.pp_size:
-        raise ConfigError(f"{virtual} virtual pipeline stages do not divide over {ctx.pp_size} pipeline ranks")
-    chunks = []
-    for chunk in range(virtual // ctx.pp_size):
-        stage = chunk * ctx.pp_size + ctx.pp_rank
-        chunks.append(build_model(
-            config, parallel=ctx, layers=stage_layers(sizes, stage), pre_process=stage == 0,
-            post_process=stage == virtual - 1, **build_kwargs,
-        ))
-    return chunks

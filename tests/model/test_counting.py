@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from longctx_megatron.config import LayerSpec, ModelConfig
-from longctx_megatron.config.counting import mean_keys_per_query
 from longctx_megatron.model.attention.patterns import (
     DilatedPattern,
     FullPattern,
@@ -16,6 +15,7 @@ from longctx_megatron.model.attention.patterns import (
     pattern_for,
 )
 from longctx_megatron.model.build import build_model
+from longctx_megatron.model.counting import estimate_params, flops_per_token, mean_keys_per_query
 from tests.config.tiny_config import tiny
 
 
@@ -29,7 +29,7 @@ def built_params(config: ModelConfig) -> int:
 def test_design_default_parameter_count():
     config = ModelConfig()
     model = build_model(config, device="meta")
-    assert config.estimate_params() == 5_802_037_248
+    assert estimate_params(config) == 5_802_037_248
     assert sum(p.numel() for p in model.parameters()) == 5_802_037_248
     # Shape-only: nothing was allocated.
     params = list(model.parameters())
@@ -47,7 +47,7 @@ def test_design_default_count_by_hand():
     assert 32 * per_layer + 32000 * 4096 + 4096 == 5_802_037_248
     # Untying adds one vocab x d_model output matrix.
     untied = ModelConfig(tie_embeddings=False)
-    assert untied.estimate_params() == 5_802_037_248 + 32000 * 4096
+    assert estimate_params(untied) == 5_802_037_248 + 32000 * 4096
 
 
 TINY_CONFIGS = {
@@ -70,7 +70,7 @@ TINY_CONFIGS = {
 @pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
 def test_estimate_matches_built_model(name):
     config = tiny(**TINY_CONFIGS[name])
-    assert config.estimate_params() == built_params(config)
+    assert estimate_params(config) == built_params(config)
 
 
 def test_tiny_count_by_hand():
@@ -79,13 +79,13 @@ def test_tiny_count_by_hand():
     out = 64 * 64
     mlp = 3 * 64 * 128
     per_layer = qkv + out + mlp + 2 * 64
-    assert tiny().estimate_params() == 4 * per_layer + 100 * 64 + 64 == 154_432
-    assert tiny(tie_embeddings=False).estimate_params() == 154_432 + 100 * 64
+    assert estimate_params(tiny()) == 4 * per_layer + 100 * 64 + 64 == 154_432
+    assert estimate_params(tiny(tie_embeddings=False)) == 154_432 + 100 * 64
 
 
 def test_count_does_not_depend_on_the_plan():
     counts = {
-        tiny(attention_layout=layout).estimate_params()
+        estimate_params(tiny(attention_layout=layout))
         for layout in ("full:4", "sliding:4", "dilated:4", "sliding:2,dilated:1,full:1")
     }
     assert counts == {154_432}
@@ -181,23 +181,23 @@ def test_flops_all_full_hand_formula():
     for seq_len in (1, 2, 7, 128, 1000, 4096):
         attention = 3 * 4 * 4 * 16 * (seq_len + 1) / 2  # L * 4 * H * hd * mean keys
         expected = 3 * (2 * matmul_params + attention)
-        assert config.flops_per_token(seq_len) == pytest.approx(expected, rel=1e-12)
-        assert config.flops_per_token(seq_len, training=False) == pytest.approx(expected / 3, rel=1e-12)
+        assert flops_per_token(config, seq_len) == pytest.approx(expected, rel=1e-12)
+        assert flops_per_token(config, seq_len, training=False) == pytest.approx(expected / 3, rel=1e-12)
 
 
 def test_flops_design_default_at_one_token():
     config = ModelConfig()
-    dense = 2 * (config.estimate_params() - 32 * 2 * 4096 - 4096)  # every matmul weight, tied output counted
+    dense = 2 * (estimate_params(config) - 32 * 2 * 4096 - 4096)  # every matmul weight, tied output counted
     # At T=1 a sliding or full query sees its own key; in dilated layers only the KV heads with offset 0
     # (global KV heads 0 and 4 of 8, dilation 4) see it, so their mean is 2/8 keys.
     keys = 16 * 1 + 12 * 0.25 + 4 * 1
     assert mean_keys_per_query(config, 1) == [1.0] * 16 + [0.25] * 12 + [1.0] * 4
-    assert config.flops_per_token(1, training=False) == pytest.approx(dense + 4 * 32 * 128 * keys, rel=1e-12)
-    assert config.flops_per_token(1) == pytest.approx(3 * (dense + 4 * 32 * 128 * keys), rel=1e-12)
+    assert flops_per_token(config, 1, training=False) == pytest.approx(dense + 4 * 32 * 128 * keys, rel=1e-12)
+    assert flops_per_token(config, 1) == pytest.approx(3 * (dense + 4 * 32 * 128 * keys), rel=1e-12)
 
 
 def test_flops_tied_equals_untied():
-    assert tiny().flops_per_token(100) == tiny(tie_embeddings=False).flops_per_token(100)
+    assert flops_per_token(tiny(), 100) == flops_per_token(tiny(tie_embeddings=False), 100)
 
 
 def test_sliding_flops_stop_growing():
@@ -208,14 +208,14 @@ def test_sliding_flops_stop_growing():
     def mean_keys(seq_len):  # mean of min(i + 1, W) over i < T, for T >= W
         return window - window * (window - 1) / (2 * seq_len)
 
-    f8k, f16k = config.flops_per_token(8192), config.flops_per_token(16384)
+    f8k, f16k = flops_per_token(config, 8192), flops_per_token(config, 16384)
     delta = f16k - f8k
     assert delta == pytest.approx(per_key * (mean_keys(16384) - mean_keys(8192)), rel=1e-9)
     assert delta == pytest.approx(per_key * window * (window - 1) / 2 * (1 / 8192 - 1 / 16384), rel=1e-9)
     assert 0 < delta < 1e-4 * f8k
     # Versus full attention, whose growth is linear in T.
     full = tiny(n_layers=n_layers, attention_layout="full:2")
-    full_delta = full.flops_per_token(16384) - full.flops_per_token(8192)
+    full_delta = flops_per_token(full, 16384) - flops_per_token(full, 8192)
     assert full_delta == pytest.approx(per_key * 8192 / 2, rel=1e-9)
     assert full_delta > 10_000 * delta
 
@@ -225,15 +225,15 @@ def test_sliding_flops_below_window_equal_full_flops():
     sliding = tiny(n_layers=2, attention_layout="sliding:2", global_every=0, sliding_window=32)
     full = tiny(n_layers=2, attention_layout="full:2")
     for seq_len in (1, 5, 32):
-        assert sliding.flops_per_token(seq_len) == pytest.approx(full.flops_per_token(seq_len), rel=1e-12)
-    assert sliding.flops_per_token(64) < full.flops_per_token(64)
+        assert flops_per_token(sliding, seq_len) == pytest.approx(flops_per_token(full, seq_len), rel=1e-12)
+    assert flops_per_token(sliding, 64) < flops_per_token(full, 64)
 
 
 def test_global_tokens_keep_sliding_flops_growing():
     plain = tiny(n_layers=2, attention_layout="sliding:2", global_every=0)
     with_globals = tiny(n_layers=2, attention_layout="sliding:2", global_every=8)
-    grow_plain = plain.flops_per_token(4096) - plain.flops_per_token(2048)
-    grow_globals = with_globals.flops_per_token(4096) - with_globals.flops_per_token(2048)
+    grow_plain = flops_per_token(plain, 4096) - flops_per_token(plain, 2048)
+    grow_globals = flops_per_token(with_globals, 4096) - flops_per_token(with_globals, 2048)
     assert grow_globals > 100 * grow_plain
 
 
@@ -256,7 +256,7 @@ def test_dilated_flops_saturate_at_window():
 )
 @pytest.mark.parametrize("seq_len", [1, 17, 256, 5000])
 def test_inference_flops_are_a_third_of_training(config, seq_len):
-    training = config.flops_per_token(seq_len)
-    inference = config.flops_per_token(seq_len, training=False)
+    training = flops_per_token(config, seq_len)
+    inference = flops_per_token(config, seq_len, training=False)
     assert inference > 0
     assert training == pytest.approx(3 * inference, rel=1e-12)
