@@ -94,9 +94,9 @@ class ColumnParallelLinear(torch.nn.Module):
         if self.sequence_parallel:
             x = mappings.gather_from_sequence_parallel_region(x, self.group)
         else:
-            x = mappings.copy_to_tensor_parallel_region(x, self.group)
+            x = mappings.copy_to_tensor_model_parallel_region(x, self.group)
         y = F.linear(x, self.weight)
-        return mappings.gather_from_tensor_parallel_region(y, self.group) if self.gather_output else y
+        return mappings.gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
 
 
 class RowParallelLinear(torch.nn.Module):
@@ -110,11 +110,11 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
-            x = mappings.scatter_to_tensor_parallel_region(x, self.group)
+            x = mappings.scatter_to_tensor_model_parallel_region(x, self.group)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(y, self.group)
-        return mappings.reduce_from_tensor_parallel_region(y, self.group)
+        return mappings.reduce_from_tensor_model_parallel_region(y, self.group)
 
 
 class VocabParallelEmbedding(torch.nn.Module):
@@ -131,7 +131,7 @@ class VocabParallelEmbedding(torch.nn.Module):
         out = F.embedding(local.masked_fill(elsewhere, 0), self.weight).masked_fill(elsewhere[..., None], 0.0)
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(out, self.group)
-        return mappings.reduce_from_tensor_parallel_region(out, self.group)
+        return mappings.reduce_from_tensor_model_parallel_region(out, self.group)
 
 
 class VocabParallelHead(torch.nn.Module):
@@ -146,7 +146,7 @@ class VocabParallelHead(torch.nn.Module):
         if self.sequence_parallel:
             hidden = mappings.gather_from_sequence_parallel_region(hidden, self.group)
         else:
-            hidden = mappings.copy_to_tensor_parallel_region(hidden, self.group)
+            hidden = mappings.copy_to_tensor_model_parallel_region(hidden, self.group)
         logits = F.linear(hidden, weight)
         if labels is None:
             return logits, None

@@ -1,4 +1,5 @@
-"""Autograd-aware collectives between tensor-parallel regions (Megatron's mappings).
+"""Autograd-aware collectives between tensor-parallel regions, under megatron-core's names
+(``megatron/core/tensor_parallel/mappings.py``), so the two can be read side by side.
 
 Activations are batch-first (B, T, d): tensor parallelism splits the last dimension, sequence
 parallelism dimension 1. Every collective goes through ``all_reduce``, ``all_gather`` or
@@ -80,21 +81,21 @@ def _single(group) -> bool:
     return group is None or _size(group) == 1
 
 
-def copy_to_tensor_parallel_region(x, group):
+def copy_to_tensor_model_parallel_region(x, group):
     """Identity forward; all-reduce of the gradient (input of a column-parallel layer)."""
     if _single(group):
         return x
     return _Collective.apply(x, _identity, functools.partial(all_reduce, group=group))
 
 
-def reduce_from_tensor_parallel_region(x, group):
+def reduce_from_tensor_model_parallel_region(x, group):
     """All-reduce forward; identity backward (output of a row-parallel layer)."""
     if _single(group):
         return x
     return _Collective.apply(x, functools.partial(all_reduce, group=group), _identity)
 
 
-def scatter_to_tensor_parallel_region(x, group):
+def scatter_to_tensor_model_parallel_region(x, group):
     """Keep this rank's slice of the last dimension; backward all-gathers."""
     if _single(group):
         return x
@@ -102,7 +103,7 @@ def scatter_to_tensor_parallel_region(x, group):
                              functools.partial(all_gather, dim=-1, group=group))
 
 
-def gather_from_tensor_parallel_region(x, group):
+def gather_from_tensor_model_parallel_region(x, group):
     """All-gather along the last dimension; backward keeps this rank's slice."""
     if _single(group):
         return x

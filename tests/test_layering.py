@@ -1,0 +1,62 @@
+"""Dependencies point one way: config <- model <- parallel <- training (checkpoint beside training).
+
+Every module's imports are parsed (including imports inside functions) and each import of another
+package of longctx_megatron must be allowed by LAYERS; an upward import fails with its file and line.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import longctx_megatron
+
+PACKAGE = pathlib.Path(longctx_megatron.__file__).parent
+
+# Package (or top-level module) -> what it may import besides itself. data/ sits beside model/ on
+# top of config/; checkpoint/ sits beside training/ and may not import it.
+LAYERS = {
+    "atomic_file": set(),
+    "config": {"atomic_file"},
+    "data": {"config", "atomic_file"},
+    "model": {"config"},
+    "parallel": {"config", "model"},
+    "checkpoint": {"config", "model", "parallel", "atomic_file"},
+    "training": {"config", "data", "model", "parallel", "checkpoint", "atomic_file"},
+}
+
+
+def _layer(path: pathlib.Path) -> str:
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def _imported_layers(tree: ast.AST):
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "longctx_megatron" and len(parts) > 1:
+                yield node.lineno, parts[1]
+
+
+def test_every_package_has_a_layer():
+    packages = {_layer(path) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py" or path.parent != PACKAGE}
+    assert packages <= set(LAYERS), f"add {sorted(packages - set(LAYERS))} to LAYERS"
+
+
+def test_no_module_imports_a_layer_above_it():
+    violations = []
+    modules = sorted(PACKAGE.rglob("*.py"))
+    assert len(modules) > 50  # the walk found the package
+    for path in modules:
+        if path.parent == PACKAGE and path.name == "__init__.py":
+            continue
+        layer = _layer(path)
+        for line, imported in _imported_layers(ast.parse(path.read_text(), str(path))):
+            if imported != layer and imported not in LAYERS[layer]:
+                violations.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {layer} imports {imported}")
+    assert not violations, "upward imports:\n" + "\n".join(violations)
