@@ -54,13 +54,16 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import zlib
 
 import torch.distributed as dist
 
-from longctx_megatron.parallel.local_ranks import run_on_ranks
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: tests/
+
+from tests.distributed import run_on_ranks  # noqa: E402 - the tests' multi-rank runner
 
 BLOCK = 16 * 2**20
 DEFAULT_LAYOUTS = ["tp1", "dp2", "dp2+zero", "tp2xdp2", "dp4"]

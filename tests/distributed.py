@@ -1,5 +1,109 @@
-"""The tests' multi-rank runner: ``run_on_ranks(body, world_size, *args)`` (see parallel/local_ranks.py)."""
+"""The multi-rank runner of the tests and benchmarks: run a function on N local ranks in spawned processes,
+with a timeout so a hang is an error, not a stall.
 
-from longctx_megatron.parallel.local_ranks import free_port, run_on_ranks
+``run_on_ranks(body, world_size, *args)`` calls ``body(rank, world_size, *args)`` in every rank
+with MASTER_ADDR/PORT, RANK, WORLD_SIZE set (so ``initialize_parallel`` uses env://) and returns
+the ranks' return values. A rank's exception is re-raised with its traceback; a rank that dies
+without a result (killed, segfault) is named with its exit code; ranks still running at the
+deadline are killed and a TimeoutError names the ranks that hung. ``body`` must be a module-level
+function (spawned processes import it by name). Used by the tests and benchmarks; with more than
+one rank each gets one intra-op thread, since they share the machine's cores.
 
-__all__ = ["free_port", "run_on_ranks"]
+Results cross the process boundary as bytes: each rank pickles its value with the standard
+pickler (tensors by value) and writes it to a pipe of its own. A torch.multiprocessing queue
+would pass tensor storage by file descriptor, which the parent can only receive while the rank
+is still alive: a rank that returned and exited first made ``get`` fail with FileNotFoundError
+on the sender's socket, one run in many.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import socket
+import time
+import traceback
+
+
+class RankFailed(RuntimeError):
+    """A rank raised or died; the message carries its traceback or exit code."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(body, rank, world_size, port, sender, args):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
+    if world_size > 1:
+        torch.set_num_threads(1)
+    try:
+        payload = pickle.dumps((True, body(rank, world_size, *args)), protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:
+        payload = pickle.dumps((False, traceback.format_exc()))
+    try:  # the result goes out first: tearing down the group can block when a peer has failed
+        sender.send_bytes(payload)
+        sender.close()
+    except BrokenPipeError:
+        pass  # the parent has already stopped waiting (another rank failed)
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # the result is already delivered: a failing teardown changes nothing
+        pass
+
+
+def run_on_ranks(body, world_size: int, *args, timeout: float = 180.0) -> list:
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    pipes = [context.Pipe(duplex=False) for _ in range(world_size)]
+    processes = [
+        context.Process(target=_entry, args=(body, rank, world_size, port, pipes[rank][1], args), daemon=True)
+        for rank in range(world_size)
+    ]
+    pending = {pipes[rank][0]: rank for rank in range(world_size)}
+    outcomes: dict[int, object] = {}
+    try:
+        for process in processes:
+            process.start()
+        for _, sender in pipes:
+            sender.close()  # the rank holds the only write end: its exit without a result reads as EOF
+        deadline = time.monotonic() + timeout
+        while pending:
+            ready = multiprocessing.connection.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                hung = sorted(pending.values())
+                raise TimeoutError(f"ranks {hung} of {world_size} did not finish within {timeout:.0f} s")
+            for receiver in ready:
+                rank = pending.pop(receiver)
+                try:
+                    ok, value = pickle.loads(receiver.recv_bytes())
+                except EOFError:
+                    processes[rank].join(timeout=5)
+                    raise RankFailed(f"rank {rank} of {world_size} exited (code {processes[rank].exitcode}) "
+                                     "without a result") from None
+                if not ok:
+                    raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
+                outcomes[rank] = value
+    finally:
+        for receiver, sender in pipes:
+            receiver.close()
+            sender.close()
+        for process in processes:
+            if process.pid is None:
+                continue  # never started
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    return [outcomes[rank] for rank in range(world_size)]

@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-from longctx_megatron.parallel.local_ranks import RankFailed
-from tests.distributed import run_on_ranks
+from tests.distributed import RankFailed, run_on_ranks
 
 
 def _tensors_body(rank, world_size):
