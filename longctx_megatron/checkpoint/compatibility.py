@@ -3,7 +3,7 @@ anything else that differs (attention windows, RoPE, dropout, parallel layout) i
 
 from __future__ import annotations
 
-from longctx_megatron.checkpoint.reader import CheckpointError
+from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.serialization import config_to_dict
 

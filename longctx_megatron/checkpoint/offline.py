@@ -13,7 +13,8 @@ import shutil
 
 import torch
 
-from longctx_megatron.checkpoint import layout, state
+from longctx_megatron.checkpoint import keys, layout, state
+from longctx_megatron.checkpoint.manifest import FileReport, Layout, Piece, TrainingMetadata
 from longctx_megatron.checkpoint.safetensors_io import write_safetensors
 from longctx_megatron.checkpoint.sharded import publish_checkpoint
 from longctx_megatron.config import ModelConfig
@@ -23,16 +24,6 @@ from longctx_megatron.parallel.state import check_model_fits_layout
 from longctx_megatron.parallel.tensor import shard_spec_for
 
 
-def parameter_of(name: str) -> str:
-    """The parameter a checkpoint tensor belongs to (``optimizer/exp_avg/layers.0.mlp.down.weight`` ->
-    ``layers.0.mlp.down.weight``)."""
-    if name.startswith("model/"):
-        return name[len("model/"):]
-    if name.startswith("optimizer/"):
-        return name.split("/", 2)[2]
-    return name
-
-
 class OfflineWriter:
     def __init__(self, root: str, iteration: int, config: ModelConfig, tensor: int, pipeline: int):
         check_model_fits_layout(config, tensor)
@@ -40,14 +31,14 @@ class OfflineWriter:
             raise ValueError(f"--target-pipeline-parallel-size {pipeline} exceeds the model's {config.n_layers} layers")
         self.root, self.iteration, self.config, self.tensor = root, iteration, config, tensor
         self.stage_layers = plan_pipeline(config, pipeline, config.max_seq_len)[0]
-        self.reports: list[dict] = []
+        self.reports: list[FileReport] = []
         self.staged = layout.temporary_dir(root, iteration)
         shutil.rmtree(self.staged, ignore_errors=True)
         os.makedirs(self.staged)
 
-    def layout(self) -> dict:
-        return {"tensor": self.tensor, "pipeline": len(self.stage_layers), "data": 1,
-                "stage_layers": list(self.stage_layers), "sequence_parallel": False, "distributed_optimizer": False}
+    def layout(self) -> Layout:
+        return Layout(tensor=self.tensor, pipeline=len(self.stage_layers), data=1,
+                      stage_layers=tuple(self.stage_layers), sequence_parallel=False, distributed_optimizer=False)
 
     def stage_of(self, parameter: str) -> int:
         if parameter.startswith("layers."):
@@ -64,32 +55,33 @@ class OfflineWriter:
         for rank in range(self.tensor):
             pieces, index = {}, []
             for name, full in tensors.items():
-                parameter = parameter_of(name)
+                parameter = keys.parameter_of(name)
                 spec = shard_spec_for(parameter, tuple(full.shape), self.config.vocab_size, rank, self.tensor)
                 if spec is None and rank:
                     continue  # replicated: the first rank's file has it
                 for part, (offsets, box) in enumerate(state.boxes(spec.take(full) if spec else full, spec)):
-                    key = f"{name}#{part}"
+                    key = keys.piece_key(name, part)
                     pieces[key] = box.contiguous()
-                    index.append({"name": name, "key": key, "offsets": offsets, "shape": list(box.shape),
-                                  "global_shape": list(full.shape), "dtype": str(full.dtype)})
+                    index.append(Piece(name, key, tuple(offsets), tuple(box.shape), tuple(full.shape), str(full.dtype)))
             if not pieces:
                 continue
-            stage = self.stage_of(parameter_of(next(iter(tensors))))
+            stage = self.stage_of(keys.parameter_of(next(iter(tensors))))
             file = f"shard_pp{stage:03d}_tp{rank:03d}_{len(self.reports):05d}.safetensors"
             result = write_safetensors(os.path.join(self.staged, file), pieces)
-            self.reports.append({"file": file, "bytes": result.bytes, "crc32": result.crc32, "index": index})
+            self.reports.append(FileReport(file, result.bytes, result.crc32, tuple(index)))
             written.append(file)
         return written
 
-    def finish(self, metadata: dict) -> str:
-        """Write the manifest and metadata, rename into place and move the tracker; returns the directory."""
-        publish_checkpoint(self.root, self.iteration, self.reports, {**metadata, "layout": self.layout()})
+    def finish(self, metadata: TrainingMetadata) -> str:
+        """Write the manifest and ``metadata`` (with this writer's layout()), rename into place and move the
+        tracker; returns the directory."""
+        publish_checkpoint(self.root, self.iteration, self.reports, metadata)
         return layout.iteration_dir(self.root, self.iteration)
 
 
-def converted_metadata(config: ModelConfig, source: str, dtype: torch.dtype) -> dict:
-    """Training state of a checkpoint that starts training (nothing consumed, no optimizer state)."""
-    return {"consumed_samples": 0, "skipped_iterations": 0, "optimizer_steps": 0, "loss_scaler": None,
-            "learning_rate": None, "config": config_to_dict(config), "tokenizer": None,
-            "params_dtype": str(dtype).removeprefix("torch."), "converted_from": source}
+def converted_metadata(config: ModelConfig, source: str, dtype: torch.dtype, target: Layout) -> TrainingMetadata:
+    """Training state of a checkpoint that starts training (nothing consumed, no optimizer state), written
+    under the ``target`` layout."""
+    return TrainingMetadata(consumed_samples=0, skipped_iterations=0, optimizer_steps=0, loss_scaler=None,
+                            learning_rate=None, config=config_to_dict(config), tokenizer=None, layout=target,
+                            params_dtype=str(dtype).removeprefix("torch."), converted_from=source)

@@ -13,15 +13,10 @@ import os
 
 import torch
 
+from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.layout import MANIFEST, METADATA
+from longctx_megatron.checkpoint.manifest import CheckpointMetadata, Manifest, TensorEntry
 from longctx_megatron.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader, file_crc32
-
-FORMAT = "longctx-megatron sharded checkpoint"
-VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete, corrupt or does not fit the model; the message says which."""
 
 
 def read_json(path: str) -> dict:
@@ -36,37 +31,47 @@ def read_json(path: str) -> dict:
 
 def verify_files(directory: str, rank: int = 0, world_size: int = 1) -> list[str]:
     """Problems with the files of ``directory`` (empty when it is sound). Rank r checks every
-    world_size-th file's size and CRC-32, so a checkpoint is verified in parallel."""
+    world_size-th file's size and CRC-32, so a checkpoint is verified in parallel. Both JSON files are
+    checked field by field first."""
+    manifest_path, metadata_path = os.path.join(directory, MANIFEST), os.path.join(directory, METADATA)
     try:
-        manifest = read_json(os.path.join(directory, MANIFEST))
-        metadata = read_json(os.path.join(directory, METADATA))
+        manifest = Manifest.from_json(read_json(manifest_path), manifest_path)
+        CheckpointMetadata.from_json(read_json(metadata_path), metadata_path)
     except CheckpointError as error:
         return [str(error)]
-    if metadata.get("format") != FORMAT:
-        return [f"{directory}: {METADATA} is not a {FORMAT}"]
     problems = []
-    for position, (name, expected) in enumerate(sorted(manifest["files"].items())):
+    for position, (name, expected) in enumerate(sorted(manifest.files.items())):
         if position % world_size != rank:
             continue
         path = os.path.join(directory, name)
         if not os.path.exists(path):
             problems.append(f"{path} is missing")
-        elif (size := os.path.getsize(path)) != expected["bytes"]:
-            problems.append(f"{path} has {size} bytes, the manifest says {expected['bytes']} (truncated?)")
-        elif file_crc32(path) != expected["crc32"]:
+        elif (size := os.path.getsize(path)) != expected.bytes:
+            problems.append(f"{path} has {size} bytes, the manifest says {expected.bytes} (truncated?)")
+        elif file_crc32(path) != expected.crc32:
             problems.append(f"{path} does not match its CRC-32 in the manifest (corrupt)")
     return problems
 
 
 class CheckpointReader:
-    """The tensors of one checkpoint directory, by global name."""
+    """The tensors of one checkpoint directory, by global name.
+
+    ``metadata`` and ``tensors`` are metadata.json and the manifest's tensors as JSON; the manifest is
+    checked field by field on opening, and each entry is read through TensorEntry.
+    """
 
     def __init__(self, directory: str):
         self.directory = directory
         self.metadata = read_json(os.path.join(directory, METADATA))
-        manifest = read_json(os.path.join(directory, MANIFEST))
+        path = os.path.join(directory, MANIFEST)
+        manifest = read_json(path)
+        Manifest.from_json(manifest, path)  # a malformed manifest is refused on opening, by field
         self.tensors: dict[str, dict] = manifest["tensors"]
         self._files: dict[str, SafetensorsReader] = {}
+
+    def checkpoint_metadata(self) -> CheckpointMetadata:
+        """metadata.json, checked field by field."""
+        return CheckpointMetadata.from_json(self.metadata, os.path.join(self.directory, METADATA))
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -75,16 +80,15 @@ class CheckpointReader:
         return name in self.tensors
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entry(name)["shape"])
+        return self._entry(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
-        return getattr(torch, self._entry(name)["dtype"].removeprefix("torch."))
+        return self._entry(name).torch_dtype
 
-    def _entry(self, name: str) -> dict:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise CheckpointError(f"{self.directory} has no tensor {name!r}") from None
+    def _entry(self, name: str) -> TensorEntry:
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.directory} has no tensor {name!r}")
+        return TensorEntry.from_json(self.tensors[name], f"{os.path.join(self.directory, MANIFEST)}: tensor {name!r}")
 
     def _file(self, name: str) -> SafetensorsReader:
         if name not in self._files:
@@ -97,16 +101,15 @@ class CheckpointReader:
     def read_box(self, name: str, offsets: list[int], sizes: list[int]) -> torch.Tensor:
         """The region [offsets, offsets + sizes) of global tensor ``name``, as saved (dtype included)."""
         entry = self._entry(name)
-        out = torch.empty(sizes, dtype=self.dtype(name))
+        out = torch.empty(sizes, dtype=entry.torch_dtype)
         covered = 0
-        for piece in entry["pieces"]:
-            lo = [max(o, p) for o, p in zip(offsets, piece["offsets"], strict=True)]
-            hi = [min(o + s, p + n) for o, s, p, n in zip(offsets, sizes, piece["offsets"], piece["shape"],
-                                                           strict=True)]
+        for piece in entry.pieces:
+            lo = [max(o, p) for o, p in zip(offsets, piece.offsets, strict=True)]
+            hi = [min(o + s, p + n) for o, s, p, n in zip(offsets, sizes, piece.offsets, piece.shape, strict=True)]
             if any(a >= b for a, b in zip(lo, hi, strict=True)):
                 continue
-            source = self._file(piece["file"]).get(piece["key"])
-            source = source[tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece["offsets"], strict=True))]
+            source = self._file(piece.file).get(piece.key)
+            source = source[tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece.offsets, strict=True))]
             out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))].copy_(source)
             covered += math.prod(b - a for a, b in zip(lo, hi, strict=True))
         if covered != math.prod(sizes):

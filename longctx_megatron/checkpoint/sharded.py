@@ -2,13 +2,13 @@
 
 Save: each rank copies its model-space tensors (state.collect), writes them to its own
 ``shard_NNNNN.safetensors`` in a hidden temporary directory, and reports the file's size, CRC-32 and
-index to rank 0. Rank 0 writes ``metadata.json`` (the training state, config, tokenizer checksum:
-JSON, never pickle) and ``manifest.json`` (every file's size and CRC-32, every tensor's pieces),
-checks every file is there at its size, renames the directory into place, and only then moves the
-tracker and prunes old checkpoints. A crash at any point leaves the previous checkpoint and tracker
-as they were. With ``async_save`` the copy is synchronous and the rest runs in a background thread
-(with its own gloo group, so it never interleaves with training's collectives); the next save, and
-the end of training, wait for it.
+index (a manifest.FileReport, as JSON) to rank 0. Rank 0 writes ``metadata.json`` (the training
+state, config, tokenizer checksum: JSON, never pickle) and ``manifest.json`` (every file's size and
+CRC-32, every tensor's pieces), checks every file is there at its size, renames the directory into
+place, and only then moves the tracker and prunes old checkpoints. A crash at any point leaves the
+previous checkpoint and tracker as they were. With ``async_save`` the copy is synchronous and the
+rest runs in a background thread (with its own gloo group, so it never interleaves with training's
+collectives); the next save, and the end of training, wait for it.
 
 Load: candidates are the tracker's iteration, then every other checkpoint newest first (or exactly
 ``--ckpt-step``). All ranks verify a candidate together (sizes and CRC-32 split between them); the
@@ -29,7 +29,17 @@ import torch.distributed as dist
 
 from longctx_megatron.atomic_file import atomic_write
 from longctx_megatron.checkpoint import layout, state
-from longctx_megatron.checkpoint.reader import FORMAT, VERSION, CheckpointError, CheckpointReader, verify_files
+from longctx_megatron.checkpoint.errors import CheckpointError
+from longctx_megatron.checkpoint.manifest import (
+    CheckpointMetadata,
+    FileEntry,
+    FileReport,
+    Manifest,
+    TrainingMetadata,
+    WriteFailure,
+    report_from_json,
+)
+from longctx_megatron.checkpoint.reader import CheckpointReader, verify_files
 from longctx_megatron.checkpoint.safetensors_io import file_crc32, write_safetensors
 
 
@@ -50,7 +60,7 @@ class Checkpointer:
         self.last_stall_s = 0.0
 
     # ----------------------------------------------------------------- saving
-    def save(self, iteration: int, metadata: dict, chunks: list, optimizer, ctx, device) -> None:
+    def save(self, iteration: int, metadata: TrainingMetadata, chunks: list, optimizer, ctx, device) -> None:
         """Checkpoint the state after ``iteration`` iterations; returns once it is safe to train on."""
         self.wait()
         start = time.perf_counter()
@@ -81,7 +91,7 @@ class Checkpointer:
         except BaseException as error:  # re-raised in the training thread by wait()
             self._error = error
 
-    def _write(self, iteration: int, tensors: dict, index: list, metadata: dict, start: float) -> None:
+    def _write(self, iteration: int, tensors: dict, index: list, metadata: TrainingMetadata, start: float) -> None:
         staged = layout.temporary_dir(self.save_dir, iteration)
         if self.rank == 0:
             shutil.rmtree(staged, ignore_errors=True)  # left by a save that crashed
@@ -90,14 +100,15 @@ class Checkpointer:
         name = layout.shard_file(self.rank)
         try:
             written = write_safetensors(os.path.join(staged, name), tensors)
-            report = {"file": name, "bytes": written.bytes, "crc32": written.crc32, "index": index}
+            report = FileReport(name, written.bytes, written.crc32, tuple(index)).to_json()
         except Exception as error:  # noqa: BLE001 - reported by rank 0 for every rank
-            report = {"error": f"rank {self.rank} could not write {name}: {error}"}
+            report = WriteFailure(f"rank {self.rank} could not write {name}: {error}").to_json()
         reports = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(report, reports, dst=0, group=self.group)
         outcome = [None]
         if self.rank == 0:
             try:
+                reports = [report_from_json(report, f"rank {rank}'s report") for rank, report in enumerate(reports)]
                 total = self._publish(iteration, reports, metadata)
                 seconds = time.perf_counter() - start
                 self.log(f"saved checkpoint iteration {iteration} to {layout.iteration_dir(self.save_dir, iteration)}"
@@ -109,7 +120,7 @@ class Checkpointer:
             raise CheckpointError(f"saving iteration {iteration} failed; the previous checkpoint is intact: "
                                   f"{outcome[0]}")
 
-    def _publish(self, iteration: int, reports: list[dict], metadata: dict) -> int:
+    def _publish(self, iteration: int, reports: list[FileReport | WriteFailure], metadata: TrainingMetadata) -> int:
         total = publish_checkpoint(self.save_dir, iteration, reports, metadata)
         if self.keep_last:
             for old in layout.prune(self.save_dir, self.keep_last, protect=iteration):
@@ -148,32 +159,24 @@ class Checkpointer:
         raise CheckpointError(f"no sound checkpoint in {root}: " + "; ".join(problems))
 
 
-def publish_checkpoint(root: str, iteration: int, reports: list[dict], metadata: dict) -> int:
-    """Complete the staged checkpoint of ``iteration`` from every file's report ({"file", "bytes",
-    "crc32", "index"} or {"error"}): write metadata.json and manifest.json, check every file's
-    size, rename the directory into place and move the tracker. Returns the bytes written."""
-    failures = [report["error"] for report in reports if "error" in report]
+def publish_checkpoint(root: str, iteration: int, reports: list[FileReport | WriteFailure],
+                       metadata: TrainingMetadata) -> int:
+    """Complete the staged checkpoint of ``iteration`` from every file's report: write metadata.json and
+    manifest.json, check every file's size, rename the directory into place and move the tracker.
+    Returns the bytes written."""
+    failures = [report.error for report in reports if isinstance(report, WriteFailure)]
     if failures:
         raise CheckpointError("; ".join(failures))
     staged = layout.temporary_dir(root, iteration)
-    files, tensors = {}, {}
-    for report in reports:
-        files[report["file"]] = {"bytes": report["bytes"], "crc32": report["crc32"]}
-        for piece in report["index"]:
-            entry = tensors.setdefault(piece["name"], {"shape": piece["global_shape"], "dtype": piece["dtype"],
-                                                       "pieces": []})
-            entry["pieces"].append({"file": report["file"], "key": piece["key"], "offsets": piece["offsets"],
-                                    "shape": piece["shape"]})
     path = os.path.join(staged, layout.METADATA)
     with atomic_write(path, "w") as file:
-        json.dump({"format": FORMAT, "version": VERSION, "iteration": iteration, **metadata}, file, indent=1,
-                  sort_keys=True)
-    files[layout.METADATA] = {"bytes": os.path.getsize(path), "crc32": file_crc32(path)}
+        json.dump(CheckpointMetadata(iteration, metadata).to_json(), file, indent=1, sort_keys=True)
+    manifest = Manifest.from_reports(reports, {layout.METADATA: FileEntry(os.path.getsize(path), file_crc32(path))})
     with atomic_write(os.path.join(staged, layout.MANIFEST), "w") as file:
-        json.dump({"files": files, "tensors": tensors}, file, indent=1, sort_keys=True)
-    for name, expected in files.items():
+        json.dump(manifest.to_json(), file, indent=1, sort_keys=True)
+    for name, expected in manifest.files.items():
         size = os.path.getsize(os.path.join(staged, name))
-        if size != expected["bytes"]:
-            raise CheckpointError(f"{name} has {size} bytes after writing, expected {expected['bytes']}")
+        if size != expected.bytes:
+            raise CheckpointError(f"{name} has {size} bytes after writing, expected {expected.bytes}")
     layout.publish(root, iteration)
-    return sum(entry["bytes"] for entry in files.values())
+    return sum(entry.bytes for entry in manifest.files.values())

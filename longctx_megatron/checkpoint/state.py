@@ -1,12 +1,9 @@
 """What one rank puts into a checkpoint, and how it takes its part back under any parallel layout.
 
 Everything is stored in *model space*: each tensor under a global name with its global shape,
-as boxes (offsets + local shape) cut from the rank's tensor-parallel slices. Names:
-
-* ``model/<param>``: the weights, in the training dtype;
-* ``optimizer/exp_avg/<param>``, ``optimizer/exp_avg_sq/<param>``: Adam's moments, float32;
-* ``optimizer/main/<param>``: float32 master weights, only when the weights are not float32;
-* ``rng/rank00003/...``: that rank's generator states (meaningful only under the same layout).
+as boxes (offsets + local shape) cut from the rank's tensor-parallel slices, under the names of
+keys.py: the weights, Adam's moments (float32), float32 master weights only when the weights are
+not float32, and every rank's generator states. Each box is reported as a manifest.Piece.
 
 Each data-parallel rank of the distributed optimizer writes its own flat per-bucket shard, cut
 into boxes of the parameters it covers (a partial row, whole rows, a partial row each), with no
@@ -20,11 +17,11 @@ from __future__ import annotations
 
 import torch
 
-from longctx_megatron.parallel.data_parallel import DistributedOptimizer, flat_bucket
+from longctx_megatron.checkpoint import keys
+from longctx_megatron.checkpoint.manifest import Piece
+from longctx_megatron.parallel.distributed_optimizer import MOMENTS, DistributedOptimizer
 from longctx_megatron.parallel.layers import ShardSpec
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def model_parameters(chunks: list) -> list[tuple[str, torch.nn.Parameter, ShardSpec | None, bool]]:
@@ -100,11 +97,12 @@ def writers(params: list, ctx) -> set[str]:
 
 def optimizer_steps(optimizer) -> int:
     """How many updates the optimizer has applied (skipped iterations excluded)."""
-    inner = optimizer.optimizer if isinstance(optimizer, DistributedOptimizer) else optimizer
-    for state in inner.state.values():
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer.steps
+    for state in optimizer.state.values():
         if "step" in state:
             return int(state["step"])
-    return int(inner.param_groups[0].get("step", 0))  # apex FusedAdam keeps it per group
+    return int(optimizer.param_groups[0].get("step", 0))  # apex FusedAdam keeps it per group
 
 
 def optimizer_state(optimizer, params: list, keep: set[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -122,20 +120,13 @@ def distributed_optimizer_boxes(optimizer: DistributedOptimizer, params: list, c
     shard of each bucket: its part of the Adam moments (and of the fp32 masters, when the weights
     are not fp32), cut into boxes of the parameters' TP-local tensors. Nothing is communicated."""
     info = {param: (name, spec) for name, param, spec, copy in params if not copy}
-    for bucket, master in zip(optimizer.grads.buckets, optimizer.masters, strict=True):
-        state = optimizer.optimizer.state.get(master, {})
-        flats = {kind: state[kind] for kind in MOMENTS if kind in state}
-        size = bucket.padded // ctx.dp_size
-        first, offset = ctx.dp_rank * size, 0
-        for param in bucket.params:
-            lo, hi = max(offset, first), min(offset + param.numel(), first + size)
-            name, spec = info.get(param, (None, None))
-            if lo < hi and name is not None and (spec is not None or ctx.tp_rank == 0):  # TP replicas: once
-                kinds = {**flats, "main": master.detach()} if param.dtype != torch.float32 else flats
-                for kind, flat in kinds.items():
-                    for offsets, box in flat_boxes(flat[lo - first:hi - first], param.shape, lo - offset):
-                        yield name, kind, param, spec, offsets, box
-            offset += param.numel()
+    for param, start, _, master, moments in optimizer.shards():
+        name, spec = info.get(param, (None, None))
+        if name is not None and (spec is not None or ctx.tp_rank == 0):  # TP replicas: once
+            kinds = {**moments, keys.MAIN: master} if param.dtype != torch.float32 else moments
+            for kind, flat in kinds.items():
+                for offsets, box in flat_boxes(flat, param.shape, start):
+                    yield name, kind, param, spec, offsets, box
 
 
 def rng_states(chunks: list, device: torch.device) -> dict[str, torch.Tensor]:
@@ -161,7 +152,7 @@ def set_rng_states(chunks: list, device: torch.device, states: dict[str, torch.T
 
 
 def collect(chunks: list, optimizer, ctx, device: torch.device, buffers: dict | None = None
-            ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+            ) -> tuple[dict[str, torch.Tensor], list[Piece]]:
     """This rank's tensors to write (file key -> CPU tensor) and their index entries.
 
     With ``buffers`` (a dict kept between saves) every tensor is copied into a host buffer of its
@@ -174,32 +165,31 @@ def collect(chunks: list, optimizer, ctx, device: torch.device, buffers: dict | 
     distributed = isinstance(optimizer, DistributedOptimizer)
     moments = {} if distributed else optimizer_state(optimizer, params, mine)
     tensors: dict[str, torch.Tensor] = {}
-    index: list[dict] = []
+    index: list[Piece] = []
 
-    def add(name: str, cut: list, shape: tuple[int, ...], tag: str = "") -> None:
+    def add(name: str, cut: list, shape: tuple[int, ...], local_offsets: list[int] | None = None) -> None:
         for part, (offsets, box) in enumerate(cut):
-            key = f"{name}{tag}" if len(cut) == 1 else f"{name}{tag}#{part}"
+            key = keys.piece_key(name, part if len(cut) > 1 else None, local_offsets)
             if buffers is not None:
                 box = _copy_into(buffers, key, box)
             elif box.device.type != "cpu":
                 box = box.to("cpu")
             tensors[key] = box
-            index.append({"name": name, "key": key, "offsets": offsets, "shape": list(box.shape),
-                          "global_shape": list(shape), "dtype": str(box.dtype)})
+            index.append(Piece(name, key, tuple(offsets), tuple(box.shape), tuple(shape), str(box.dtype)))
 
     with torch.no_grad():
         for name, param, spec, copy in params:
             if copy or name not in mine:
                 continue
-            add(f"model/{name}", boxes(param.detach(), spec), global_shape(param, spec))
+            add(keys.model_key(name), boxes(param.detach(), spec), global_shape(param, spec))
             for kind, value in moments.get(name, {}).items():
-                add(f"optimizer/{kind}/{name}", boxes(value, spec), global_shape(param, spec))
+                add(keys.optimizer_key(kind, name), boxes(value, spec), global_shape(param, spec))
         if distributed:
             for name, kind, param, spec, offsets, box in distributed_optimizer_boxes(optimizer, params, ctx):
-                add(f"optimizer/{kind}/{name}", local_to_global(spec, offsets, box), global_shape(param, spec),
-                    tag="@" + ".".join(map(str, offsets)))
-        for key, value in rng_states(chunks, device).items():
-            add(f"rng/rank{ctx.rank:05d}/{key}", [([0], value)], tuple(value.shape))
+                add(keys.optimizer_key(kind, name), local_to_global(spec, offsets, box), global_shape(param, spec),
+                    local_offsets=offsets)
+        for state, value in rng_states(chunks, device).items():
+            add(keys.rng_key(ctx.rank, state), [([0], value)], tuple(value.shape))
     return tensors, index
 
 
@@ -217,42 +207,39 @@ def load(chunks: list, optimizer, ctx, device: torch.device, reader, steps: int,
     params = model_parameters(chunks)
 
     def weights(name: str, spec, shape) -> torch.Tensor:
-        main = f"optimizer/main/{name}"
-        return reader.read_local(main if reader.has(main) else f"model/{name}", spec, shape)
+        main = keys.optimizer_key(keys.MAIN, name)
+        return reader.read_local(main if reader.has(main) else keys.model_key(name), spec, shape)
 
     with torch.no_grad():
         for name, param, spec, _ in params:
             param.copy_(weights(name, spec, param.shape).to(param.dtype))
         restore = load_optimizer and steps > 0
         if isinstance(optimizer, DistributedOptimizer):
-            _load_distributed(optimizer, params, reader, weights, steps if restore else 0, ctx)
+            _load_distributed(optimizer, params, reader, weights, steps if restore else 0)
         elif restore:
             for name, param, spec, _ in params:
-                state = {kind: reader.read_local(f"optimizer/{kind}/{name}", spec, param.shape).float().to(param.device)
-                         for kind in MOMENTS}
+                state = {kind: reader.read_local(keys.optimizer_key(kind, name), spec, param.shape).float()
+                         .to(param.device) for kind in MOMENTS}
                 optimizer.state[param] = {"step": torch.tensor(float(steps)), **state}
             for group in optimizer.param_groups:
                 if "step" in group:
                     group["step"] = steps
     if load_rng:
-        prefix = f"rng/rank{ctx.rank:05d}/"
-        states = {name[len(prefix):]: reader.read_global(name) for name in reader.names() if name.startswith(prefix)}
+        states = {state: reader.read_global(name) for name in reader.names()
+                  if (state := keys.rng_state_of(name, ctx.rank)) is not None}
         if states:  # a converted checkpoint has none
             set_rng_states(chunks, device, states)
 
 
-def _load_distributed(optimizer: DistributedOptimizer, params: list, reader, weights, steps: int, ctx) -> None:
-    """Re-flatten model-space state into this layout's buckets and keep this DP rank's shard."""
+def _load_distributed(optimizer: DistributedOptimizer, params: list, reader, weights, steps: int) -> None:
+    """Hand the optimizer model-space masters (the saved masters, or else the weights) and moments."""
     info = {param: (name, spec) for name, param, spec, _ in params}
 
-    def shard(bucket, read) -> torch.Tensor:
-        flat = flat_bucket(bucket, lambda p: read(*info[p], p.shape).float().flatten())
-        return flat.view(ctx.dp_size, -1)[ctx.dp_rank].clone()
+    def masters(param) -> torch.Tensor:
+        return weights(*info[param], param.shape)
 
-    for bucket, master in zip(optimizer.grads.buckets, optimizer.masters, strict=True):
-        master.copy_(shard(bucket, weights))  # the masters must follow the loaded weights in every case
-        if steps:
-            state = {kind: shard(bucket, lambda n, s, shape, k=kind: reader.read_local(f"optimizer/{k}/{n}", s, shape))
-                     for kind in MOMENTS}
-            optimizer.optimizer.state[master] = {"step": torch.tensor(float(steps)),
-                                                 **{k: v.to(master.device) for k, v in state.items()}}
+    def moments(param, kind: str) -> torch.Tensor:
+        name, spec = info[param]
+        return reader.read_local(keys.optimizer_key(kind, name), spec, param.shape)
+
+    optimizer.load_state(masters, moments, steps)

@@ -13,10 +13,9 @@ DP reductions, divides by the step's divisor (DP size, loss scale, or the global
 sums the gradients of the parameters that other ranks hold as copies fed different data: the tied
 embedding's first- and last-stage copies, and norms replicated over TP under sequence parallelism.
 
-With the distributed optimizer (``--use-distributed-optimizer``) each bucket is reduce-scattered
-instead: a DP rank receives only the summed gradient of its 1/dp shard of every bucket, keeps
-Adam state and float32 master weights for that shard alone, and the updated shards are
-all-gathered back into the parameters (ZeRO stage 1: optimizer state partitioned).
+With the distributed optimizer (``--use-distributed-optimizer``, parallel/distributed_optimizer.py)
+each bucket is reduce-scattered instead: a DP rank receives only the summed gradient of its 1/dp
+shard of every bucket (``_Bucket.shard_range`` says which values).
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from longctx_megatron.parallel import mappings
-from longctx_megatron.parallel.grad_norm import reduce_norm_squares
 from longctx_megatron.parallel.replicas import sequence_parallel_replicas, tied_embedding_weights
 from longctx_megatron.parallel.state import ParallelContext
 
@@ -41,9 +39,16 @@ class _Bucket:
         self.seen = 0
         self.work = None
 
+    def shard_range(self, dp_rank: int) -> tuple[int, int]:
+        """[start, stop) of DP rank ``dp_rank``'s shard in the flat buffer: the one shard rule (equal
+        contiguous shards in DP rank order, as reduce-scatter and all-gather cut them)."""
+        size = self.padded // self.dp_size
+        return dp_rank * size, (dp_rank + 1) * size
+
     def shard(self, flat: torch.Tensor, dp_rank: int) -> torch.Tensor:
-        """DP rank ``dp_rank``'s part (a view) of a bucket-shaped flat tensor: the one shard rule."""
-        return flat.view(self.dp_size, -1)[dp_rank]
+        """DP rank ``dp_rank``'s part (a view) of a bucket-shaped flat tensor."""
+        start, stop = self.shard_range(dp_rank)
+        return flat[start:stop]
 
     def param_ranges(self):
         """(parameter, start, stop) of each parameter's values in the flat buffer, in order."""
@@ -158,65 +163,3 @@ def _sum_over_group(tensors: list[torch.Tensor], group) -> None:
     for tensor in tensors:
         tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
         offset += tensor.numel()
-
-
-def flat_bucket(bucket: _Bucket, values) -> torch.Tensor:
-    """A bucket-shaped flat float32 tensor holding ``values(param)`` for each parameter (padding 0)."""
-    flat = torch.zeros(bucket.padded, dtype=torch.float32, device=bucket.buffer.device)
-    for param, start, stop in bucket.param_ranges():
-        flat[start:stop] = values(param)
-    return flat
-
-
-class DistributedOptimizer:
-    """AdamW whose state and float32 master weights cover only this DP rank's shard of each bucket.
-
-    ``norm_weights`` maps each parameter to how much its squared gradient counts in the global
-    norm on this rank (grad_norm.norm_weights). ``decay(param)`` says whether weight decay applies
-    (not to norm weights).
-    """
-
-    def __init__(self, grads: DataParallelGradients, norm_weights: dict, lr: float, betas=(0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0, decay=lambda p: p.dim() > 1):
-        self.grads, self.ctx, self.weight_decay = grads, grads.ctx, weight_decay
-        self.masters, self.decay_masks, self.norm_weights = [], [], []
-        for bucket in grads.buckets:
-            def shard(values, bucket=bucket):
-                return bucket.shard(flat_bucket(bucket, values), self.ctx.dp_rank).clone()
-            self.masters.append(torch.nn.Parameter(shard(lambda p: p.detach().float().flatten())))
-            self.decay_masks.append(shard(lambda p: float(decay(p))))
-            self.norm_weights.append(shard(lambda p: norm_weights[p]))
-        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups  # learning-rate schedulers set "lr" here
-
-    def grad_norm(self) -> torch.Tensor:
-        """Global gradient norm from the reduced shards, summed over DP, TP and PP ranks."""
-        total = torch.zeros((), dtype=torch.float32, device=self.masters[0].device)
-        for bucket, weights in zip(self.grads.buckets, self.norm_weights, strict=True):
-            total += (self.grads.shard(bucket) ** 2 * weights).sum()
-        return reduce_norm_squares(total, self.ctx, groups=("dp", "tp", "pp"))
-
-    def step(self, clip: float | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
-        """Clip by the global norm (``norm`` if already computed), update this rank's shards, all-gather
-        the parameters; returns the norm."""
-        norm = self.grad_norm() if norm is None else norm
-        scale = (clip / (norm + 1e-6)).clamp(max=1.0) if clip else torch.ones(())
-        lr = self.optimizer.param_groups[0]["lr"]
-        for bucket, master, mask in zip(self.grads.buckets, self.masters, self.decay_masks, strict=True):
-            master.grad = self.grads.shard(bucket) * scale
-            with torch.no_grad():
-                master.mul_(1.0 - lr * self.weight_decay * mask)  # decoupled decay, as AdamW applies it
-        self.optimizer.step()
-        with torch.no_grad():
-            for bucket, master in zip(self.grads.buckets, self.masters, strict=True):
-                gathered = torch.empty(bucket.padded, dtype=torch.float32, device=master.device)
-                if self.ctx.dp_size > 1:
-                    mappings.all_gather_single(gathered, master.detach(), group=self.ctx.dp_group)
-                else:
-                    gathered.copy_(master.detach())
-                for param, start, stop in bucket.param_ranges():
-                    param.copy_(gathered[start:stop].view_as(param))
-        return norm

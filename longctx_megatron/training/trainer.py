@@ -25,7 +25,9 @@ import torch.distributed as dist
 
 from longctx_megatron.checkpoint import state as checkpoint_state
 from longctx_megatron.checkpoint.compatibility import check_compatible
-from longctx_megatron.checkpoint.reader import CheckpointError, CheckpointReader
+from longctx_megatron.checkpoint.errors import CheckpointError
+from longctx_megatron.checkpoint.manifest import Layout, TrainingMetadata
+from longctx_megatron.checkpoint.reader import CheckpointReader
 from longctx_megatron.checkpoint.sharded import Checkpointer
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.serialization import config_to_dict
@@ -39,7 +41,8 @@ from longctx_megatron.data.sampler import PretrainingSampler
 from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches
 from longctx_megatron.model.counting import estimate_params, flops_per_token
 from longctx_megatron.model.loss import loss_weights
-from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
+from longctx_megatron.parallel.data_parallel import DataParallelGradients
+from longctx_megatron.parallel.distributed_optimizer import DistributedOptimizer
 from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
 from longctx_megatron.parallel.pipeline_plan import describe_split, plan_pipeline
 from longctx_megatron.parallel.pipeline_schedule import forward_backward_pipelined
@@ -271,35 +274,33 @@ class Trainer:
                 self.evaluate(done)
         return None
 
-    def checkpoint_metadata(self) -> dict:
+    def checkpoint_metadata(self) -> TrainingMetadata:
         """The JSON part of a checkpoint: training progress, schedule, config, tokenizer and layout."""
         args = self.args
-        return {
-            "consumed_samples": self.consumed_samples,
-            "skipped_iterations": self.skipped,
-            "optimizer_steps": checkpoint_state.optimizer_steps(self.optimizer),
-            "loss_scaler": {"scale": self.scaler.scale, "clean_steps": self.scaler.clean_steps} if self.scaler
+        return TrainingMetadata(
+            consumed_samples=self.consumed_samples,
+            skipped_iterations=self.skipped,
+            optimizer_steps=checkpoint_state.optimizer_steps(self.optimizer),
+            loss_scaler={"scale": self.scaler.scale, "clean_steps": self.scaler.clean_steps} if self.scaler
             else None,
-            "learning_rate": {"lr": args.lr, "min_lr": args.min_lr, "warmup_iters": args.lr_warmup_iters,
-                              "decay_iters": args.lr_decay_iters or args.train_iters,
-                              "decay_style": args.lr_decay_style},
-            "config": config_to_dict(self.config),
-            "tokenizer": {"name": repr(self.tokenizer), "checksum": self.tokenizer.checksum()} if self.tokenizer
+            learning_rate={"lr": args.lr, "min_lr": args.min_lr, "warmup_iters": args.lr_warmup_iters,
+                           "decay_iters": args.lr_decay_iters or args.train_iters, "decay_style": args.lr_decay_style},
+            config=config_to_dict(self.config),
+            tokenizer={"name": repr(self.tokenizer), "checksum": self.tokenizer.checksum()} if self.tokenizer
             else None,
-            "layout": self.layout(),
-            "params_dtype": str(self.dtype).removeprefix("torch."),
-            "global_batch_size": self.global_batch,
-            "seq_length": args.seq_length,
-            "seed": args.seed,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+            layout=self.layout(),
+            params_dtype=str(self.dtype).removeprefix("torch."),
+            global_batch_size=self.global_batch,
+            seq_length=args.seq_length,
+            seed=args.seed,
+            saved_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        )
 
-    def layout(self) -> dict:
+    def layout(self) -> Layout:
         """The parallel layout; RNG states are only restored under an identical one."""
-        return {"tensor": self.ctx.tp_size, "pipeline": self.ctx.pp_size, "data": self.ctx.dp_size,
-                "stage_layers": list(self.stage_sizes),
-                "sequence_parallel": bool(self.args.sequence_parallel),
-                "distributed_optimizer": bool(self.args.use_distributed_optimizer)}
+        return Layout(tensor=self.ctx.tp_size, pipeline=self.ctx.pp_size, data=self.ctx.dp_size,
+                      stage_layers=tuple(self.stage_sizes), sequence_parallel=bool(self.args.sequence_parallel),
+                      distributed_optimizer=bool(self.args.use_distributed_optimizer))
 
     def save(self) -> None:
         self.checkpointer.save(self.iteration, self.checkpoint_metadata(), self.chunks, self.optimizer, self.ctx,
@@ -311,29 +312,30 @@ class Trainer:
 
     def restore(self, reader: CheckpointReader) -> None:
         """Load a checkpoint found by Checkpointer.find, as --finetune / --no-load-optim / --no-load-rng say."""
-        args, meta = self.args, reader.metadata
-        check_compatible(meta, self.config, self.tokenizer.checksum() if self.tokenizer else None, reader.directory,
-                         self.log)
-        saved = meta["layout"]
+        args, checkpoint = self.args, reader.checkpoint_metadata()
+        meta = checkpoint.training
+        check_compatible(reader.metadata, self.config, self.tokenizer.checksum() if self.tokenizer else None,
+                         reader.directory, self.log)
+        saved = meta.layout
         load_rng = not (args.no_load_rng or args.finetune)
         if load_rng and saved != self.layout():
-            self.log(f"note: RNG states not restored: saved under {saved}, running under {self.layout()}")
+            self.log(f"note: RNG states not restored: saved under {saved.to_json()}, running under "
+                     f"{self.layout().to_json()}")
             load_rng = False
-        checkpoint_state.load(self.chunks, self.optimizer, self.ctx, self.device, reader, meta["optimizer_steps"],
+        checkpoint_state.load(self.chunks, self.optimizer, self.ctx, self.device, reader, meta.optimizer_steps,
                               load_optimizer=not (args.no_load_optim or args.finetune), load_rng=load_rng)
         reader.close()
         if args.finetune:
             self.log(f"loaded the weights of {reader.directory} (--finetune): starting at iteration 0")
             return
-        self.iteration, self.consumed_samples = meta["iteration"], meta["consumed_samples"]
-        self.skips.total = meta["skipped_iterations"]
+        self.iteration, self.consumed_samples = checkpoint.iteration, meta.consumed_samples
+        self.skips.total = meta.skipped_iterations
         self.last_saved = self.iteration
-        if self.scaler and meta.get("loss_scaler"):
-            self.scaler.scale, self.scaler.clean_steps = meta["loss_scaler"]["scale"], meta["loss_scaler"][
-                "clean_steps"]
+        if self.scaler and meta.loss_scaler:
+            self.scaler.scale, self.scaler.clean_steps = meta.loss_scaler["scale"], meta.loss_scaler["clean_steps"]
         self.log(f"resumed from {reader.directory}: iteration {self.iteration}, consumed samples "
-                 f"{self.consumed_samples} (saved under tensor {saved['tensor']} x pipeline {saved['pipeline']} x "
-                 f"data {saved['data']})")
+                 f"{self.consumed_samples} (saved under tensor {saved.tensor} x pipeline {saved.pipeline} x "
+                 f"data {saved.data})")
 
 
 def _peak_memory_gib(device: torch.device) -> float:

@@ -6,7 +6,7 @@ import pytest
 
 import pretrain_longctx
 from longctx_megatron.checkpoint import layout, sharded
-from longctx_megatron.checkpoint.reader import CheckpointError
+from longctx_megatron.checkpoint.errors import CheckpointError
 from tests.checkpoint.helpers import BASE, assert_same_tensors, tensors
 
 

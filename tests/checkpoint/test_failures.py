@@ -10,7 +10,8 @@ import torch
 import pretrain_longctx
 from longctx_megatron.checkpoint import layout, sharded
 from longctx_megatron.checkpoint.compatibility import check_compatible
-from longctx_megatron.checkpoint.reader import CheckpointError, verify_files
+from longctx_megatron.checkpoint.errors import CheckpointError
+from longctx_megatron.checkpoint.reader import verify_files
 from longctx_megatron.config.serialization import config_to_dict
 from longctx_megatron.training.arguments import build_parser, validate_args
 from longctx_megatron.training.trainer import demo_config, setup

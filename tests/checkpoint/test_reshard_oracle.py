@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from longctx_megatron.checkpoint import layout, state
-from longctx_megatron.checkpoint.reader import CheckpointError, CheckpointReader
+from longctx_megatron.checkpoint.errors import CheckpointError
+from longctx_megatron.checkpoint.reader import CheckpointReader
 from longctx_megatron.checkpoint.safetensors_io import write_safetensors
 from longctx_megatron.parallel.layers import ShardSpec
 

@@ -7,7 +7,8 @@ import torch
 
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.build import build_model
-from longctx_megatron.parallel.data_parallel import DataParallelGradients, DistributedOptimizer
+from longctx_megatron.parallel.data_parallel import DataParallelGradients
+from longctx_megatron.parallel.distributed_optimizer import DistributedOptimizer
 from longctx_megatron.parallel.grad_norm import clip_grad_norm, norm_weights
 from longctx_megatron.parallel.pipeline_schedule import forward_backward_pipelined
 from longctx_megatron.parallel.state import initialize_parallel

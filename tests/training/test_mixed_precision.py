@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from longctx_megatron.parallel import mappings
-from longctx_megatron.parallel.data_parallel import DistributedOptimizer
+from longctx_megatron.parallel.distributed_optimizer import DistributedOptimizer
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
 from longctx_megatron.training.arguments import build_parser
 from longctx_megatron.training.trainer import setup

@@ -22,11 +22,13 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 from longctx_megatron.atomic_file import atomic_write
-from longctx_megatron.checkpoint import layout
+from longctx_megatron.checkpoint import keys, layout
+from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.hf import (
     ConversionError,
     config_from_hf,
@@ -36,8 +38,9 @@ from longctx_megatron.checkpoint.hf import (
     outer_from_hf,
     outer_to_hf,
 )
-from longctx_megatron.checkpoint.offline import OfflineWriter, converted_metadata, parameter_of
-from longctx_megatron.checkpoint.reader import CheckpointError, CheckpointReader, verify_files
+from longctx_megatron.checkpoint.manifest import CheckpointMetadata
+from longctx_megatron.checkpoint.offline import OfflineWriter, converted_metadata
+from longctx_megatron.checkpoint.reader import CheckpointReader, verify_files
 from longctx_megatron.checkpoint.safetensors_io import (
     Deferred,
     SafetensorsError,
@@ -88,7 +91,8 @@ class HFCheckpoint:
         return tensor.clone()
 
 
-def _newest(root: str, step: int | None) -> CheckpointReader:
+def _newest(root: str, step: int | None) -> tuple[CheckpointReader, CheckpointMetadata]:
+    """The checkpoint to convert (verified) and its metadata."""
     iteration = step if step is not None else layout.read_tracker(root)
     if iteration is None:
         raise CheckpointError(f"{root}: no {layout.TRACKER} (pass --ckpt-step)")
@@ -96,7 +100,8 @@ def _newest(root: str, step: int | None) -> CheckpointReader:
     problems = verify_files(directory) if os.path.isdir(directory) else [f"{directory} does not exist"]
     if problems:
         raise CheckpointError("; ".join(problems))
-    return CheckpointReader(directory)
+    reader = CheckpointReader(directory)
+    return reader, reader.checkpoint_metadata()
 
 
 def hf_to_native(args, log) -> str:
@@ -108,7 +113,7 @@ def hf_to_native(args, log) -> str:
                            args.target_pipeline_parallel_size)
 
     def group(tensors: dict, what: str) -> None:
-        converted = {f"model/{name}": t.to(dtype) if dtype else t for name, t in tensors.items()}
+        converted = {keys.model_key(name): t.to(dtype) if dtype else t for name, t in tensors.items()}
         files = writer.write_group(converted)
         log(f"{what}: {len(converted)} tensors -> {len(files)} files")
 
@@ -116,7 +121,7 @@ def hf_to_native(args, log) -> str:
     for index in range(config.n_layers):
         group(layer_from_hf(index, source.get, config), f"layer {index + 1}/{config.n_layers}")
     params_dtype = dtype or source.get("model.norm.weight", (config.d_model,)).dtype
-    directory = writer.finish(converted_metadata(config, os.path.abspath(args.input), params_dtype))
+    directory = writer.finish(converted_metadata(config, os.path.abspath(args.input), params_dtype, writer.layout()))
     save_config(config, os.path.join(args.output, "model.yaml"))
     log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)} (stage layers "
         f"{writer.stage_layers}); train from it with --config {os.path.join(args.output, 'model.yaml')} "
@@ -125,8 +130,8 @@ def hf_to_native(args, log) -> str:
 
 
 def native_to_hf(args, log) -> str:
-    reader = _newest(args.input, args.ckpt_step)
-    config = config_from_dict(reader.metadata["config"])
+    reader, saved = _newest(args.input, args.ckpt_step)
+    config = config_from_dict(saved.training.config)
     hf_config, notes = config_to_hf(config, args.allow_approximate)
     for note in notes:
         log(f"approximate: {note}")
@@ -136,7 +141,7 @@ def native_to_hf(args, log) -> str:
     dtype = getattr(torch, args.dtype) if args.dtype else None
 
     def get(name: str) -> torch.Tensor:
-        tensor = reader.read_global(f"model/{name}")
+        tensor = reader.read_global(keys.model_key(name))
         return tensor.to(dtype) if dtype else tensor
 
     groups = [("embedding, final norm, output", lambda: outer_to_hf(get, config))] + [
@@ -180,24 +185,23 @@ def native_to_hf(args, log) -> str:
 
 
 def native_to_native(args, log) -> str:
-    reader = _newest(args.input, args.ckpt_step)
-    config = config_from_dict(reader.metadata["config"])
-    names = [name for name in reader.names() if not name.startswith("rng/")]  # RNG states belong to a layout
+    reader, saved = _newest(args.input, args.ckpt_step)
+    config = config_from_dict(saved.training.config)
+    names = [name for name in reader.names() if not keys.is_rng_key(name)]
     by_parameter: dict[str, list[str]] = {}
     for name in names:
-        by_parameter.setdefault(parameter_of(name), []).append(name)
+        by_parameter.setdefault(keys.parameter_of(name), []).append(name)
     if args.consolidate:
-        tensors = {parameter_of(name): Deferred(reader.shape(name), reader.dtype(name),
-                                                lambda name=name: reader.read_global(name))
-                   for name in names if name.startswith("model/")}  # read one at a time while writing
+        tensors = {keys.parameter_of(name): Deferred(reader.shape(name), reader.dtype(name),
+                                                     lambda name=name: reader.read_global(name))
+                   for name in names if keys.is_model_key(name)}  # read one at a time while writing
         staged = args.output + ".incomplete"
-        write_safetensors(staged, tensors, {"config": json.dumps(reader.metadata["config"]),
-                                            "iteration": str(reader.metadata["iteration"])})
+        write_safetensors(staged, tensors, {"config": json.dumps(saved.training.config),
+                                            "iteration": str(saved.iteration)})
         os.replace(staged, args.output)
         log(f"wrote {args.output}: {len(tensors)} global tensors")
         return args.output
-    iteration = reader.metadata["iteration"]
-    writer = OfflineWriter(args.output, iteration, config, args.target_tensor_parallel_size,
+    writer = OfflineWriter(args.output, saved.iteration, config, args.target_tensor_parallel_size,
                            args.target_pipeline_parallel_size)
     layers: dict[str, list[str]] = {}
     for parameter, members in by_parameter.items():
@@ -206,9 +210,7 @@ def native_to_native(args, log) -> str:
     for key, members in layers.items():
         files = writer.write_group({name: reader.read_global(name) for name in members})
         log(f"{key}: {len(members)} tensors -> {len(files)} files")
-    metadata = {key: value for key, value in reader.metadata.items()
-                if key not in ("format", "version", "iteration", "layout")}
-    directory = writer.finish(metadata)
+    directory = writer.finish(replace(saved.training, layout=writer.layout()))
     save_config(config, os.path.join(args.output, "model.yaml"))
     log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)}")
     return directory
