@@ -60,12 +60,6 @@ class ShardSpec:
             out.append((p * local, start, max(0, min(local, bound - start))))
         return out
 
-    def assemble(self, shards: list[torch.Tensor]) -> torch.Tensor:
-        """The global (unpadded) tensor from every rank's slice, in rank order: the inverse of take."""
-        split = [shard.chunk(self.parts, dim=self.dim) for shard in shards]
-        full = torch.cat([torch.cat([s[p] for s in split], dim=self.dim) for p in range(self.parts)], dim=self.dim)
-        return full.narrow(self.dim, 0, self.global_shape[self.dim])
-
 
 def _sharded_weight(module, global_shape, dim, ctx: ParallelContext, padded=None, device=None, parts=1) -> None:
     """Give ``module`` its ``weight`` slice and the ``weight_shard`` describing it."""
@@ -79,15 +73,14 @@ def _sharded_weight(module, global_shape, dim, ctx: ParallelContext, padded=None
 
 
 class ColumnParallelLinear(torch.nn.Module):
-    """``padded_out_features`` zero-pads the output dimension first (a vocabulary-sized output);
+    """The output stays split (the next layer is row-parallel, or the vocab-parallel loss reads it).
+    ``padded_out_features`` zero-pads the output dimension first (a vocabulary-sized output);
     ``parts`` > 1 splits each of that many stacked output blocks separately (fused [gate; up])."""
 
-    def __init__(self, in_features, out_features, ctx: ParallelContext, gather_output=False,
-                 sequence_parallel=False, padded_out_features=None, parts=1, device=None):
+    def __init__(self, in_features, out_features, ctx: ParallelContext, sequence_parallel=False,
+                 padded_out_features=None, parts=1, device=None):
         super().__init__()
-        if gather_output and parts > 1:
-            raise ValueError("gather_output would interleave the stacked parts; gather them separately")
-        self.group, self.gather_output, self.sequence_parallel = ctx.tp_group, gather_output, sequence_parallel
+        self.group, self.sequence_parallel = ctx.tp_group, sequence_parallel
         _sharded_weight(self, (out_features, in_features), 0, ctx, padded_out_features, device, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,22 +88,18 @@ class ColumnParallelLinear(torch.nn.Module):
             x = mappings.gather_from_sequence_parallel_region(x, self.group)
         else:
             x = mappings.copy_to_tensor_model_parallel_region(x, self.group)
-        y = F.linear(x, self.weight)
-        return mappings.gather_from_tensor_model_parallel_region(y, self.group) if self.gather_output else y
+        return F.linear(x, self.weight)
 
 
 class RowParallelLinear(torch.nn.Module):
-    def __init__(self, in_features, out_features, ctx: ParallelContext, input_is_parallel=True,
-                 sequence_parallel=False, device=None):
+    """The input is already split (a column-parallel layer's output)."""
+
+    def __init__(self, in_features, out_features, ctx: ParallelContext, sequence_parallel=False, device=None):
         super().__init__()
-        if sequence_parallel and not input_is_parallel:
-            raise ValueError("sequence parallelism needs input_is_parallel=True")
-        self.group, self.input_is_parallel, self.sequence_parallel = ctx.tp_group, input_is_parallel, sequence_parallel
+        self.group, self.sequence_parallel = ctx.tp_group, sequence_parallel
         _sharded_weight(self, (out_features, in_features), 1, ctx, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = mappings.scatter_to_tensor_model_parallel_region(x, self.group)
         y = F.linear(x, self.weight)
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence_parallel_region(y, self.group)

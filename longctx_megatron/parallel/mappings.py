@@ -51,17 +51,9 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     return out
 
 
-def split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    """This rank's chunk of ``x`` along ``dim`` (no communication)."""
-    world = _size(group)
-    if x.shape[dim] % world:
-        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {world} ranks")
-    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
-
-
 class _Collective(torch.autograd.Function):
     """``forward(x)`` in the forward pass and ``backward(grad)`` in the backward pass: the two halves
-    of each mapping below are collectives (or local slices) that are each other's adjoint."""
+    of each mapping below are collectives that are each other's adjoint."""
 
     @staticmethod
     def forward(ctx, x, forward, backward):
@@ -93,30 +85,6 @@ def reduce_from_tensor_model_parallel_region(x, group):
     if _single(group):
         return x
     return _Collective.apply(x, functools.partial(all_reduce, group=group), _identity)
-
-
-def scatter_to_tensor_model_parallel_region(x, group):
-    """Keep this rank's slice of the last dimension; backward all-gathers."""
-    if _single(group):
-        return x
-    return _Collective.apply(x, functools.partial(split, dim=-1, group=group),
-                             functools.partial(all_gather, dim=-1, group=group))
-
-
-def gather_from_tensor_model_parallel_region(x, group):
-    """All-gather along the last dimension; backward keeps this rank's slice."""
-    if _single(group):
-        return x
-    return _Collective.apply(x, functools.partial(all_gather, dim=-1, group=group),
-                             functools.partial(split, dim=-1, group=group))
-
-
-def scatter_to_sequence_parallel_region(x, group):
-    """Keep this rank's sequence chunk; backward all-gathers."""
-    if _single(group):
-        return x
-    return _Collective.apply(x, functools.partial(split, dim=SEQUENCE_DIM, group=group),
-                             functools.partial(all_gather, dim=SEQUENCE_DIM, group=group))
 
 
 def gather_from_sequence_parallel_region(x, group):

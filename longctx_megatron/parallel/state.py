@@ -40,23 +40,6 @@ class ParallelContext:
     # First and last pipeline stage of my pipeline (both hold the tied embedding); None unless I am one.
     embedding_group: dist.ProcessGroup | None = None
 
-    @property
-    def tp_src_rank(self) -> int:
-        """Global rank of TP rank 0 in my group (broadcasts within the TP group start there)."""
-        return self.tp_ranks[0]
-
-    @property
-    def dp_src_rank(self) -> int:
-        return self.dp_ranks[0]
-
-    @property
-    def pp_first_rank(self) -> int:
-        return self.pp_ranks[0]
-
-    @property
-    def pp_last_rank(self) -> int:
-        return self.pp_ranks[-1]
-
 
 Groups = list[list[int]]
 

@@ -63,7 +63,7 @@ def _groups_body(rank, world_size):
     ctx = state.initialize_parallel(tensor=2, pipeline=2, backend="gloo")
     return dict(
         tp=ctx.tp_ranks, dp=ctx.dp_ranks, pp=ctx.pp_ranks, ranks=(ctx.tp_rank, ctx.dp_rank, ctx.pp_rank),
-        sizes=(ctx.tp_size, ctx.dp_size, ctx.pp_size), src=(ctx.tp_src_rank, ctx.pp_first_rank, ctx.pp_last_rank),
+        sizes=(ctx.tp_size, ctx.dp_size, ctx.pp_size), src=(ctx.tp_ranks[0], ctx.pp_ranks[0], ctx.pp_ranks[-1]),
     )
 
 

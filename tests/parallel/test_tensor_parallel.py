@@ -40,9 +40,11 @@ def _batch():
 
 def gather_global(tensor: torch.Tensor, shard, group) -> torch.Tensor:
     """Reassemble a sharded tensor from all TP ranks and drop the padding."""
-    parts = [torch.empty_like(tensor) for _ in range(shard.size)]
-    dist.all_gather(parts, tensor.contiguous(), group=group)
-    return shard.assemble(parts)
+    shards = [torch.empty_like(tensor) for _ in range(shard.size)]
+    dist.all_gather(shards, tensor.contiguous(), group=group)
+    split = [s.chunk(shard.parts, dim=shard.dim) for s in shards]  # the inverse of ShardSpec.take
+    full = torch.cat([torch.cat([s[p] for s in split], dim=shard.dim) for p in range(shard.parts)], dim=shard.dim)
+    return full.narrow(shard.dim, 0, shard.global_shape[shard.dim])
 
 
 def _parity_body(rank, world_size, tp):
