@@ -17,15 +17,15 @@ import sys
 import torch.distributed as dist
 
 from longctx_megatron.config import ConfigError
-from longctx_megatron.training.arguments import build_parser
+from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.recovery import TrainingStopped
-from longctx_megatron.training.trainer import setup
+from longctx_megatron.training.setup import setup
 
 
 def run(argv=None, log=print) -> list[float]:
     """Train as the command line says; returns every iteration's loss."""
-    args = build_parser().parse_args(argv)
-    trainer = setup(args, int(os.environ.get("WORLD_SIZE", "1")), log=log)
+    run_config = parse_run_config(argv, int(os.environ.get("WORLD_SIZE", "1")))
+    trainer = setup(run_config, log=log)
     return trainer.train()
 
 

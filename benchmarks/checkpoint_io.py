@@ -20,7 +20,7 @@ depending on what was freed just before, so expect that much spread between runs
 write is the (conservative) reference.
 
 The state: each layout runs in spawned gloo processes on CPU (one thread per rank when there is more
-than one) that build the real trainer through ``training.trainer.setup`` with a model whose fp32
+than one) that build the real trainer through ``training.setup.setup`` with a model whose fp32
 weights + Adam moments come to the requested size (12 bytes per parameter), and run one training
 step so the moments exist. Then, ``--repeats`` times, on every rank, with barriers around each
 measurement (per repeat the slowest rank counts; the best repeat is reported, each column on its own,
@@ -126,8 +126,9 @@ def measure_raw(directory: str, nbytes: int, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------------- model
 def model_flags(target_gb: float) -> list[str]:
     """Trainer flags for a model whose fp32 weights + Adam moments (12 bytes per parameter) make ~target_gb."""
-    from longctx_megatron.training.arguments import build_parser, model_config
-    from longctx_megatron.training.trainer import demo_config
+    from longctx_megatron.model.counting import estimate_params
+    from longctx_megatron.training.arguments import parse_run_config
+    from longctx_megatron.training.run_config import demo_config
 
     hidden = 256 if target_gb < 0.3 else 512 if target_gb < 0.6 else 768 if target_gb < 3 else 1024
     heads = hidden // 64
@@ -137,8 +138,8 @@ def model_flags(target_gb: float) -> list[str]:
              "--train-iters", "100"]
 
     def params(layers: int) -> int:
-        args = build_parser().parse_args([*shape, "--num-layers", str(layers)])
-        return model_config(args, demo_config()).estimate_params()
+        run = parse_run_config([*shape, "--num-layers", str(layers)], 1)
+        return estimate_params(run.model.resolve(demo_config(), run.training.seq_length))
 
     one, per_layer = params(1), params(2) - params(1)
     layers = max(2, round((target_gb * 1e9 / 12 - one) / per_layer) + 1)
@@ -203,12 +204,11 @@ def _checksum(trainer) -> float:
 
 def _measure(rank: int, world: int, job: dict) -> dict:
     from longctx_megatron.checkpoint import layout
-    from longctx_megatron.training.arguments import build_parser
-    from longctx_megatron.training.trainer import setup
+    from longctx_megatron.training.arguments import parse_run_config
+    from longctx_megatron.training.setup import setup
 
     root, lines = job["root"], []
-    args = build_parser().parse_args([*job["flags"], "--save", root])
-    trainer = setup(args, world, log=lines.append)
+    trainer = setup(parse_run_config([*job["flags"], "--save", root], world), log=lines.append)
     timers = PhaseTimers()
     checkpointer = trainer.checkpointer
     out: dict = {"rank": rank, "restored_ok": True, "log": lines}

@@ -78,12 +78,12 @@ def measure(args, microbatches: int, chunks: int, port: int) -> list[float]:
 
 
 def demo_line() -> str:
-    from longctx_megatron.training.arguments import build_parser
-    from longctx_megatron.training.trainer import setup
+    from longctx_megatron.training.arguments import parse_run_config
+    from longctx_megatron.training.setup import setup
 
     lines = []
-    args = build_parser().parse_args(["--train-iters", "10", "--log-interval", "10", "--eval-iters", "1"])
-    setup(args, 1, log=lines.append).train()
+    setup(parse_run_config(["--train-iters", "10", "--log-interval", "10", "--eval-iters", "1"], 1),
+          log=lines.append).train()
     dist.destroy_process_group()
     return next(line for line in lines if line.startswith("iteration"))
 

@@ -9,7 +9,7 @@ import torch
 import pretrain_longctx
 from longctx_megatron.data.builtin_corpus import BuiltinDataset, builtin_documents, builtin_token_stream, write_jsonl
 from longctx_megatron.data.tokenizers import ByteTokenizer
-from longctx_megatron.training.trainer import demo_config
+from longctx_megatron.training.run_config import demo_config
 
 
 def test_builtin_corpus_is_real_text():

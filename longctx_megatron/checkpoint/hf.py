@@ -3,10 +3,11 @@
 Tensor mapping (ADR 0008), per layer i, with H query heads, K KV heads, G = H / K, head dim D:
 
 * ``q_proj``, ``k_proj``, ``v_proj`` -> ``attention.qkv``, grouped per KV head g: the rows of query
-  heads gG .. gG+G-1, then k_g, then v_g. Hugging Face's query head h uses KV head h // G, as ours.
+  heads gG .. gG+G-1, then k_g, then v_g (``GroupedQKV``, the layout attention declares; packed and
+  unpacked by it). Hugging Face's query head h uses KV head h // G, as ours.
 * RoPE: both use the rotate-half convention (pair (j, j + D/2)) on the same row order, so no
   permutation of q/k rows is needed (a Meta-format checkpoint, interleaved pairs, would need one).
-* ``gate_proj``, ``up_proj`` -> ``mlp.gate_up`` = [gate; up]; ``down_proj`` -> ``mlp.down``;
+* ``gate_proj``, ``up_proj`` -> ``mlp.gate_up`` = [gate; up] (the MLP's ``GATE_UP``); ``down_proj`` -> ``mlp.down``;
   ``o_proj`` -> ``attention.out``; ``input_layernorm`` -> ``attention_norm``;
   ``post_attention_layernorm`` -> ``mlp_norm``; ``model.norm`` -> ``final_norm``;
   ``model.embed_tokens`` -> ``embedding``; ``lm_head`` -> ``output`` (absent when tied).
@@ -25,6 +26,8 @@ import torch
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.rope import RopeConfig
+from longctx_megatron.model.attention.layer import GroupedQKV
+from longctx_megatron.model.mlp import GATE_UP
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
 _ROPE_TYPES = {"default": "none", "linear": "linear", "yarn": "yarn", "llama3": "llama3"}
@@ -179,17 +182,16 @@ def layer_from_hf(index: int, get, config: ModelConfig) -> dict[str, torch.Tenso
     """Native tensors of layer ``index``; ``get(hf_name, expected_shape)`` reads one Hugging Face tensor."""
     heads, kv, head_dim, d = _dims(config)
     hf, ours = f"model.layers.{index}.", f"layers.{index}."
-    q = get(hf + "self_attn.q_proj.weight", (heads * head_dim, d))
-    k = get(hf + "self_attn.k_proj.weight", (kv * head_dim, d))
-    v = get(hf + "self_attn.v_proj.weight", (kv * head_dim, d))
-    qkv = torch.cat([q.reshape(kv, -1, d), k.reshape(kv, head_dim, d), v.reshape(kv, head_dim, d)], dim=1)
+    qkv = GroupedQKV(heads // kv, head_dim).pack(get(hf + "self_attn.q_proj.weight", (heads * head_dim, d)),
+                                                 get(hf + "self_attn.k_proj.weight", (kv * head_dim, d)),
+                                                 get(hf + "self_attn.v_proj.weight", (kv * head_dim, d)))
     return {
         ours + "attention_norm.weight": get(hf + "input_layernorm.weight", (d,)),
-        ours + "attention.qkv.weight": qkv.reshape(-1, d),
+        ours + "attention.qkv.weight": qkv,
         ours + "attention.out.weight": get(hf + "self_attn.o_proj.weight", (d, heads * head_dim)),
         ours + "mlp_norm.weight": get(hf + "post_attention_layernorm.weight", (d,)),
-        ours + "mlp.gate_up.weight": torch.cat([get(hf + "mlp.gate_proj.weight", (config.d_ff, d)),
-                                                get(hf + "mlp.up_proj.weight", (config.d_ff, d))]),
+        ours + "mlp.gate_up.weight": GATE_UP.pack(get(hf + "mlp.gate_proj.weight", (config.d_ff, d)),
+                                                  get(hf + "mlp.up_proj.weight", (config.d_ff, d))),
         ours + "mlp.down.weight": get(hf + "mlp.down_proj.weight", (d, config.d_ff)),
     }
 
@@ -198,13 +200,13 @@ def layer_to_hf(index: int, get, config: ModelConfig) -> dict[str, torch.Tensor]
     """Hugging Face tensors of layer ``index``; ``get(native_name)`` reads one global native tensor."""
     heads, kv, head_dim, d = _dims(config)
     hf, ours = f"model.layers.{index}.", f"layers.{index}."
-    grouped = get(ours + "attention.qkv.weight").reshape(kv, heads // kv + 2, head_dim, d)
-    gate, up = get(ours + "mlp.gate_up.weight").chunk(2)
+    q, k, v = GroupedQKV(heads // kv, head_dim).unpack(get(ours + "attention.qkv.weight"))
+    gate, up = GATE_UP.unpack(get(ours + "mlp.gate_up.weight"))
     return {
         hf + "input_layernorm.weight": get(ours + "attention_norm.weight"),
-        hf + "self_attn.q_proj.weight": grouped[:, :-2].reshape(heads * head_dim, d),
-        hf + "self_attn.k_proj.weight": grouped[:, -2].reshape(kv * head_dim, d),
-        hf + "self_attn.v_proj.weight": grouped[:, -1].reshape(kv * head_dim, d),
+        hf + "self_attn.q_proj.weight": q,
+        hf + "self_attn.k_proj.weight": k,
+        hf + "self_attn.v_proj.weight": v,
         hf + "self_attn.o_proj.weight": get(ours + "attention.out.weight"),
         hf + "post_attention_layernorm.weight": get(ours + "mlp_norm.weight"),
         hf + "mlp.gate_proj.weight": gate,

@@ -21,7 +21,7 @@ from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.serialization import config_to_dict
 from longctx_megatron.parallel.pipeline_plan import plan_pipeline
 from longctx_megatron.parallel.state import check_model_fits_layout
-from longctx_megatron.parallel.tensor import shard_spec_for
+from longctx_megatron.parallel.tensor import offline_shard_specs
 
 
 class OfflineWriter:
@@ -31,6 +31,7 @@ class OfflineWriter:
             raise ValueError(f"--target-pipeline-parallel-size {pipeline} exceeds the model's {config.n_layers} layers")
         self.root, self.iteration, self.config, self.tensor = root, iteration, config, tensor
         self.stage_layers = plan_pipeline(config, pipeline, config.max_seq_len)[0]
+        self.shard_specs = [offline_shard_specs(config, rank, tensor) for rank in range(tensor)]
         self.reports: list[FileReport] = []
         self.staged = layout.temporary_dir(root, iteration)
         shutil.rmtree(self.staged, ignore_errors=True)
@@ -56,9 +57,11 @@ class OfflineWriter:
             pieces, index = {}, []
             for name, full in tensors.items():
                 parameter = keys.parameter_of(name)
-                spec = shard_spec_for(parameter, tuple(full.shape), self.config.vocab_size, rank, self.tensor)
+                spec = self.shard_specs[rank].get(parameter)
                 if spec is None and rank:
                     continue  # replicated: the first rank's file has it
+                if spec is not None and tuple(full.shape) != spec.global_shape:
+                    raise ValueError(f"{name} has shape {list(full.shape)}, the model's is {list(spec.global_shape)}")
                 for part, (offsets, box) in enumerate(state.boxes(spec.take(full) if spec else full, spec)):
                     key = keys.piece_key(name, part)
                     pieces[key] = box.contiguous()

@@ -51,15 +51,21 @@ def grad_norm(models, ctx: ParallelContext | None) -> torch.Tensor:
     return reduce_norm_squares(total, ctx)
 
 
-def clip_grad_norm(models, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:
-    """Scale gradients so their global norm is at most ``max_norm`` (0: no clipping, as Megatron's
-    ``--clip-grad 0``); returns the norm before clipping."""
-    norm = grad_norm(models, ctx)
+def clip_by_norm(models, max_norm: float, norm: torch.Tensor) -> None:
+    """Scale gradients by max_norm / norm when the global ``norm`` exceeds ``max_norm`` (0: no
+    clipping, as Megatron's ``--clip-grad 0``)."""
     if not max_norm:
-        return norm
+        return
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for model in models if isinstance(models, list | tuple) else [models]:
         for param in model.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale.to(param.grad.dtype))
+
+
+def clip_grad_norm(models, max_norm: float, ctx: ParallelContext | None) -> torch.Tensor:
+    """Scale gradients so their global norm is at most ``max_norm`` (0: no clipping); returns the norm
+    before clipping."""
+    norm = grad_norm(models, ctx)
+    clip_by_norm(models, max_norm, norm)
     return norm

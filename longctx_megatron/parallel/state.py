@@ -76,8 +76,10 @@ def check_layout(world_size: int, tensor: int, pipeline: int, data: int | None) 
     return derived
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+def default_backend(device: torch.device | None = None) -> str:
+    """The process-group backend for ``device`` (default: CUDA when available): NCCL for CUDA, gloo for CPU."""
+    kind = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return "nccl" if kind == "cuda" else "gloo"
 
 
 def _elastic_store(timeout: datetime.timedelta) -> dist.Store:

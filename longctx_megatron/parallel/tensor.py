@@ -125,19 +125,3 @@ def offline_shard_specs(config: ModelConfig, rank: int, size: int) -> dict[str, 
         specs[f"{name}.weight"] = ShardSpec(dim, rank, size, shape, shape[dim], parts)
     return specs
 
-
-def shard_spec_for(name: str, global_shape: tuple[int, ...], vocab_size: int, rank: int, size: int
-                   ) -> ShardSpec | None:
-    """The ShardSpec that ``apply_tensor_parallel`` gives parameter ``name`` on TP rank ``rank`` of
-    ``size`` (None for a replicated one): the same plan, for tools that cut tensors without a model."""
-    if size == 1:
-        return None
-    module = name.removesuffix(".weight")
-    if module in ("embedding", "output"):
-        return ShardSpec(0, rank, size, tuple(global_shape), padded_vocab_size(vocab_size, size))
-    style = next((s for suffix, s in TENSOR_PARALLEL_PLAN.items() if module.endswith(suffix)), None)
-    if style is None:
-        return None
-    parts = 2 if module.endswith("gate_up") else 1  # TEMPORARY until offline.py uses offline_shard_specs
-    dim = 0 if style == "column" else 1
-    return ShardSpec(dim, rank, size, tuple(global_shape), global_shape[dim], parts)

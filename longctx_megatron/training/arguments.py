@@ -1,28 +1,151 @@
-"""Command-line flags with Megatron-LM's names and meanings, checked before any process group starts."""
+"""Megatron-LM's command-line flags -> the typed RunConfig, by one table; checked before any process group starts.
+
+``FLAGS`` lists every flag once: its argparse options and the RunConfig field it sets
+(``section.field``; ``model.overrides.<field>`` overrides that ModelConfig field on top of
+``--config``). The parser and the RunConfig are both built from it, so a flag cannot be parsed and
+then ignored. This module is the only one that sees argparse.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from longctx_megatron.config import ModelConfig, load_config
 from longctx_megatron.data.tokenizers import TOKENIZER_TYPES
 from longctx_megatron.model.attention import factory
 from longctx_megatron.parallel.parallelize import RECOMPUTE_GRANULARITIES
 from longctx_megatron.parallel.state import check_layout
 from longctx_megatron.training.lr_schedule import DECAY_STYLES
+from longctx_megatron.training.run_config import RunConfig
 
-# Megatron flag -> (ModelConfig field, type), for flags that override the model section.
-MODEL_FLAGS = {
-    "num-layers": ("n_layers", int), "hidden-size": ("d_model", int), "num-attention-heads": ("n_heads", int),
-    "num-query-groups": ("n_kv_heads", int), "ffn-hidden-size": ("d_ff", int),
-    "max-position-embeddings": ("max_seq_len", int), "vocab-size": ("vocab_size", int),
-    "attention-layout": ("attention_layout", str), "sliding-window": ("sliding_window", int),
-    "global-every": ("global_every", int), "dilated-window": ("dilated_window", int), "dilation": ("dilation", int),
-    "init-method-std": ("init_std", float), "hidden-dropout": ("hidden_dropout", float),
-    "attention-dropout": ("attention_dropout", float),
+
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag: argparse ``options`` and the RunConfig fields it sets. ``convert`` maps
+    the parsed value to the field's (None leaves the field at its default)."""
+
+    name: str
+    targets: tuple[str, ...]
+    options: dict = field(default_factory=dict)
+    convert: Callable | None = None
+
+
+def _model(name: str, target: str, kind, **options) -> Flag:
+    return Flag(name, (f"model.overrides.{target}",), {"type": kind, **options})
+
+
+GROUPS: dict[str, tuple[str, list[Flag]]] = {
+    "model": ("model (override --config; default: the built-in tiny model)", [
+        Flag("--config", ("model.config_file",), {"help": "model config, .yaml or .json"}),
+        _model("--num-layers", "n_layers", int), _model("--hidden-size", "d_model", int),
+        _model("--num-attention-heads", "n_heads", int), _model("--num-query-groups", "n_kv_heads", int),
+        _model("--ffn-hidden-size", "d_ff", int), _model("--max-position-embeddings", "max_seq_len", int),
+        # With --data-path, the tokenizer's id count (NullTokenizer's, as in Megatron) as well.
+        Flag("--vocab-size", ("model.overrides.vocab_size", "data.vocab_size"), {"type": int}),
+        _model("--attention-layout", "attention_layout", str), _model("--sliding-window", "sliding_window", int),
+        _model("--global-every", "global_every", int), _model("--dilated-window", "dilated_window", int),
+        _model("--dilation", "dilation", int), _model("--init-method-std", "init_std", float),
+        _model("--hidden-dropout", "hidden_dropout", float), _model("--attention-dropout", "attention_dropout", float),
+        _model("--rotary-base", "rope_theta", float, help="RoPE theta of every layer"),
+        Flag("--untie-embeddings-and-output-weights", ("model.overrides.tie_embeddings",), {"action": "store_true"},
+             convert=lambda untie: False if untie else None),
+        Flag("--attention-backend", ("model.attention_backend",),
+             {"default": "auto", "choices": ["auto", *factory.list_variants()]}),
+    ]),
+    "parallel": ("parallelism", [
+        Flag("--tensor-model-parallel-size", ("parallel.tensor",), {"type": int, "default": 1}),
+        Flag("--pipeline-model-parallel-size", ("parallel.pipeline",), {"type": int, "default": 1}),
+        Flag("--sequence-parallel", ("parallel.sequence_parallel",), {"action": "store_true"}),
+        Flag("--pipeline-layer-split", ("parallel.pipeline_layer_split",),
+             {"help": "layers per stage, e.g. 10,8,7,7 (default: by cost)"}),
+        Flag("--num-layers-per-virtual-pipeline-stage", ("parallel.layers_per_virtual_stage",),
+             {"type": int, "help": "interleaved 1F1B with this many layers per virtual stage"}),
+        Flag("--use-distributed-optimizer", ("parallel.distributed_optimizer",), {
+            "action": "store_true", "help": "shard Adam state and fp32 master weights over data-parallel ranks "
+            "(ZeRO-1)"}),
+        Flag("--distributed-backend", ("parallel.backend",), {"choices": ["nccl", "gloo"]}),
+        Flag("--distributed-timeout-minutes", ("parallel.timeout_minutes",), {"type": float, "default": 10.0}),
+        Flag("--recompute-granularity", ("parallel.recompute_granularity",),
+             {"choices": RECOMPUTE_GRANULARITIES[1:]}),
+    ]),
+    "training": ("training", [
+        Flag("--seq-length", ("training.seq_length",), {"type": int, "default": 1024}),
+        Flag("--micro-batch-size", ("training.micro_batch_size",), {"type": int, "default": 4}),
+        Flag("--global-batch-size", ("training.global_batch_size",),
+             {"type": int, "help": "default: micro batch size x data-parallel size"}),
+        Flag("--train-iters", ("training.train_iters",), {"type": int, "default": 60}),
+        Flag("--lr", ("training.lr",), {"type": float, "default": 3e-3}),
+        Flag("--min-lr", ("training.min_lr",), {"type": float, "default": 0.0}),
+        Flag("--lr-decay-style", ("training.lr_decay_style",), {"choices": DECAY_STYLES, "default": "cosine"}),
+        Flag("--lr-warmup-iters", ("training.lr_warmup_iters",), {"type": int, "default": 10}),
+        Flag("--lr-decay-iters", ("training.lr_decay_iters",), {"type": int, "help": "default: --train-iters"}),
+        Flag("--weight-decay", ("training.weight_decay",), {"type": float, "default": 0.1}),
+        Flag("--adam-beta1", ("training.adam_beta1",), {"type": float, "default": 0.9}),
+        Flag("--adam-beta2", ("training.adam_beta2",), {"type": float, "default": 0.95}),
+        Flag("--adam-eps", ("training.adam_eps",), {"type": float, "default": 1e-8}),
+        Flag("--clip-grad", ("training.clip_grad",),
+             {"type": float, "default": 1.0, "help": "global gradient-norm clip (0: none)"}),
+        Flag("--calculate-per-token-loss", ("training.calculate_per_token_loss",), {
+            "action": "store_true", "help": "gradients of sum of token losses / unmasked tokens of the global batch "
+            "(default, as in Megatron: of the mean over micro-batches and DP ranks of each micro-batch's token "
+            "mean)"}),
+        Flag("--bf16", ("training.precision",), {"action": "store_true"}, convert=lambda on: "bf16" if on else None),
+        Flag("--fp16", ("training.precision",), {"action": "store_true"}, convert=lambda on: "fp16" if on else None),
+        Flag("--initial-loss-scale", ("training.initial_loss_scale",),
+             {"type": float, "default": 2.0**16, "help": "fp16 dynamic loss scale start"}),
+        Flag("--seed", ("training.seed",), {"type": int, "default": 1234}),
+        Flag("--device", ("training.device",), {"help": "default: cuda when available, else cpu"}),
+    ]),
+    "data": ("data (default: the built-in corpus with the byte tokenizer)", [
+        Flag("--data-path", ("data.data_path",), {"nargs": "+", "help": "prefix, or weight prefix pairs: 0.3 dataA "
+                                                  "0.7 dataB"}, convert=lambda paths: tuple(paths) if paths else None),
+        Flag("--split", ("data.split",), {"default": "969,30,1"}),
+        Flag("--tokenizer-type", ("data.tokenizer_type",), {"choices": TOKENIZER_TYPES}),
+        Flag("--tokenizer-model", ("data.tokenizer_model",)),
+        Flag("--data-cache-path", ("data.data_cache_path",)),
+        Flag("--reset-position-ids", ("data.reset_position_ids",), {"action": "store_true"}),
+        Flag("--eod-mask-loss", ("data.eod_mask_loss",), {"action": "store_true"}),
+    ]),
+    "checkpointing": ("checkpointing and recovery (give --save and --load the same directory to resume "
+                      "automatically)", [
+        Flag("--save", ("checkpointing.save",),
+             {"help": "directory for checkpoints: iter_NNNNNNN/ and latest_checkpointed_iteration.txt"}),
+        Flag("--save-interval", ("checkpointing.save_interval",), {"type": int, "help": "iterations between "
+             "checkpoints (one is always saved at the end and on preemption)"}),
+        Flag("--keep-last", ("checkpointing.keep_last",), {"type": int, "help": "keep only the newest N checkpoints"}),
+        Flag("--async-save", ("checkpointing.async_save",),
+             {"action": "store_true", "help": "write checkpoints in the background"}),
+        Flag("--load", ("checkpointing.load",),
+             {"help": "resume from the newest sound checkpoint here (none yet: start fresh)"}),
+        Flag("--ckpt-step", ("checkpointing.ckpt_step",),
+             {"type": int, "help": "load this iteration instead of the newest"}),
+        Flag("--finetune", ("checkpointing.finetune",),
+             {"action": "store_true", "help": "load weights only; start at iteration 0"}),
+        Flag("--no-load-optim", ("checkpointing.no_load_optim",),
+             {"action": "store_true", "help": "do not load optimizer state"}),
+        Flag("--no-load-rng", ("checkpointing.no_load_rng",), {"action": "store_true", "help": "do not load RNG "
+                                                               "states"}),
+        Flag("--exit-interval", ("checkpointing.exit_interval",),
+             {"type": int, "help": "save and exit when the iteration is a multiple of this"}),
+        Flag("--exit-duration-in-mins", ("checkpointing.exit_duration_in_mins",),
+             {"type": float, "help": "save and exit after this many minutes"}),
+        Flag("--max-skipped-iters-in-a-row", ("checkpointing.max_skipped_iters_in_a_row",),
+             {"type": int, "default": 10, "help": "stop after this many consecutive non-finite steps (0: never)"}),
+    ]),
+    "logging": ("logging and evaluation", [
+        Flag("--log-interval", ("logging.log_interval",), {"type": int, "default": 10}),
+        Flag("--eval-interval", ("logging.eval_interval",),
+             {"type": int, "default": 0, "help": "0: evaluate only after training"}),
+        Flag("--eval-iters", ("logging.eval_iters",), {"type": int, "default": 2}),
+        Flag("--tensorboard-dir", ("logging.tensorboard_dir",)),
+        Flag("--peak-tflops", ("logging.peak_tflops",),
+             {"type": float, "help": "device peak for MFU (default: known GPUs only)"}),
+    ]),
 }
+FLAGS = [flag for _, flags in GROUPS.values() for flag in flags]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,152 +153,96 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pre-train a long-context GPT. With no flags: the built-in tiny model on the built-in corpus.",
         allow_abbrev=False,
     )
-    model = parser.add_argument_group("model (override --config; default: the built-in tiny model)")
-    model.add_argument("--config", help="model config, .yaml or .json")
-    for flag, (_, kind) in MODEL_FLAGS.items():
-        model.add_argument(f"--{flag}", type=kind)
-    model.add_argument("--rotary-base", type=float, help="RoPE theta of every layer")
-    model.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    model.add_argument("--attention-backend", default="auto", choices=["auto", *factory.list_variants()])
-
-    parallel = parser.add_argument_group("parallelism")
-    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--sequence-parallel", action="store_true")
-    parallel.add_argument("--pipeline-layer-split", help="layers per stage, e.g. 10,8,7,7 (default: by cost)")
-    parallel.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
-                          help="interleaved 1F1B with this many layers per virtual stage")
-    parallel.add_argument("--use-distributed-optimizer", action="store_true",
-                          help="shard Adam state and fp32 master weights over data-parallel ranks (ZeRO-1)")
-    parallel.add_argument("--distributed-backend", choices=["nccl", "gloo"])
-    parallel.add_argument("--distributed-timeout-minutes", type=float, default=10.0)
-    parallel.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES[1:])
-
-    train = parser.add_argument_group("training")
-    train.add_argument("--seq-length", type=int, default=1024)
-    train.add_argument("--micro-batch-size", type=int, default=4)
-    train.add_argument("--global-batch-size", type=int, help="default: micro batch size x data-parallel size")
-    train.add_argument("--train-iters", type=int, default=60)
-    train.add_argument("--lr", type=float, default=3e-3)
-    train.add_argument("--min-lr", type=float, default=0.0)
-    train.add_argument("--lr-decay-style", choices=DECAY_STYLES, default="cosine")
-    train.add_argument("--lr-warmup-iters", type=int, default=10)
-    train.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
-    train.add_argument("--weight-decay", type=float, default=0.1)
-    train.add_argument("--adam-beta1", type=float, default=0.9)
-    train.add_argument("--adam-beta2", type=float, default=0.95)
-    train.add_argument("--adam-eps", type=float, default=1e-8)
-    train.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: none)")
-    train.add_argument("--calculate-per-token-loss", action="store_true",
-                       help="gradients of sum of token losses / unmasked tokens of the global batch (default, as "
-                       "in Megatron: of the mean over micro-batches and DP ranks of each micro-batch's token mean)")
-    train.add_argument("--bf16", action="store_true")
-    train.add_argument("--fp16", action="store_true")
-    train.add_argument("--initial-loss-scale", type=float, default=2.0**16, help="fp16 dynamic loss scale start")
-    train.add_argument("--seed", type=int, default=1234)
-    train.add_argument("--device", help="default: cuda when available, else cpu")
-
-    data = parser.add_argument_group("data (default: the built-in corpus with the byte tokenizer)")
-    data.add_argument("--data-path", nargs="+", help="prefix, or weight prefix pairs: 0.3 dataA 0.7 dataB")
-    data.add_argument("--split", default="969,30,1")
-    data.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES)
-    data.add_argument("--tokenizer-model")
-    data.add_argument("--data-cache-path")
-    data.add_argument("--reset-position-ids", action="store_true")
-    data.add_argument("--eod-mask-loss", action="store_true")
-
-    ckpt = parser.add_argument_group("checkpointing and recovery (give --save and --load the same directory to "
-                                     "resume automatically)")
-    ckpt.add_argument("--save", help="directory for checkpoints: iter_NNNNNNN/ and latest_checkpointed_iteration.txt")
-    ckpt.add_argument("--save-interval", type=int, help="iterations between checkpoints (one is always saved at the "
-                      "end and on preemption)")
-    ckpt.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
-    ckpt.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
-    ckpt.add_argument("--load", help="resume from the newest sound checkpoint here (none yet: start fresh)")
-    ckpt.add_argument("--ckpt-step", type=int, help="load this iteration instead of the newest")
-    ckpt.add_argument("--finetune", action="store_true", help="load weights only; start at iteration 0")
-    ckpt.add_argument("--no-load-optim", action="store_true", help="do not load optimizer state")
-    ckpt.add_argument("--no-load-rng", action="store_true", help="do not load RNG states")
-    ckpt.add_argument("--exit-interval", type=int, help="save and exit when the iteration is a multiple of this")
-    ckpt.add_argument("--exit-duration-in-mins", type=float, help="save and exit after this many minutes")
-    ckpt.add_argument("--max-skipped-iters-in-a-row", type=int, default=10,
-                      help="stop after this many consecutive non-finite steps (0: never)")
-
-    log = parser.add_argument_group("logging and evaluation")
-    log.add_argument("--log-interval", type=int, default=10)
-    log.add_argument("--eval-interval", type=int, default=0, help="0: evaluate only after training")
-    log.add_argument("--eval-iters", type=int, default=2)
-    log.add_argument("--tensorboard-dir")
-    log.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs only)")
+    for title, flags in GROUPS.values():
+        group = parser.add_argument_group(title)
+        for flag in flags:
+            group.add_argument(flag.name, **flag.options)
     return parser
 
 
-def model_config(args: argparse.Namespace, default: ModelConfig) -> ModelConfig:
-    """--config (or ``default``) with the model flags that were given applied on top."""
-    config = load_config(args.config) if args.config else default
-    given = {field: getattr(args, flag.replace("-", "_")) for flag, (field, _) in MODEL_FLAGS.items()}
-    overrides = {field: value for field, value in given.items() if value is not None}
-    if args.attention_layout is not None:
-        overrides["layers"] = None
-    if args.rotary_base is not None:
-        overrides["rope"] = dataclasses.replace(config.rope, theta=args.rotary_base)
-    if args.untie_embeddings_and_output_weights:
-        overrides["tie_embeddings"] = False
-    if args.max_position_embeddings is None and args.seq_length > config.max_seq_len:
-        overrides["max_seq_len"] = args.seq_length
-    return dataclasses.replace(config, **overrides) if overrides else config
+def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
+    """The checked RunConfig of parsed flags ``args`` for a job of ``world_size`` processes."""
+    if args.bf16 and args.fp16:  # both set training.precision
+        raise ValueError("--bf16 and --fp16 are exclusive")
+    sections: dict[str, dict] = {"model": {"overrides": {}}, "parallel": {}, "training": {}, "data": {},
+                                 "checkpointing": {}, "logging": {}}
+    for flag in FLAGS:
+        value = getattr(args, flag.name.removeprefix("--").replace("-", "_"))
+        value = flag.convert(value) if flag.convert else value
+        if value is None:
+            continue
+        for target in flag.targets:
+            section, name = target.split(".", 1)
+            if name.startswith("overrides."):
+                sections[section]["overrides"][name.removeprefix("overrides.")] = value
+            else:
+                sections[section][name] = value
+    defaults = RunConfig()
+    run = RunConfig(world_size=world_size, **{name: dataclasses.replace(getattr(defaults, name), **values)
+                                              for name, values in sections.items()})
+    _validate(run)
+    return run
 
 
-def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Contradictions and impossible layouts, reported before any work starts."""
+def parse_run_config(argv: list[str] | None, world_size: int) -> RunConfig:
+    """``run_config`` of a command line (None: sys.argv)."""
+    return run_config(build_parser().parse_args(argv), world_size)
+
+
+_FLAG_OF = {target: flag.name for flag in FLAGS for target in flag.targets}
+
+
+def _validate(run: RunConfig) -> None:
+    """Contradictions and impossible layouts, reported (by flag) before any work starts."""
 
     def fail(message: str):
         raise ValueError(message)
 
-    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "seq_length", "micro_batch_size",
-                 "train_iters", "log_interval", "eval_iters"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.clip_grad < 0:
-        fail(f"--clip-grad must be >= 0 (0: no clipping), got {args.clip_grad}")
-    if args.bf16 and args.fp16:
-        fail("--bf16 and --fp16 are exclusive")
-    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+    def value(target: str):
+        section, name = target.split(".")
+        return getattr(getattr(run, section), name)
+
+    parallel, training, data, ckpt = run.parallel, run.training, run.data, run.checkpointing
+    for target in ("parallel.tensor", "parallel.pipeline", "training.seq_length", "training.micro_batch_size",
+                   "training.train_iters", "logging.log_interval", "logging.eval_iters"):
+        if value(target) <= 0:
+            fail(f"{_FLAG_OF[target]} must be positive, got {value(target)}")
+    if training.clip_grad < 0:
+        fail(f"--clip-grad must be >= 0 (0: no clipping), got {training.clip_grad}")
+    if parallel.sequence_parallel and parallel.tensor == 1:
         fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    data_parallel = check_layout(world_size, args.tensor_model_parallel_size, args.pipeline_model_parallel_size, None)
-    global_batch = args.global_batch_size or args.micro_batch_size * data_parallel
-    if global_batch % (args.micro_batch_size * data_parallel):
-        fail(f"--global-batch-size {global_batch} must be a multiple of --micro-batch-size x data-parallel size "
-             f"= {args.micro_batch_size} x {data_parallel}")
-    if args.sequence_parallel and args.seq_length % args.tensor_model_parallel_size:
-        fail(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by "
-             f"--tensor-model-parallel-size ({args.tensor_model_parallel_size})")
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        if args.pipeline_model_parallel_size == 1:
+    check_layout(run.world_size, parallel.tensor, parallel.pipeline, None)
+    if run.global_batch % (training.micro_batch_size * run.data_parallel):
+        fail(f"--global-batch-size {run.global_batch} must be a multiple of --micro-batch-size x data-parallel size "
+             f"= {training.micro_batch_size} x {run.data_parallel}")
+    if parallel.sequence_parallel and training.seq_length % parallel.tensor:
+        fail(f"--sequence-parallel needs --seq-length ({training.seq_length}) divisible by "
+             f"--tensor-model-parallel-size ({parallel.tensor})")
+    if parallel.layers_per_virtual_stage is not None:
+        if parallel.pipeline == 1:
             fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-        if args.pipeline_layer_split:
+        if parallel.pipeline_layer_split:
             fail("--pipeline-layer-split and --num-layers-per-virtual-pipeline-stage are exclusive")
-        microbatches = global_batch // (args.micro_batch_size * data_parallel)
-        if microbatches % args.pipeline_model_parallel_size:
-            fail(f"the interleaved schedule needs the micro-batches per step ({microbatches}) to be a multiple "
-                 f"of --pipeline-model-parallel-size ({args.pipeline_model_parallel_size})")
-    if args.data_path and not args.tokenizer_type:
+        if run.microbatches % parallel.pipeline:
+            fail(f"the interleaved schedule needs the micro-batches per step ({run.microbatches}) to be a multiple "
+                 f"of --pipeline-model-parallel-size ({parallel.pipeline})")
+    if data.data_path and not data.tokenizer_type:
         fail("--data-path needs --tokenizer-type (and --tokenizer-model for SentencePiece/HuggingFace)")
-    if not args.data_path and args.tokenizer_type:
+    if not data.data_path and data.tokenizer_type:
         fail("--tokenizer-type is only used with --data-path (the built-in corpus uses bytes)")
-    for flag in ("save_interval", "keep_last", "exit_interval", "exit_duration_in_mins"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            fail(f"--{flag.replace('_', '-')} must be positive, got {value}")
-    for flag in ("save_interval", "keep_last", "async_save"):
-        if getattr(args, flag) and not args.save:
-            fail(f"--{flag.replace('_', '-')} needs --save")
-    for flag in ("ckpt_step", "finetune", "no_load_optim", "no_load_rng"):
-        if getattr(args, flag) not in (None, False) and not args.load:
-            fail(f"--{flag.replace('_', '-')} needs --load")
-    for flag in ("save", "load"):
-        path = getattr(args, flag)
+    for target in ("checkpointing.save_interval", "checkpointing.keep_last", "checkpointing.exit_interval",
+                   "checkpointing.exit_duration_in_mins"):
+        if value(target) is not None and value(target) <= 0:
+            fail(f"{_FLAG_OF[target]} must be positive, got {value(target)}")
+    for target in ("checkpointing.save_interval", "checkpointing.keep_last", "checkpointing.async_save"):
+        if value(target) and not ckpt.save:
+            fail(f"{_FLAG_OF[target]} needs --save")
+    for target in ("checkpointing.ckpt_step", "checkpointing.finetune", "checkpointing.no_load_optim",
+                   "checkpointing.no_load_rng"):
+        if value(target) not in (None, False) and not ckpt.load:
+            fail(f"{_FLAG_OF[target]} needs --load")
+    for flag, path in (("--save", ckpt.save), ("--load", ckpt.load)):
         if path and os.path.exists(path) and not os.path.isdir(path):
-            fail(f"--{flag} {path}: exists and is not a directory")
-    if args.config and not os.path.isfile(args.config):
-        fail(f"--config {args.config}: no such file")
+            fail(f"{flag} {path}: exists and is not a directory")
+    if run.model.config_file and not os.path.isfile(run.model.config_file):
+        fail(f"--config {run.model.config_file}: no such file")

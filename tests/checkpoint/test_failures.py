@@ -13,8 +13,9 @@ from longctx_megatron.checkpoint.compatibility import check_compatible
 from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.reader import verify_files
 from longctx_megatron.config.serialization import config_to_dict
-from longctx_megatron.training.arguments import build_parser, validate_args
-from longctx_megatron.training.trainer import demo_config, setup
+from longctx_megatron.training.arguments import parse_run_config
+from longctx_megatron.training.run_config import demo_config
+from longctx_megatron.training.setup import setup
 from tests.checkpoint.helpers import BASE, tensors
 
 
@@ -120,7 +121,7 @@ def test_another_tokenizer_is_refused():
 
 
 def _setup(flags):
-    return setup(build_parser().parse_args(BASE + flags), 1, log=lambda *_: None)
+    return setup(parse_run_config(BASE + flags, 1), log=lambda *_: None)
 
 
 def test_finetune_and_no_load_optim(root):
@@ -143,4 +144,4 @@ def test_finetune_and_no_load_optim(root):
 ])
 def test_bad_checkpoint_flags_fail_before_any_work(flags, message):
     with pytest.raises(ValueError, match=message):
-        validate_args(build_parser().parse_args(flags), 1)
+        parse_run_config(flags, 1)

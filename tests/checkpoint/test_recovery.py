@@ -17,9 +17,9 @@ import pretrain_longctx
 from longctx_megatron.checkpoint import layout
 from longctx_megatron.checkpoint.state import optimizer_steps
 from longctx_megatron.parallel.state import initialize_parallel
-from longctx_megatron.training.arguments import build_parser
+from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.recovery import TrainingStopped
-from longctx_megatron.training.trainer import setup
+from longctx_megatron.training.setup import setup
 from tests.checkpoint.helpers import BASE, assert_same_tensors, tensors, train
 from tests.distributed import run_on_ranks
 
@@ -45,7 +45,7 @@ class Poisoned(torch.utils.data.Dataset):
 
 
 def _trainer(flags, lines=None):
-    return setup(build_parser().parse_args(BASE + flags), 1, log=lines.append if lines is not None else print)
+    return setup(parse_run_config(BASE + flags, 1), log=lines.append if lines is not None else print)
 
 
 def test_a_poisoned_batch_is_skipped_and_training_goes_on():

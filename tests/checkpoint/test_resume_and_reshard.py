@@ -6,8 +6,8 @@ import pytest
 
 from longctx_megatron.checkpoint import layout
 from longctx_megatron.checkpoint.reader import CheckpointReader
-from longctx_megatron.training.arguments import build_parser
-from longctx_megatron.training.trainer import setup
+from longctx_megatron.training.arguments import parse_run_config
+from longctx_megatron.training.setup import setup
 from tests.checkpoint.helpers import BASE, assert_same_tensors, rewind, tensors, train
 from tests.distributed import run_on_ranks
 
@@ -47,9 +47,9 @@ def saved_at_tp2_pp2(tmp_path_factory):
 
 def _load_save_step(rank, world_size, flags, source, target):
     """Load iteration 6 under this layout, save it again at once, then train one iteration."""
-    args = build_parser().parse_args(BASE + flags + ["--train-iters", "7", "--load", source, "--ckpt-step", "6",
-                                                     "--save", target])
-    trainer = setup(args, world_size, log=lambda *_: None)
+    resume = ["--train-iters", "7", "--load", source, "--ckpt-step", "6", "--save", target]
+    run = parse_run_config(BASE + flags + resume, world_size)
+    trainer = setup(run, log=lambda *_: None)
     assert trainer.iteration == 6 and trainer.consumed_samples == 24
     trainer.save()
     trainer.checkpointer.wait()

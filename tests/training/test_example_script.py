@@ -31,16 +31,17 @@ def test_tiny_cpu_example_runs_and_learns(tmp_path):
 def test_7b_example_flags_describe_the_design_model():
     """The 8-GPU script's flags parse, pass the start-up checks for 8 ranks and build the 7B design."""
     from longctx_megatron.config import ModelConfig
-    from longctx_megatron.training.arguments import build_parser, model_config, validate_args
+    from longctx_megatron.model.counting import estimate_params
+    from longctx_megatron.training.arguments import parse_run_config
 
     script = (ROOT / "examples" / "pretrain_longctx_7b.sh").read_text()
     command = script[script.index("pretrain_longctx.py") + len("pretrain_longctx.py"):].replace("\\\n", " ")
     flags = command.replace('"$DATA"', "corpus").replace('"$TOKENIZER"', "tok.model")
     flags = flags.replace('"$OUT/tensorboard"', "tb").replace('"$OUT/checkpoints"', "ckpt").split()
-    args = build_parser().parse_args(flags)
-    validate_args(args, world_size=8)
-    config = model_config(args, ModelConfig())
-    assert config.estimate_params() == 5_802_037_248
+    run = parse_run_config(flags, world_size=8)
+    config = run.model.resolve(ModelConfig(), run.training.seq_length)
+    assert estimate_params(config) == 5_802_037_248
     assert [spec.kind for spec in config.layer_plan()].count("full") == 4
-    assert args.seq_length == 102400 and args.tensor_model_parallel_size == 8
-    assert args.save == args.load == "ckpt" and args.async_save  # resumable as launched
+    assert run.training.seq_length == 102400 and run.parallel.tensor == 8
+    ckpt = run.checkpointing
+    assert ckpt.save == ckpt.load == "ckpt" and ckpt.async_save  # resumable as launched

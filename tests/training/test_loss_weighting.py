@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from longctx_megatron.data.indexed_dataset import building_dataset
-from longctx_megatron.training.arguments import build_parser
-from longctx_megatron.training.trainer import setup
+from longctx_megatron.training.arguments import parse_run_config
+from longctx_megatron.training.setup import setup
 from tests.distributed import run_on_ranks
 
 VOCAB = 96  # NullTokenizer ids; its EOD is id 96
@@ -44,7 +44,7 @@ def _flags(prefix: str, micro_batch: int, per_token: bool) -> list[str]:
 
 def _gradients(rank, world_size, flags) -> dict[str, torch.Tensor]:
     """The fp32 gradient of one global batch (left in main_grad after the step; lr 0 keeps the weights)."""
-    trainer = setup(build_parser().parse_args(flags), world_size, log=lambda *_: None)
+    trainer = setup(parse_run_config(flags, world_size), log=lambda *_: None)
     trainer.step(0)
     return {name: param.main_grad.clone() for chunk in trainer.chunks for name, param in chunk.named_parameters()}
 
@@ -79,7 +79,7 @@ def test_reported_loss_is_the_token_mean_of_the_global_batch_in_both_modes(eod_d
     One micro-batch of 4 samples is the reference: there every reduction is that token mean."""
     def losses(micro_batch: int, per_token: bool) -> tuple[float, float]:
         flags = _flags(eod_dataset, micro_batch, per_token) + ["--eval-iters", "2"]
-        trainer = setup(build_parser().parse_args(flags), 1, log=lambda *_: None)
+        trainer = setup(parse_run_config(flags, 1), log=lambda *_: None)
         return trainer.step(0)[0], trainer.evaluate(1)
 
     reference = losses(4, False)

@@ -15,8 +15,8 @@ import torch
 from longctx_megatron.parallel import mappings
 from longctx_megatron.parallel.distributed_optimizer import DistributedOptimizer
 from longctx_megatron.parallel.tensor import tensor_parallel_shards
-from longctx_megatron.training.arguments import build_parser
-from longctx_megatron.training.trainer import setup
+from longctx_megatron.training.arguments import parse_run_config
+from longctx_megatron.training.setup import setup
 from tests.distributed import run_on_ranks
 from tests.training.test_trainer import SMALL
 
@@ -70,7 +70,7 @@ def _weights_and_masters(trainer) -> tuple[dict, dict]:
 
 
 def _train(flags: list[str], world_size: int) -> dict:
-    trainer = setup(build_parser().parse_args(SMALL + flags), world_size, log=_silent)
+    trainer = setup(parse_run_config(SMALL + flags, world_size), log=_silent)
     losses = trainer.train()
     weights, masters = _weights_and_masters(trainer)
     return {"losses": losses, "weights": weights, "masters": masters, "skipped": trainer.skipped}

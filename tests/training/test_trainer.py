@@ -7,9 +7,9 @@ import torch
 
 import pretrain_longctx
 from longctx_megatron.parallel.grad_norm import clip_grad_norm
-from longctx_megatron.training.arguments import build_parser, validate_args
+from longctx_megatron.training.arguments import build_parser, parse_run_config
 from longctx_megatron.training.lr_schedule import learning_rate
-from longctx_megatron.training.trainer import LossScaler
+from longctx_megatron.training.precision import LossScaler
 from tests.distributed import run_on_ranks
 
 SMALL = ["--train-iters", "5", "--seq-length", "128", "--micro-batch-size", "1", "--global-batch-size", "4",
@@ -52,7 +52,7 @@ def test_loss_scaler():
 ])
 def test_bad_flags_fail_before_any_work(flags, world, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate_args(build_parser().parse_args(flags), world)
+        parse_run_config(flags, world)
 
 
 def test_unknown_flag_is_refused(capsys):
@@ -67,11 +67,11 @@ def test_unknown_flag_is_refused(capsys):
      "no /nonexistent/corpus.bin/.idx"),
 ])
 def test_layout_and_data_errors_come_before_any_process_group(flags, message, monkeypatch):
-    import longctx_megatron.training.trainer as trainer
+    import longctx_megatron.training.setup as setup
 
-    monkeypatch.setattr(trainer, "initialize_parallel", lambda **_: pytest.fail("process groups were created"))
+    monkeypatch.setattr(setup, "initialize_parallel", lambda **_: pytest.fail("process groups were created"))
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
-        trainer.setup(build_parser().parse_args(flags), world_size=4)
+        setup.setup(parse_run_config(flags, 4))
 
 
 def test_cli_reports_bad_model_config(tmp_path, capsys):
@@ -115,10 +115,10 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
 
 
 def _tied_copies_body(rank, world_size, flags):
-    from longctx_megatron.training.arguments import build_parser
-    from longctx_megatron.training.trainer import setup
+    from longctx_megatron.training.arguments import parse_run_config
+    from longctx_megatron.training.setup import setup
 
-    trainer = setup(build_parser().parse_args(flags), world_size, log=lambda *_: None)
+    trainer = setup(parse_run_config(flags, world_size), log=lambda *_: None)
     trainer.step(0)
     holder = next(chunk for chunk in trainer.chunks if chunk.embedding is not None)
     return holder.embedding.weight.detach().numpy().copy()
