@@ -234,7 +234,7 @@ def _measure(rank: int, world: int, job: dict) -> dict:
             timers.take()
 
         # synchronous save (a new iteration number each time: saving over an existing one would time its deletion)
-        trainer.args.async_save = checkpointer.async_save = False
+        checkpointer.async_save = False
         trainer.iteration += 1
         dist.barrier()
         start = time.perf_counter()
@@ -245,7 +245,7 @@ def _measure(rank: int, world: int, job: dict) -> dict:
         dist.barrier()
 
         # asynchronous save of the same state under the next iteration number
-        trainer.args.async_save = checkpointer.async_save = True
+        checkpointer.async_save = True
         trainer.iteration += 1
         saved = _checksum(trainer)
         dist.barrier()

@@ -31,11 +31,17 @@ def _layer(path: pathlib.Path) -> str:
 
 
 def _imported_layers(tree: ast.AST):
+    """(line, layer) of every import of a package of longctx_megatron; relative imports are refused
+    (layer "relative"), since they would hide which package is imported."""
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            yield node.lineno, "relative"
+        elif isinstance(node, ast.ImportFrom) and node.module == "longctx_megatron":
+            names = [f"longctx_megatron.{alias.name}" for alias in node.names]  # from longctx_megatron import data
+        elif isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module]
         for name in names:
             parts = name.split(".")
@@ -59,4 +65,10 @@ def test_no_module_imports_a_layer_above_it():
         for line, imported in _imported_layers(ast.parse(path.read_text(), str(path))):
             if imported != layer and imported not in LAYERS[layer]:
                 violations.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {layer} imports {imported}")
-    assert not violations, "upward imports:\n" + "\n".join(violations)
+    assert not violations, "upward (or relative) imports:\n" + "\n".join(violations)
+
+
+def test_the_check_sees_each_form_of_import():
+    forms = ast.parse("from longctx_megatron import training\nimport longctx_megatron.parallel.state\n"
+                      "from longctx_megatron.checkpoint.keys import model_key\nfrom . import x\n")
+    assert [layer for _, layer in _imported_layers(forms)] == ["training", "parallel", "checkpoint", "relative"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 
 import torch
 
@@ -31,7 +32,7 @@ class OfflineWriter:
             raise ValueError(f"--target-pipeline-parallel-size {pipeline} exceeds the model's {config.n_layers} layers")
         self.root, self.iteration, self.config, self.tensor = root, iteration, config, tensor
         self.stage_layers = plan_pipeline(config, pipeline, config.max_seq_len)[0]
-        self.shard_specs = [offline_shard_specs(config, rank, tensor) for rank in range(tensor)]
+        self.shard_specs = offline_shard_specs(config, tensor)
         self.reports: list[FileReport] = []
         self.staged = layout.temporary_dir(root, iteration)
         shutil.rmtree(self.staged, ignore_errors=True)
@@ -76,9 +77,9 @@ class OfflineWriter:
         return written
 
     def finish(self, metadata: TrainingMetadata) -> str:
-        """Write the manifest and ``metadata`` (with this writer's layout()), rename into place and move the
+        """Write the manifest and ``metadata`` under this writer's layout(), rename into place and move the
         tracker; returns the directory."""
-        publish_checkpoint(self.root, self.iteration, self.reports, metadata)
+        publish_checkpoint(self.root, self.iteration, self.reports, replace(metadata, layout=self.layout()))
         return layout.iteration_dir(self.root, self.iteration)
 
 

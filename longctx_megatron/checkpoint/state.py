@@ -95,16 +95,6 @@ def writers(params: list, ctx) -> set[str]:
     return mine
 
 
-def optimizer_steps(optimizer) -> int:
-    """How many updates the optimizer has applied (skipped iterations excluded)."""
-    if isinstance(optimizer, DistributedOptimizer):
-        return optimizer.steps
-    for state in optimizer.state.values():
-        if "step" in state:
-            return int(state["step"])
-    return int(optimizer.param_groups[0].get("step", 0))  # apex FusedAdam keeps it per group
-
-
 def optimizer_state(optimizer, params: list, keep: set[str]) -> dict[str, dict[str, torch.Tensor]]:
     """name -> {"exp_avg", "exp_avg_sq"} in the parameter's (TP-local) shape, for names in ``keep``."""
     out = {}

@@ -92,12 +92,18 @@ def apply_tensor_parallel(
         pattern = pattern_for(attention.spec, attention.group_size, ctx.tp_rank * kv_per_rank)
         # Heads differ per rank: per-rank attention-dropout masks.
         attention.core_attention = CoreAttention(pattern, core.dropout, core.backend, dropout_rng=rng.fork)
+        attention.core_attention.train(core.training)
         if sp:  # sequence shards differ per rank too
-            layer.attention_out_dropout = Dropout(layer.attention_out_dropout.p, rng.fork)
-            layer.mlp_out_dropout = Dropout(layer.mlp_out_dropout.p, rng.fork)
+            layer.attention_out_dropout = _forked(layer.attention_out_dropout, rng)
+            layer.mlp_out_dropout = _forked(layer.mlp_out_dropout, rng)
     if sp and model.embedding_dropout is not None:
-        model.embedding_dropout = Dropout(model.embedding_dropout.p, rng.fork)
+        model.embedding_dropout = _forked(model.embedding_dropout, rng)
     return model
+
+
+def _forked(dropout: Dropout, rng: RNGStatesTracker) -> Dropout:
+    """``dropout`` drawing its masks from the per-rank stream (same p, same train/eval mode)."""
+    return Dropout(dropout.p, rng.fork).train(dropout.training)
 
 
 def tensor_parallel_shards(model: torch.nn.Module) -> dict[str, ShardSpec]:
@@ -109,19 +115,23 @@ def tensor_parallel_shards(model: torch.nn.Module) -> dict[str, ShardSpec]:
     }
 
 
-def offline_shard_specs(config: ModelConfig, rank: int, size: int) -> dict[str, ShardSpec]:
-    """Global-parameter name -> the ShardSpec ``apply_tensor_parallel`` gives it on TP rank ``rank``
-    of ``size`` (replicated ones absent): the same plan and declared layouts, read from a meta model,
+def offline_shard_specs(config: ModelConfig, size: int) -> list[dict[str, ShardSpec]]:
+    """For each TP rank of ``size``: global-parameter name -> the ShardSpec ``apply_tensor_parallel``
+    gives it (replicated ones absent). The same plan and declared layouts, read from one meta model,
     for tools that cut tensors without a process group."""
     if size == 1:
-        return {}
+        return [{}]
     model = build_model(config, device="meta")
-    specs = {f"{name}.weight": ShardSpec(0, rank, size, (config.vocab_size, config.d_model),
-                                         padded_vocab_size(config.vocab_size, size))
-             for name in VOCABULARY_PARALLEL if getattr(model, name) is not None}
-    for name, (style, parts) in tensor_parallel_plan(model).items():
-        shape = tuple(model.get_submodule(name).weight.shape)
-        dim = 0 if style == "column" else 1
-        specs[f"{name}.weight"] = ShardSpec(dim, rank, size, shape, shape[dim], parts)
+    vocabulary = [f"{name}.weight" for name in VOCABULARY_PARALLEL if getattr(model, name) is not None]
+    projections = [(f"{name}.weight", style, parts, tuple(model.get_submodule(name).weight.shape))
+                   for name, (style, parts) in tensor_parallel_plan(model).items()]
+    padded = padded_vocab_size(config.vocab_size, size)
+    specs = []
+    for rank in range(size):
+        mine = {name: ShardSpec(0, rank, size, (config.vocab_size, config.d_model), padded) for name in vocabulary}
+        for name, style, parts, shape in projections:
+            dim = 0 if style == "column" else 1
+            mine[name] = ShardSpec(dim, rank, size, shape, shape[dim], parts)
+        specs.append(mine)
     return specs
 

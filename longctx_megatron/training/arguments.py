@@ -3,7 +3,8 @@
 ``FLAGS`` lists every flag once: its argparse options and the RunConfig field it sets
 (``section.field``; ``model.overrides.<field>`` overrides that ModelConfig field on top of
 ``--config``). The parser and the RunConfig are both built from it, so a flag cannot be parsed and
-then ignored. This module is the only one that sees argparse.
+then ignored. Defaults live in the RunConfig dataclasses only: a flag that is not given parses as
+None and leaves its field at the default. This module is the only one that sees argparse.
 """
 
 from __future__ import annotations
@@ -53,11 +54,11 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--untie-embeddings-and-output-weights", ("model.overrides.tie_embeddings",), {"action": "store_true"},
              convert=lambda untie: False if untie else None),
         Flag("--attention-backend", ("model.attention_backend",),
-             {"default": "auto", "choices": ["auto", *factory.list_variants()]}),
+             {"choices": ["auto", *factory.list_variants()]}),
     ]),
     "parallel": ("parallelism", [
-        Flag("--tensor-model-parallel-size", ("parallel.tensor",), {"type": int, "default": 1}),
-        Flag("--pipeline-model-parallel-size", ("parallel.pipeline",), {"type": int, "default": 1}),
+        Flag("--tensor-model-parallel-size", ("parallel.tensor",), {"type": int}),
+        Flag("--pipeline-model-parallel-size", ("parallel.pipeline",), {"type": int}),
         Flag("--sequence-parallel", ("parallel.sequence_parallel",), {"action": "store_true"}),
         Flag("--pipeline-layer-split", ("parallel.pipeline_layer_split",),
              {"help": "layers per stage, e.g. 10,8,7,7 (default: by cost)"}),
@@ -67,27 +68,27 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
             "action": "store_true", "help": "shard Adam state and fp32 master weights over data-parallel ranks "
             "(ZeRO-1)"}),
         Flag("--distributed-backend", ("parallel.backend",), {"choices": ["nccl", "gloo"]}),
-        Flag("--distributed-timeout-minutes", ("parallel.timeout_minutes",), {"type": float, "default": 10.0}),
+        Flag("--distributed-timeout-minutes", ("parallel.timeout_minutes",), {"type": float}),
         Flag("--recompute-granularity", ("parallel.recompute_granularity",),
              {"choices": RECOMPUTE_GRANULARITIES[1:]}),
     ]),
     "training": ("training", [
-        Flag("--seq-length", ("training.seq_length",), {"type": int, "default": 1024}),
-        Flag("--micro-batch-size", ("training.micro_batch_size",), {"type": int, "default": 4}),
+        Flag("--seq-length", ("training.seq_length",), {"type": int}),
+        Flag("--micro-batch-size", ("training.micro_batch_size",), {"type": int}),
         Flag("--global-batch-size", ("training.global_batch_size",),
              {"type": int, "help": "default: micro batch size x data-parallel size"}),
-        Flag("--train-iters", ("training.train_iters",), {"type": int, "default": 60}),
-        Flag("--lr", ("training.lr",), {"type": float, "default": 3e-3}),
-        Flag("--min-lr", ("training.min_lr",), {"type": float, "default": 0.0}),
-        Flag("--lr-decay-style", ("training.lr_decay_style",), {"choices": DECAY_STYLES, "default": "cosine"}),
-        Flag("--lr-warmup-iters", ("training.lr_warmup_iters",), {"type": int, "default": 10}),
+        Flag("--train-iters", ("training.train_iters",), {"type": int}),
+        Flag("--lr", ("training.lr",), {"type": float}),
+        Flag("--min-lr", ("training.min_lr",), {"type": float}),
+        Flag("--lr-decay-style", ("training.lr_decay_style",), {"choices": DECAY_STYLES}),
+        Flag("--lr-warmup-iters", ("training.lr_warmup_iters",), {"type": int}),
         Flag("--lr-decay-iters", ("training.lr_decay_iters",), {"type": int, "help": "default: --train-iters"}),
-        Flag("--weight-decay", ("training.weight_decay",), {"type": float, "default": 0.1}),
-        Flag("--adam-beta1", ("training.adam_beta1",), {"type": float, "default": 0.9}),
-        Flag("--adam-beta2", ("training.adam_beta2",), {"type": float, "default": 0.95}),
-        Flag("--adam-eps", ("training.adam_eps",), {"type": float, "default": 1e-8}),
+        Flag("--weight-decay", ("training.weight_decay",), {"type": float}),
+        Flag("--adam-beta1", ("training.adam_beta1",), {"type": float}),
+        Flag("--adam-beta2", ("training.adam_beta2",), {"type": float}),
+        Flag("--adam-eps", ("training.adam_eps",), {"type": float}),
         Flag("--clip-grad", ("training.clip_grad",),
-             {"type": float, "default": 1.0, "help": "global gradient-norm clip (0: none)"}),
+             {"type": float, "help": "global gradient-norm clip (0: none)"}),
         Flag("--calculate-per-token-loss", ("training.calculate_per_token_loss",), {
             "action": "store_true", "help": "gradients of sum of token losses / unmasked tokens of the global batch "
             "(default, as in Megatron: of the mean over micro-batches and DP ranks of each micro-batch's token "
@@ -95,14 +96,14 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--bf16", ("training.precision",), {"action": "store_true"}, convert=lambda on: "bf16" if on else None),
         Flag("--fp16", ("training.precision",), {"action": "store_true"}, convert=lambda on: "fp16" if on else None),
         Flag("--initial-loss-scale", ("training.initial_loss_scale",),
-             {"type": float, "default": 2.0**16, "help": "fp16 dynamic loss scale start"}),
-        Flag("--seed", ("training.seed",), {"type": int, "default": 1234}),
+             {"type": float, "help": "fp16 dynamic loss scale start"}),
+        Flag("--seed", ("training.seed",), {"type": int}),
         Flag("--device", ("training.device",), {"help": "default: cuda when available, else cpu"}),
     ]),
     "data": ("data (default: the built-in corpus with the byte tokenizer)", [
         Flag("--data-path", ("data.data_path",), {"nargs": "+", "help": "prefix, or weight prefix pairs: 0.3 dataA "
                                                   "0.7 dataB"}, convert=lambda paths: tuple(paths) if paths else None),
-        Flag("--split", ("data.split",), {"default": "969,30,1"}),
+        Flag("--split", ("data.split",)),
         Flag("--tokenizer-type", ("data.tokenizer_type",), {"choices": TOKENIZER_TYPES}),
         Flag("--tokenizer-model", ("data.tokenizer_model",)),
         Flag("--data-cache-path", ("data.data_cache_path",)),
@@ -133,13 +134,13 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--exit-duration-in-mins", ("checkpointing.exit_duration_in_mins",),
              {"type": float, "help": "save and exit after this many minutes"}),
         Flag("--max-skipped-iters-in-a-row", ("checkpointing.max_skipped_iters_in_a_row",),
-             {"type": int, "default": 10, "help": "stop after this many consecutive non-finite steps (0: never)"}),
+             {"type": int, "help": "stop after this many consecutive non-finite steps (0: never)"}),
     ]),
     "logging": ("logging and evaluation", [
-        Flag("--log-interval", ("logging.log_interval",), {"type": int, "default": 10}),
+        Flag("--log-interval", ("logging.log_interval",), {"type": int}),
         Flag("--eval-interval", ("logging.eval_interval",),
-             {"type": int, "default": 0, "help": "0: evaluate only after training"}),
-        Flag("--eval-iters", ("logging.eval_iters",), {"type": int, "default": 2}),
+             {"type": int, "help": "0: evaluate only after training"}),
+        Flag("--eval-iters", ("logging.eval_iters",), {"type": int}),
         Flag("--tensorboard-dir", ("logging.tensorboard_dir",)),
         Flag("--peak-tflops", ("logging.peak_tflops",),
              {"type": float, "help": "device peak for MFU (default: known GPUs only)"}),
@@ -162,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The checked RunConfig of parsed flags ``args`` for a job of ``world_size`` processes."""
-    if args.bf16 and args.fp16:  # both set training.precision
-        raise ValueError("--bf16 and --fp16 are exclusive")
     sections: dict[str, dict] = {"model": {"overrides": {}}, "parallel": {}, "training": {}, "data": {},
                                  "checkpointing": {}, "logging": {}}
     for flag in FLAGS:
@@ -180,7 +179,7 @@ def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     defaults = RunConfig()
     run = RunConfig(world_size=world_size, **{name: dataclasses.replace(getattr(defaults, name), **values)
                                               for name, values in sections.items()})
-    _validate(run)
+    validate(run, precision_clash=args.bf16 and args.fp16)  # both set training.precision
     return run
 
 
@@ -192,8 +191,9 @@ def parse_run_config(argv: list[str] | None, world_size: int) -> RunConfig:
 _FLAG_OF = {target: flag.name for flag in FLAGS for target in flag.targets}
 
 
-def _validate(run: RunConfig) -> None:
-    """Contradictions and impossible layouts, reported (by flag) before any work starts."""
+def validate(run: RunConfig, precision_clash: bool = False) -> None:
+    """Contradictions and impossible layouts, reported (by flag) before any work starts
+    (``precision_clash``: both --bf16 and --fp16 were given)."""
 
     def fail(message: str):
         raise ValueError(message)
@@ -209,6 +209,8 @@ def _validate(run: RunConfig) -> None:
             fail(f"{_FLAG_OF[target]} must be positive, got {value(target)}")
     if training.clip_grad < 0:
         fail(f"--clip-grad must be >= 0 (0: no clipping), got {training.clip_grad}")
+    if precision_clash:
+        fail("--bf16 and --fp16 are exclusive")
     if parallel.sequence_parallel and parallel.tensor == 1:
         fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
     check_layout(run.world_size, parallel.tensor, parallel.pipeline, None)

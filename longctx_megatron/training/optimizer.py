@@ -3,7 +3,8 @@
 Both ``LocalOptimizer`` (torch AdamW, or apex FusedAdam on CUDA, over the parameters' fp32
 gradients) and ``DistributedOptimizer`` (ZeRO-1, fp32 masters; always used for bf16/fp16 weights)
 offer ``grad_norm()`` (the global norm over TP, PP and DP), ``step(clip, norm)`` (clip by the global
-norm, update; 0 disables clipping) and ``param_groups`` (where the schedule sets the learning rate).
+norm, update; 0 disables clipping), ``steps`` (updates applied, for checkpoints) and ``param_groups``
+(where the schedule sets the learning rate).
 Which parameters get weight decay is ``applies_weight_decay``, for both.
 """
 
@@ -36,6 +37,14 @@ class LocalOptimizer:
     @property
     def state(self):
         return self.optimizer.state
+
+    @property
+    def steps(self) -> int:
+        """How many updates have been applied (skipped iterations excluded)."""
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                return int(state["step"])
+        return int(self.optimizer.param_groups[0].get("step", 0))  # apex FusedAdam keeps it per group
 
     def grad_norm(self) -> torch.Tensor:
         return grad_norm(self.chunks, self.ctx)

@@ -22,6 +22,7 @@ from longctx_megatron.model.counting import estimate_params
 from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.pipeline_plan import describe_split, plan_pipeline
 from longctx_megatron.parallel.state import check_model_fits_layout, initialize_parallel
+from longctx_megatron.training.arguments import validate
 from longctx_megatron.training.datasets import build_datasets
 from longctx_megatron.training.metrics import Metrics, tensorboard_writer
 from longctx_megatron.training.optimizer import build_optimizer
@@ -76,6 +77,7 @@ def stage_sizes(run: RunConfig, config: ModelConfig):
 
 def setup(run: RunConfig, log=print) -> Trainer:
     """A Trainer ready to ``train()``, resumed from ``--load`` when it holds a checkpoint."""
+    validate(run)
     tokenizer, config = tokenizer_and_model(run)
     check_model_and_data(run, config)
     sizes, costs, head = stage_sizes(run, config)
@@ -83,6 +85,8 @@ def setup(run: RunConfig, log=print) -> Trainer:
     device = torch.device(training.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = initialize_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline, backend=parallel.backend_for(device),
                               timeout_minutes=parallel.timeout_minutes)
+    if ctx.world_size != run.world_size:
+        raise ValueError(f"the run is configured for {run.world_size} processes but {ctx.world_size} were launched")
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     if ctx.rank != 0:

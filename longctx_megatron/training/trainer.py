@@ -189,7 +189,7 @@ class Trainer:
         training = self.run.training
         return TrainingMetadata(
             consumed_samples=self.consumed_samples, skipped_iterations=self.skipped,
-            optimizer_steps=checkpoint_state.optimizer_steps(self.optimizer),
+            optimizer_steps=self.optimizer.steps,
             loss_scaler=self.scaler.state_dict() if self.scaler else None,
             learning_rate={"lr": training.lr, "min_lr": training.min_lr, "warmup_iters": training.lr_warmup_iters,
                            "decay_iters": training.decay_iters, "decay_style": training.lr_decay_style},
@@ -211,7 +211,7 @@ class Trainer:
     def save(self) -> None:
         self.checkpointer.save(self.iteration, self.state_dict(), self.chunks, self.optimizer, self.ctx, self.device)
         self.last_saved = self.iteration
-        if self.run.checkpointing.async_save:
+        if self.checkpointer.async_save:
             self.log(f"checkpoint iteration {self.iteration}: training resumed after "
                      f"{self.checkpointer.last_stall_s:.3f} s; the files are written in the background")
 
@@ -223,8 +223,8 @@ class Trainer:
                          reader.directory, self.log)
         load_rng = not (ckpt.no_load_rng or ckpt.finetune)
         if load_rng and saved != self.layout():
-            self.log(f"note: RNG states not restored: saved under {saved.to_json()}, running under "
-                     f"{self.layout().to_json()}")
+            self.log(f"note: RNG states not restored: saved under {dict(sorted(saved.to_json().items()))}, running "
+                     f"under {self.layout().to_json()}")
             load_rng = False
         checkpoint_state.load(self.chunks, self.optimizer, self.ctx, self.device, reader, state.optimizer_steps,
                               load_optimizer=not (ckpt.no_load_optim or ckpt.finetune), load_rng=load_rng)

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 import pretrain_longctx
 from longctx_megatron.checkpoint import layout
-from longctx_megatron.checkpoint.state import optimizer_steps
 from longctx_megatron.parallel.state import initialize_parallel
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.recovery import TrainingStopped
@@ -61,7 +60,7 @@ def test_a_poisoned_batch_is_skipped_and_training_goes_on():
     trainer.iteration = 3
     losses = trainer.train()
     assert all(math.isfinite(value) for value in losses) and len(losses) == 2
-    assert optimizer_steps(trainer.optimizer) == 4 and trainer.consumed_samples == 20
+    assert trainer.optimizer.steps == 4 and trainer.consumed_samples == 20
     trainer = _trainer(["--train-iters", "5"], lines)
     trainer.train_data = Poisoned(trainer.train_data, bad={9})
     losses = trainer.train()

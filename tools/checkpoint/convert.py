@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
@@ -210,7 +209,7 @@ def native_to_native(args, log) -> str:
     for key, members in layers.items():
         files = writer.write_group({name: reader.read_global(name) for name in members})
         log(f"{key}: {len(members)} tensors -> {len(files)} files")
-    directory = writer.finish(replace(saved.training, layout=writer.layout()))
+    directory = writer.finish(saved.training)
     save_config(config, os.path.join(args.output, "model.yaml"))
     log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)}")
     return directory

@@ -80,8 +80,10 @@ class CoreAttention(torch.nn.Module):
 
 
 class SelfAttention(torch.nn.Module):
-    """Head counts are read from the weights, so a tensor-parallel shard needs no other class;
-    ``first_kv_head`` is the global index of the first KV head this module holds (0 unsharded)."""
+    """Head counts are read from the weights, so a tensor-parallel shard needs no other class.
+    ``first_kv_head`` (a constructor argument, passed to the core attention's pattern) is the global
+    index of the first KV head this module holds: 0 unsharded; tensor parallelism rebuilds the core
+    attention with its rank's."""
 
     def __init__(
         self,
