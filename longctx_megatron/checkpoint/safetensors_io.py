@@ -9,6 +9,11 @@ with the writing), and the file is
 fsynced before it is reported written. The reader maps the file and returns views: only the pages
 a caller slices are read, which is what lets a rank load just its part of a resharded tensor.
 Files are readable by ``safetensors.safe_open`` and Hugging Face (tested).
+
+A file may come from anyone, so the reader checks the whole header before it maps any data: a
+JSON object of entries with exactly ``dtype`` (from an allow-list, never cast), ``shape``
+(non-negative integers) and ``data_offsets`` (0 <= begin <= end within the data, end - begin =
+the shape's bytes), no two tensors overlapping, and string-valued ``__metadata__``.
 """
 
 from __future__ import annotations
@@ -114,6 +119,50 @@ def file_crc32(path: str, block: int = 16 * 2**20) -> int:
     return crc
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_header(path: str, header, data_size: int) -> tuple[dict[str, str], dict[str, dict]]:
+    """(metadata, tensor entries) of a parsed header, every field checked against the ``data_size``
+    bytes after it; a SafetensorsError names the file, the tensor and the field otherwise."""
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError(f"{path}: __metadata__ must be an object of strings")
+    entries, ranges = {}, []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise SafetensorsError(f"{where}: expected an object with exactly dtype, shape and data_offsets")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in TORCH_DTYPES:
+            raise SafetensorsError(f"{where}: dtype {dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise SafetensorsError(f"{where}: shape {shape!r} must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise SafetensorsError(f"{where}: data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data_size:
+            raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {offsets[1]} of the data, "
+                                   f"the file has {data_size} data bytes")
+        expected = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        if offsets[1] - offsets[0] != expected:
+            raise SafetensorsError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes; "
+                                   f"shape {shape} of {dtype} needs {expected}")
+        entries[name] = entry
+        if offsets[1] > offsets[0]:
+            ranges.append((offsets[0], offsets[1], name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            raise SafetensorsError(f"{path}: the bytes of tensors {first!r} and {second!r} overlap")
+    return metadata, entries
+
+
 class SafetensorsReader:
     """Tensors of one file as views of a private (copy-on-write) memory map; nothing is read until used."""
 
@@ -127,15 +176,11 @@ class SafetensorsReader:
             if length > min(_MAX_HEADER, size - 8):
                 raise SafetensorsError(f"{path}: header length {length} exceeds the file ({size} bytes)")
             try:
-                self.header = json.loads(file.read(length))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                header = json.loads(file.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
                 raise SafetensorsError(f"{path}: unreadable header ({error})") from None
-            self.metadata = self.header.pop("__metadata__", {})
             self._start = 8 + length
-            data_bytes = max((entry["data_offsets"][1] for entry in self.header.values()), default=0)
-            if self._start + data_bytes > size:
-                raise SafetensorsError(f"{path}: truncated: the header needs {self._start + data_bytes} bytes, "
-                                       f"the file has {size}")
+            self.metadata, self.header = _checked_header(path, header, size - self._start)
             self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
 
     def keys(self) -> list[str]:
@@ -147,9 +192,7 @@ class SafetensorsReader:
             entry = self.header[name]
         except KeyError:
             raise SafetensorsError(f"{self.path}: no tensor {name!r}") from None
-        dtype = TORCH_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        dtype = TORCH_DTYPES[entry["dtype"]]
         begin, end = entry["data_offsets"]
         shape = entry["shape"]
         if begin == end:
