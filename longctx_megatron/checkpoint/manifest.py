@@ -192,9 +192,16 @@ class Manifest:
         data = check.json_object(data, where)
         files = check.json_object(check.required(data, "files", where), f"{where}: files")
         tensors = check.json_object(check.required(data, "tensors", where), f"{where}: tensors")
-        return cls({check.plain_name(name, "a file's name", f"{where}: files"):
-                    FileEntry.from_json(entry, f"{where}: files[{name!r}]") for name, entry in files.items()},
-                   {name: TensorEntry.from_json(entry, f"{where}: tensor {name!r}") for name, entry in tensors.items()})
+        manifest = cls({check.plain_name(name, "a file's name", f"{where}: files"):
+                        FileEntry.from_json(entry, f"{where}: files[{name!r}]") for name, entry in files.items()},
+                       {name: TensorEntry.from_json(entry, f"{where}: tensor {name!r}")
+                        for name, entry in tensors.items()})
+        for name, entry in manifest.tensors.items():  # only files whose size and CRC-32 are verified
+            for piece in entry.pieces:
+                if piece.file not in manifest.files:
+                    raise CheckpointError(f"{where}: tensor {name!r} has a piece in {piece.file}, which is not "
+                                          "among the manifest's files (their sizes and CRC-32 are what is verified)")
+        return manifest
 
 
 # ----------------------------------------------------------------------------------- the metadata

@@ -16,16 +16,17 @@ import torch
 from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.layout import MANIFEST, METADATA
 from longctx_megatron.checkpoint.manifest import CheckpointMetadata, Manifest, TensorEntry
+from longctx_megatron.checkpoint.paths import regular_file, regular_file_problem
 from longctx_megatron.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader, file_crc32
 
 
 def read_json(path: str) -> dict:
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{path} is missing (the checkpoint is incomplete)")
     try:
-        with open(path) as file:
+        with open(regular_file(path)) as file:
             return json.load(file)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing (the checkpoint is incomplete)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise CheckpointError(f"{path} is not valid JSON ({error})") from None
 
 
@@ -44,8 +45,8 @@ def verify_files(directory: str, rank: int = 0, world_size: int = 1) -> list[str
         if position % world_size != rank:
             continue
         path = os.path.join(directory, name)
-        if not os.path.exists(path):
-            problems.append(f"{path} is missing")
+        if problem := regular_file_problem(path):
+            problems.append(problem)
         elif (size := os.path.getsize(path)) != expected.bytes:
             problems.append(f"{path} has {size} bytes, the manifest says {expected.bytes} (truncated?)")
         elif file_crc32(path) != expected.crc32:
@@ -93,7 +94,7 @@ class CheckpointReader:
     def _file(self, name: str) -> SafetensorsReader:
         if name not in self._files:
             try:
-                self._files[name] = SafetensorsReader(os.path.join(self.directory, name))
+                self._files[name] = SafetensorsReader(regular_file(os.path.join(self.directory, name)))
             except (OSError, SafetensorsError) as error:
                 raise CheckpointError(str(error)) from None
         return self._files[name]

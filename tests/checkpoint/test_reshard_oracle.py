@@ -32,7 +32,7 @@ def _spec(case, rank, size):
 def _save(directory, name, full, case, size):
     """Write every rank's pieces of ``full`` as a checkpoint would (one file per rank)."""
     os.makedirs(directory)
-    tensors = {}
+    tensors, files = {}, {}
     for rank in range(size):
         spec = _spec(case, rank, size) if size > 1 else None
         local = spec.take(full) if spec else full
@@ -41,11 +41,12 @@ def _save(directory, name, full, case, size):
             pieces[f"{name}#{part}"] = box.contiguous()
             entries.append({"file": layout.shard_file(rank), "key": f"{name}#{part}", "offsets": offsets,
                             "shape": list(box.shape)})
-        write_safetensors(os.path.join(directory, layout.shard_file(rank)), pieces)
+        written = write_safetensors(os.path.join(directory, layout.shard_file(rank)), pieces)
+        files[layout.shard_file(rank)] = {"bytes": written.bytes, "crc32": written.crc32}
         tensors.setdefault(name, {"shape": list(full.shape), "dtype": str(full.dtype), "pieces": []})
         tensors[name]["pieces"] += entries
     with open(os.path.join(directory, layout.MANIFEST), "w") as file:
-        json.dump({"files": {}, "tensors": tensors}, file)
+        json.dump({"files": files, "tensors": tensors}, file)
     with open(os.path.join(directory, layout.METADATA), "w") as file:
         json.dump({}, file)
 

@@ -37,9 +37,11 @@ from longctx_megatron.checkpoint.hf import (
     outer_from_hf,
     outer_to_hf,
 )
+from longctx_megatron.checkpoint.json_checks import plain_name
 from longctx_megatron.checkpoint.manifest import CheckpointMetadata
 from longctx_megatron.checkpoint.offline import OfflineWriter, converted_metadata
-from longctx_megatron.checkpoint.reader import CheckpointReader, verify_files
+from longctx_megatron.checkpoint.paths import regular_file_problem
+from longctx_megatron.checkpoint.reader import CheckpointReader, read_json, verify_files
 from longctx_megatron.checkpoint.safetensors_io import (
     Deferred,
     SafetensorsError,
@@ -60,9 +62,14 @@ class HFCheckpoint:
         self.directory = directory
         self._readers: dict[str, SafetensorsReader] = {}
         index = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.exists(index):
-            with open(index) as file:
-                self.files = json.load(file)["weight_map"]
+        if os.path.lexists(index):
+            contents = read_json(index)
+            weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: expected an object with a \"weight_map\" of tensor -> file name")
+            for file in set(weight_map.values()):
+                plain_name(file, "weight_map", index)  # a shard outside the directory is never opened
+            self.files = weight_map
         elif os.path.exists(os.path.join(directory, "model.safetensors")):
             self.files = {name: "model.safetensors" for name in self._open("model.safetensors").keys()}
         else:
@@ -72,8 +79,10 @@ class HFCheckpoint:
     def _open(self, file: str) -> SafetensorsReader:
         if file not in self._readers:
             path = os.path.join(self.directory, file)
-            if not os.path.exists(path):
+            if not os.path.lexists(path):
                 raise ConversionError(f"{path}: missing shard (listed in model.safetensors.index.json)")
+            if problem := regular_file_problem(path):
+                raise ConversionError(problem)
             try:
                 self._readers[file] = SafetensorsReader(path)
             except SafetensorsError as error:
@@ -104,8 +113,8 @@ def _newest(root: str, step: int | None) -> tuple[CheckpointReader, CheckpointMe
 
 
 def hf_to_native(args, log) -> str:
-    with open(os.path.join(args.input, "config.json")) as file:
-        config = config_from_hf(json.load(file), os.path.join(args.input, "config.json"))
+    config_path = os.path.join(args.input, "config.json")
+    config = config_from_hf(read_json(config_path), config_path)
     source = HFCheckpoint(args.input)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     writer = OfflineWriter(args.output, 0, config, args.target_tensor_parallel_size,

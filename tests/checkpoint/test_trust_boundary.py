@@ -1,0 +1,111 @@
+"""Files named by someone else's manifest or index: only regular files inside the directory, only
+verified ones, never a hang (issue 13's reading-outside-the-directory cases)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from longctx_megatron.checkpoint import layout
+from longctx_megatron.checkpoint.errors import CheckpointError
+from longctx_megatron.checkpoint.reader import CheckpointReader, verify_files
+from longctx_megatron.checkpoint.safetensors_io import write_safetensors
+from tests.checkpoint.test_convert import _error, hf_model
+
+METADATA = {"format": "longctx-megatron sharded checkpoint", "version": 1, "iteration": 0, "consumed_samples": 0,
+            "skipped_iterations": 0, "optimizer_steps": 0, "loss_scaler": None, "learning_rate": None,
+            "config": {}, "tokenizer": None, "params_dtype": "float32",
+            "layout": {"tensor": 1, "pipeline": 1, "data": 1, "stage_layers": [1], "sequence_parallel": False,
+                       "distributed_optimizer": False}}
+
+
+def _checkpoint(directory, piece_file: str | None = None, files: dict | None = None) -> str:
+    """A one-tensor checkpoint in ``directory``; ``piece_file`` / ``files`` replace what the manifest names."""
+    os.makedirs(directory, exist_ok=True)
+    written = write_safetensors(os.path.join(directory, "shard_00000.safetensors"), {"w#0": torch.ones(2)})
+    listed = {"shard_00000.safetensors": {"bytes": written.bytes, "crc32": written.crc32}} if files is None else files
+    piece = {"file": piece_file or "shard_00000.safetensors", "key": "w#0", "offsets": [0], "shape": [2]}
+    with open(os.path.join(directory, layout.MANIFEST), "w") as file:
+        json.dump({"files": listed, "tensors": {"model/w": {"shape": [2], "dtype": "torch.float32",
+                                                            "pieces": [piece]}}}, file)
+    with open(os.path.join(directory, layout.METADATA), "w") as file:
+        json.dump(METADATA, file)
+    return str(directory)
+
+
+def test_a_sound_checkpoint_reads(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt")
+    assert verify_files(directory) == []
+    assert CheckpointReader(directory).read_global("model/w").tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("piece_file", ["../outside.safetensors", "/tmp/outside.safetensors"])
+def test_a_piece_outside_the_directory_is_refused(tmp_path, piece_file):
+    directory = _checkpoint(tmp_path / "ckpt", piece_file=piece_file)
+    with pytest.raises(CheckpointError, match="a plain file name"):
+        CheckpointReader(directory)
+    assert verify_files(directory) and "a plain file name" in verify_files(directory)[0]
+
+
+def test_a_piece_in_an_unverified_file_is_refused(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt", piece_file="other.safetensors")
+    write_safetensors(os.path.join(directory, "other.safetensors"), {"w#0": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match="not among the manifest's files"):
+        CheckpointReader(directory)
+
+
+def test_absolute_file_entries_are_refused(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt", files={"/etc/hostname": {"bytes": 1, "crc32": 0}})
+    assert "a plain file name" in " ".join(verify_files(directory))
+
+
+def test_a_fifo_is_reported_not_read(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt")
+    os.remove(os.path.join(directory, "shard_00000.safetensors"))
+    os.mkfifo(os.path.join(directory, "shard_00000.safetensors"))  # opening it for reading would block forever
+    assert any("is a FIFO" in problem for problem in verify_files(directory))
+    with pytest.raises(CheckpointError, match="is a FIFO"):
+        CheckpointReader(directory).read_global("model/w")
+    os.remove(os.path.join(directory, layout.METADATA))
+    os.mkfifo(os.path.join(directory, layout.METADATA))
+    assert any("is a FIFO" in problem for problem in verify_files(directory))
+
+
+def test_a_symlink_is_not_followed(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt")
+    outside = _checkpoint(tmp_path / "elsewhere")
+    shard = os.path.join(directory, "shard_00000.safetensors")
+    os.remove(shard)
+    os.symlink(os.path.join(outside, "shard_00000.safetensors"), shard)
+    assert any("is a symlink" in problem for problem in verify_files(directory))
+    with pytest.raises(CheckpointError, match="is a symlink"):
+        CheckpointReader(directory).read_global("model/w")
+
+
+@pytest.mark.parametrize("target", ["../model.safetensors", "/etc/hostname", "sub/model.safetensors"])
+def test_a_hugging_face_index_cannot_point_outside(tmp_path, capsys, target):
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as file:
+        json.dump({"weight_map": {"model.embed_tokens.weight": target}}, file)
+    message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert "model.safetensors.index.json: weight_map must be a plain file name" in message
+
+
+@pytest.mark.parametrize("contents", ['{"metadata": {}}', "[1]", "{not json", '{"weight_map": {"a": 3}}'])
+def test_a_malformed_hugging_face_index_is_a_named_error(tmp_path, capsys, contents):
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as file:
+        file.write(contents)
+    message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert "model.safetensors.index.json" in message and "Traceback" not in message
+
+
+def test_invalid_json_in_a_hugging_face_config_is_a_named_error(tmp_path, capsys):
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    with open(os.path.join(hf_dir, "config.json"), "w") as file:
+        file.write("{not json")
+    message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert "config.json is not valid JSON" in message
