@@ -6,11 +6,13 @@ tracker file names the newest complete checkpoint and is replaced atomically aft
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 
 from longctx_megatron.atomic_file import atomic_write
+from longctx_megatron.checkpoint.manifest import FORMAT
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "metadata.json"
@@ -82,10 +84,24 @@ def publish(root: str, iteration: int) -> str:
     return final
 
 
+def written_here(directory: str) -> bool:
+    """Whether ``directory`` is a checkpoint this project wrote (its metadata.json says our format): the
+    only kind ``prune`` may delete; a Megatron-LM ``iter_NNNNNNN`` beside ours is left alone."""
+    path = os.path.join(directory, METADATA)
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    try:
+        with open(path) as file:
+            return json.load(file).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
 def prune(root: str, keep_last: int, protect: int) -> list[int]:
-    """Delete all but the newest ``keep_last`` checkpoints (never ``protect``, the tracker's); returns
-    the deleted iterations."""
-    doomed = [it for it in list_iterations(root)[keep_last:] if it != protect]
+    """Delete all but the newest ``keep_last`` of our checkpoints (never ``protect``, the tracker's, nor
+    a directory we did not write); returns the deleted iterations."""
+    ours = [it for it in list_iterations(root) if written_here(iteration_dir(root, it))]
+    doomed = [it for it in ours[keep_last:] if it != protect]
     for iteration in doomed:
         shutil.rmtree(iteration_dir(root, iteration))
     return doomed

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 
 from longctx_megatron.checkpoint import layout
+from longctx_megatron.checkpoint.manifest import FORMAT
 
 
 def _staged(root, iteration, content="x"):
+    """A staged checkpoint of ours: its metadata.json names our format."""
     staged = layout.temporary_dir(str(root), iteration)
     os.makedirs(staged)
     (open(os.path.join(staged, "f"), "w")).write(content)
+    with open(os.path.join(staged, layout.METADATA), "w") as file:
+        json.dump({"format": FORMAT}, file)
 
 
 def test_publish_moves_the_tracker_after_the_rename(tmp_path):
@@ -35,6 +40,21 @@ def test_prune_keeps_the_newest_and_the_tracked(tmp_path):
     assert layout.list_iterations(str(tmp_path)) == [40, 30, 20, 10]
     assert layout.prune(str(tmp_path), 2, protect=10) == [20]
     assert layout.list_iterations(str(tmp_path)) == [40, 30, 10]
+
+
+def test_prune_leaves_checkpoints_it_did_not_write(tmp_path):
+    """A Megatron-LM iter_NNNNNNN (no metadata.json of ours) beside our checkpoints is never deleted."""
+    megatron = tmp_path / "iter_0000005" / "mp_rank_00"
+    megatron.mkdir(parents=True)
+    (megatron / "model_optim_rng.pt").write_bytes(b"not ours")
+    (tmp_path / "iter_0000006").mkdir()
+    (tmp_path / "iter_0000006" / layout.METADATA).write_text('{"format": "someone else"}')
+    for iteration in (10, 20, 30):
+        _staged(tmp_path, iteration)
+        layout.publish(str(tmp_path), iteration)
+    assert layout.prune(str(tmp_path), 1, protect=30) == [20, 10]
+    assert layout.list_iterations(str(tmp_path)) == [30, 6, 5]
+    assert (megatron / "model_optim_rng.pt").read_bytes() == b"not ours"
 
 
 def test_bad_tracker_is_reported(tmp_path):

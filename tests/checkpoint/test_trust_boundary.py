@@ -13,7 +13,7 @@ from longctx_megatron.checkpoint import layout
 from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.reader import CheckpointReader, verify_files
 from longctx_megatron.checkpoint.safetensors_io import write_safetensors
-from tests.checkpoint.test_convert import _error, hf_model
+from tests.checkpoint.test_convert import _error, convert, hf_model
 
 METADATA = {"format": "longctx-megatron sharded checkpoint", "version": 1, "iteration": 0, "consumed_samples": 0,
             "skipped_iterations": 0, "optimizer_steps": 0, "loss_scaler": None, "learning_rate": None,
@@ -109,3 +109,51 @@ def test_invalid_json_in_a_hugging_face_config_is_a_named_error(tmp_path, capsys
         file.write("{not json")
     message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
     assert "config.json is not valid JSON" in message
+
+
+# ------------------------------------------------------------------------- never destroying data
+def _native(tmp_path) -> str:
+    """A native checkpoint directory (converted from a tiny Hugging Face Llama)."""
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    assert convert.main(["--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "ckpt")],
+                        log=lambda *_: None) == 0
+    return str(tmp_path / "ckpt")
+
+
+def _tree(directory) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(root, name), directory): open(os.path.join(root, name), "rb").read()
+            for root, _, names in os.walk(directory) for name in names}
+
+
+def test_output_overlapping_input_is_refused(tmp_path, capsys):
+    native = _native(tmp_path)
+    before = _tree(native)
+    for output in (native, os.path.join(native, "hf"), str(tmp_path)):
+        message = _error(capsys, "--from", "native", "--to", "hf", "--input", native, "--output", output)
+        assert "overlap (one is inside the other)" in message
+    assert _tree(native) == before
+
+
+def test_an_existing_output_is_kept_unless_overwrite_and_then_only_our_files_change(tmp_path, capsys):
+    native = _native(tmp_path)
+    unrelated = tmp_path / "results"
+    unrelated.mkdir()
+    (unrelated / "notes.txt").write_text("mine")
+    (unrelated / "config.json").write_text("{}")
+    message = _error(capsys, "--from", "native", "--to", "hf", "--input", native, "--output", str(unrelated))
+    assert "exists and is not empty; pass --overwrite" in message
+    assert sorted(os.listdir(unrelated)) == ["config.json", "notes.txt"]
+    assert convert.main(["--from", "native", "--to", "hf", "--input", native, "--output", str(unrelated),
+                         "--overwrite"], log=lambda *_: None) == 0
+    assert sorted(os.listdir(unrelated)) == ["config.json", "model.safetensors", "notes.txt"]
+    assert (unrelated / "notes.txt").read_text() == "mine" and json.loads((unrelated / "config.json").read_text())
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".incomplete")]
+
+
+def test_converting_into_a_directory_with_checkpoints_is_refused(tmp_path, capsys):
+    native = _native(tmp_path)
+    before = _tree(native)
+    hf_dir = str(tmp_path / "hf")
+    message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", native)
+    assert "already holds checkpoints: converting into it would move its tracker" in message
+    assert _tree(native) == before

@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import re
 import sys
+import tempfile
 import time
 
 import torch
@@ -53,6 +54,7 @@ from longctx_megatron.config.serialization import config_from_dict
 from longctx_megatron.parallel.state import ParallelLayoutError
 
 SHARD_BYTES = 2 * 2**30  # Hugging Face output shard size
+HF_OUTPUT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 class HFCheckpoint:
@@ -143,9 +145,9 @@ def native_to_hf(args, log) -> str:
     hf_config, notes = config_to_hf(config, args.allow_approximate)
     for note in notes:
         log(f"approximate: {note}")
-    staged = args.output.rstrip("/") + ".incomplete"
-    shutil.rmtree(staged, ignore_errors=True)
-    os.makedirs(staged)
+    output = os.path.abspath(args.output)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".incomplete", dir=os.path.dirname(output))
     dtype = getattr(torch, args.dtype) if args.dtype else None
 
     def get(name: str) -> torch.Tensor:
@@ -185,11 +187,54 @@ def native_to_hf(args, log) -> str:
     hf_config["torch_dtype"] = str(dtype or get("final_norm.weight").dtype).removeprefix("torch.")
     with atomic_write(os.path.join(staged, "config.json"), "w") as file:
         json.dump(hf_config, file, indent=2)
-    if os.path.exists(args.output):
-        shutil.rmtree(args.output)
-    os.rename(staged, args.output)
+    _publish_hf(staged, output)
     log(f"wrote {args.output} ({hf_config['architectures'][0]}, {total} safetensors file(s))")
     return args.output
+
+
+def _is_hf_output(name: str) -> bool:
+    """Whether ``name`` is a file native_to_hf writes (and so may replace with --overwrite)."""
+    return name in HF_OUTPUT_FILES or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
+
+
+def _publish_hf(staged: str, output: str) -> None:
+    """Move the finished files of ``staged`` to ``output``: a rename when ``output`` does not exist; into
+    an existing one (--overwrite, checked before any work), replacing only the files this tool writes."""
+    if not os.path.exists(output):
+        os.rename(staged, output)
+        return
+    for name in os.listdir(output):
+        if _is_hf_output(name):
+            os.remove(os.path.join(output, name))
+    for name in os.listdir(staged):
+        os.replace(os.path.join(staged, name), os.path.join(output, name))
+    os.rmdir(staged)
+
+
+def check_output(args) -> None:
+    """Refuse, before any work, an output that would destroy data: --output equal to, inside or around
+    --input; an existing non-empty output without --overwrite (and, for a native output, any directory
+    that already holds checkpoints, whose tracker converting would move)."""
+    source, target = os.path.realpath(args.input), os.path.realpath(args.output)
+    for inner, outer in ((target, source), (source, target)):
+        if inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep):
+            raise ConversionError(f"--output {args.output} and --input {args.input} overlap (one is inside the "
+                                  "other): the conversion would overwrite its own input")
+    if not os.path.lexists(args.output):
+        return
+    if args.target == "native" and not args.consolidate:
+        if not os.path.isdir(args.output):
+            raise ConversionError(f"--output {args.output} exists and is not a directory")
+        if layout.read_tracker(args.output) is not None or layout.list_iterations(args.output):
+            raise ConversionError(f"--output {args.output} already holds checkpoints: converting into it would "
+                                  "move its tracker; choose a new directory")
+        return
+    if args.target == "hf" and not os.path.isdir(args.output):
+        raise ConversionError(f"--output {args.output} exists and is not a directory")
+    empty_directory = os.path.isdir(args.output) and not os.listdir(args.output)
+    if not empty_directory and not args.overwrite:
+        raise ConversionError(f"--output {args.output} exists and is not empty; pass --overwrite to replace "
+                              "the files this tool writes there (nothing else is touched)")
 
 
 def native_to_native(args, log) -> str:
@@ -238,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-approximate", action="store_true", help="native -> hf: export plans without a "
                         "Hugging Face equivalent as Llama (full attention), listing what changes")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
+    parser.add_argument("--overwrite", action="store_true", help="--to hf, --consolidate: replace the files this "
+                        "tool writes in an existing output (nothing else there is touched)")
     return parser
 
 
@@ -254,6 +301,7 @@ def main(argv=None, log=print) -> int:
             raise ConversionError("--consolidate is for --from native --to native")
         convert = {("hf", "native"): hf_to_native, ("native", "hf"): native_to_hf,
                    ("native", "native"): native_to_native}[(args.source, args.target)]
+        check_output(args)
         convert(args, log)
     except (ConversionError, CheckpointError, ConfigError, ParallelLayoutError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
