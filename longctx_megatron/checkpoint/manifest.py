@@ -14,6 +14,7 @@ CheckpointError naming ``where`` (the file, or the rank whose report it is) and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -153,7 +154,27 @@ class TensorEntry:
         for number, piece in enumerate(check.json_list(data, "pieces", where)):
             pieces.append(StoredPiece.from_json(piece, f"{where}: pieces[{number}]"))
             check.inside(pieces[-1].offsets, pieces[-1].shape, shape, f"{where}: pieces[{number}]")
+        _check_tiling(pieces, shape, where)
         return cls(shape, dtype, tuple(pieces))
+
+
+def _check_tiling(pieces: list[StoredPiece], shape: tuple[int, ...], where: str) -> None:
+    """The pieces (each inside the tensor) cover every element exactly once: no two overlap and their
+    sizes add up to the tensor's. Overlaps or gaps would leave uninitialised memory in the weights."""
+    total = sum(math.prod(piece.shape) for piece in pieces)
+    if total != math.prod(shape):
+        raise CheckpointError(f"{where}: its pieces hold {total} values, the tensor of shape {list(shape)} has "
+                              f"{math.prod(shape)} (a gap or an overlap)")
+    boxes = sorted((piece.offsets, piece.shape, number) for number, piece in enumerate(pieces)
+                   if math.prod(piece.shape))
+    for i, (offsets, size, number) in enumerate(boxes):
+        for other_offsets, other_size, other in boxes[i + 1:]:
+            if shape and other_offsets[0] >= offsets[0] + size[0]:
+                break  # sorted by the first offset: no later box can overlap this one
+            spans = zip(offsets, size, other_offsets, other_size, strict=True)
+            if all(start < other_start + other_length and other_start < start + length
+                   for start, length, other_start, other_length in spans):
+                raise CheckpointError(f"{where}: pieces[{number}] and pieces[{other}] overlap")
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,9 @@ class CheckpointReader:
             if any(a >= b for a, b in zip(lo, hi, strict=True)):
                 continue
             source = self._file(piece.file).get(piece.key)
+            if tuple(source.shape) != piece.shape or source.dtype != entry.torch_dtype:
+                raise CheckpointError(f"{self.directory}/{piece.file}: {piece.key!r} is {list(source.shape)} "
+                                      f"{source.dtype}; the manifest says {list(piece.shape)} {entry.torch_dtype}")
             source = source[tuple(slice(a - p, b - p) for a, b, p in zip(lo, hi, piece.offsets, strict=True))]
             out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))].copy_(source)
             covered += math.prod(b - a for a, b in zip(lo, hi, strict=True))

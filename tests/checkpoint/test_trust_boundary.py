@@ -57,6 +57,33 @@ def test_a_piece_in_an_unverified_file_is_refused(tmp_path):
         CheckpointReader(directory)
 
 
+@pytest.mark.parametrize("pieces,message", [
+    ([([0], [2]), ([1], [1])], "hold 3 values, the tensor of shape \\[2\\] has 2"),  # overlap, too many values
+    ([([0], [1]), ([0], [1])], "pieces\\[0\\] and pieces\\[1\\] overlap"),  # the right count, one element twice
+    ([([0], [1])], "hold 1 values, the tensor of shape \\[2\\] has 2"),  # a gap: torch.empty memory would be loaded
+])
+def test_pieces_must_cover_every_element_exactly_once(tmp_path, pieces, message):
+    directory = _checkpoint(tmp_path / "ckpt")
+    path = os.path.join(directory, layout.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["tensors"]["model/w"]["pieces"] = [{"file": "shard_00000.safetensors", "key": "w#0", "offsets": offsets,
+                                                 "shape": shape} for offsets, shape in pieces]
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(CheckpointError, match=message):
+        CheckpointReader(directory)
+
+
+def test_a_piece_whose_stored_shape_differs_is_refused(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt")
+    written = write_safetensors(os.path.join(directory, "shard_00000.safetensors"), {"w#0": torch.ones(1, 2)})
+    path = os.path.join(directory, layout.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["files"]["shard_00000.safetensors"] = {"bytes": written.bytes, "crc32": written.crc32}
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(CheckpointError, match=r"'w#0' is \[1, 2\] torch.float32; the manifest says \[2\]"):
+        CheckpointReader(directory).read_global("model/w")
+
+
 def test_absolute_file_entries_are_refused(tmp_path):
     directory = _checkpoint(tmp_path / "ckpt", files={"/etc/hostname": {"bytes": 1, "crc32": 0}})
     assert "a plain file name" in " ".join(verify_files(directory))
