@@ -217,7 +217,12 @@ class Manifest:
                         FileEntry.from_json(entry, f"{where}: files[{name!r}]") for name, entry in files.items()},
                        {name: TensorEntry.from_json(entry, f"{where}: tensor {name!r}")
                         for name, entry in tensors.items()})
+        stored = sum(entry.bytes for entry in manifest.files.values())
         for name, entry in manifest.tensors.items():  # only files whose size and CRC-32 are verified
+            claimed = math.prod(entry.shape) * entry.torch_dtype.itemsize
+            if claimed > stored:  # refused before anything of that size is allocated
+                raise CheckpointError(f"{where}: tensor {name!r} of shape {list(entry.shape)} needs {claimed:,} "
+                                      f"bytes, more than all the checkpoint's files hold ({stored:,})")
             for piece in entry.pieces:
                 if piece.file not in manifest.files:
                     raise CheckpointError(f"{where}: tensor {name!r} has a piece in {piece.file}, which is not "

@@ -16,6 +16,11 @@ from longctx_megatron.config.rope import RopeConfig
 INIT_METHODS = ("normal", "xavier", "kaiming")
 
 
+# Upper bounds on sizes, ~100x beyond the largest published models: a config with more is damaged or
+# hostile, and building its layer plan or model would take minutes and gigabytes before failing.
+SIZE_LIMITS = {"d_model": 2**17, "n_layers": 2**12, "n_heads": 2**12, "n_kv_heads": 2**12, "d_ff": 2**20,
+               "vocab_size": 2**24, "max_seq_len": 2**26}
+
 @dataclass
 class ModelConfig:
     """The model's shape. Defaults are the design's 7B long-context model (5,802,037,248 params)."""
@@ -94,6 +99,9 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
+            if value > SIZE_LIMITS[name]:  # before anything is built from it (a config may come from anyone)
+                raise ConfigError(f"{name}={value} exceeds {SIZE_LIMITS[name]:,}, far beyond any real model: "
+                                  "the config is damaged or not a model's")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"d_model={self.d_model} must be divisible by n_heads={self.n_heads} "

@@ -184,3 +184,22 @@ def test_converting_into_a_directory_with_checkpoints_is_refused(tmp_path, capsy
     message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", native)
     assert "already holds checkpoints: converting into it would move its tracker" in message
     assert _tree(native) == before
+
+
+def test_a_hugging_face_config_with_absurd_sizes_is_refused_at_once(tmp_path, capsys):
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    path = os.path.join(hf_dir, "config.json")
+    json.dump({**json.load(open(path)), "num_hidden_layers": 10**9}, open(path, "w"))
+    message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert "n_layers=1000000000 exceeds 4,096" in message
+
+
+def test_a_shape_larger_than_the_files_is_refused_before_allocating(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt")
+    path = os.path.join(directory, layout.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["tensors"]["model/w"] = {"shape": [2**20, 2**20], "dtype": "torch.float32", "pieces": [
+        {"file": "shard_00000.safetensors", "key": "w#0", "offsets": [0, 0], "shape": [2**20, 2**20]}]}
+    json.dump(manifest, open(path, "w"))
+    with pytest.raises(CheckpointError, match="needs 4,398,046,511,104 bytes, more than all the checkpoint's files"):
+        CheckpointReader(directory)

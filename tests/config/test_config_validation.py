@@ -404,3 +404,11 @@ def test_nan_values_are_rejected(make, field):
 def test_ntk_with_head_dim_2_is_rejected_at_construction():
     with pytest.raises(ConfigError, match="head_dim"):
         tiny(d_model=8, n_heads=4, n_kv_heads=2, rope=RopeConfig(scaling="ntk", factor=2.0))
+
+
+@pytest.mark.parametrize("field", ["d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size", "max_seq_len"])
+def test_sizes_that_cannot_be_real_are_refused_before_anything_is_built(field):
+    from longctx_megatron.config.model_config import SIZE_LIMITS
+
+    with pytest.raises(ConfigError, match=f"{field}={SIZE_LIMITS[field] + 1} exceeds {SIZE_LIMITS[field]:,}"):
+        tiny(**{field: SIZE_LIMITS[field] + 1})
