@@ -17,6 +17,7 @@ from longctx_megatron.checkpoint.manifest import FORMAT
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "metadata.json"
 MANIFEST = "manifest.json"
+MANIFEST_CRC = "manifest.crc32"  # the manifest's own CRC-32 (hex): it lists every other file's
 _ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
 
 

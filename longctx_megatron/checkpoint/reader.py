@@ -14,7 +14,7 @@ import os
 import torch
 
 from longctx_megatron.checkpoint.errors import CheckpointError
-from longctx_megatron.checkpoint.layout import MANIFEST, METADATA
+from longctx_megatron.checkpoint.layout import MANIFEST, MANIFEST_CRC, METADATA
 from longctx_megatron.checkpoint.manifest import CheckpointMetadata, Manifest, TensorEntry
 from longctx_megatron.checkpoint.paths import regular_file, regular_file_problem
 from longctx_megatron.checkpoint.safetensors_io import SafetensorsError, SafetensorsReader, file_crc32
@@ -35,6 +35,8 @@ def verify_files(directory: str, rank: int = 0, world_size: int = 1) -> list[str
     world_size-th file's size and CRC-32, so a checkpoint is verified in parallel. Both JSON files are
     checked field by field first."""
     manifest_path, metadata_path = os.path.join(directory, MANIFEST), os.path.join(directory, METADATA)
+    if problem := manifest_crc_problem(directory):
+        return [problem]
     try:
         manifest = Manifest.from_json(read_json(manifest_path), manifest_path)
         CheckpointMetadata.from_json(read_json(metadata_path), metadata_path)
@@ -52,6 +54,26 @@ def verify_files(directory: str, rank: int = 0, world_size: int = 1) -> list[str
         elif file_crc32(path) != expected.crc32:
             problems.append(f"{path} does not match its CRC-32 in the manifest (corrupt)")
     return problems
+
+
+def manifest_crc_problem(directory: str) -> str | None:
+    """Damage to manifest.json itself, caught by its CRC-32 in manifest.crc32 (checkpoints written before
+    the sidecar existed have none, and are checked by their manifest's structure alone)."""
+    sidecar, manifest = os.path.join(directory, MANIFEST_CRC), os.path.join(directory, MANIFEST)
+    if not os.path.lexists(sidecar):
+        return None
+    if (problem := regular_file_problem(sidecar)) or (problem := regular_file_problem(manifest)):
+        return problem
+    if os.path.getsize(sidecar) > 64:
+        return f"{sidecar} is not a CRC-32 ({os.path.getsize(sidecar)} bytes)"
+    text = open(sidecar).read().strip()
+    try:
+        expected = int(text, 16)
+    except ValueError:
+        return f"{sidecar} is not a CRC-32 ({text[:20]!r})"
+    if file_crc32(manifest) != expected:
+        return f"{manifest} does not match its CRC-32 in {MANIFEST_CRC} (corrupt)"
+    return None
 
 
 class CheckpointReader:

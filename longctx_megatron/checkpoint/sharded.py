@@ -174,6 +174,8 @@ def publish_checkpoint(root: str, iteration: int, reports: list[FileReport | Wri
     manifest = Manifest.from_reports(reports, {layout.METADATA: FileEntry(os.path.getsize(path), file_crc32(path))})
     with atomic_write(os.path.join(staged, layout.MANIFEST), "w") as file:
         json.dump(manifest.to_json(), file, indent=1, sort_keys=True)
+    with atomic_write(os.path.join(staged, layout.MANIFEST_CRC), "w") as file:
+        file.write(f"{file_crc32(os.path.join(staged, layout.MANIFEST)):08x}\n")
     for name, expected in manifest.files.items():
         size = os.path.getsize(os.path.join(staged, name))
         if size != expected.bytes:

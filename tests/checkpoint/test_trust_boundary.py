@@ -203,3 +203,18 @@ def test_a_shape_larger_than_the_files_is_refused_before_allocating(tmp_path):
     json.dump(manifest, open(path, "w"))
     with pytest.raises(CheckpointError, match="needs 4,398,046,511,104 bytes, more than all the checkpoint's files"):
         CheckpointReader(directory)
+
+
+def test_damage_to_the_manifest_itself_is_caught_by_its_crc(tmp_path):
+    root = str(tmp_path / "ckpt")
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    assert convert.main(["--from", "hf", "--to", "native", "--input", hf_dir, "--output", root],
+                        log=lambda *_: None) == 0
+    directory = layout.iteration_dir(root, 0)
+    assert verify_files(directory) == []
+    path = os.path.join(directory, layout.MANIFEST)
+    text = open(path).read()
+    open(path, "w").write(text.replace('"bytes": ', '"bytes":  ', 1))  # still valid JSON, same values
+    assert verify_files(directory) == [f"{path} does not match its CRC-32 in manifest.crc32 (corrupt)"]
+    open(os.path.join(directory, layout.MANIFEST_CRC), "w").write("zz\n")
+    assert "is not a CRC-32" in verify_files(directory)[0]
