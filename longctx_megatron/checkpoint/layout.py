@@ -13,6 +13,7 @@ import shutil
 
 from longctx_megatron.atomic_file import atomic_write
 from longctx_megatron.checkpoint.manifest import FORMAT
+from longctx_megatron.checkpoint.paths import regular_file_problem
 
 TRACKER = "latest_checkpointed_iteration.txt"
 METADATA = "metadata.json"
@@ -89,7 +90,7 @@ def written_here(directory: str) -> bool:
     """Whether ``directory`` is a checkpoint this project wrote (its metadata.json says our format): the
     only kind ``prune`` may delete; a Megatron-LM ``iter_NNNNNNN`` beside ours is left alone."""
     path = os.path.join(directory, METADATA)
-    if not os.path.isfile(path) or os.path.islink(path):
+    if regular_file_problem(path):
         return False
     try:
         with open(path) as file:

@@ -66,7 +66,8 @@ def manifest_crc_problem(directory: str) -> str | None:
         return problem
     if os.path.getsize(sidecar) > 64:
         return f"{sidecar} is not a CRC-32 ({os.path.getsize(sidecar)} bytes)"
-    text = open(sidecar).read().strip()
+    with open(sidecar) as file:
+        text = file.read().strip()
     try:
         expected = int(text, 16)
     except ValueError:

@@ -149,7 +149,7 @@ def _checked_header(path: str, header, data_size: int) -> tuple[dict[str, str], 
         if offsets[1] > data_size:
             raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {offsets[1]} of the data, "
                                    f"the file has {data_size} data bytes")
-        expected = math.prod(shape) * torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+        expected = math.prod(shape) * TORCH_DTYPES[dtype].itemsize
         if offsets[1] - offsets[0] != expected:
             raise SafetensorsError(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes; "
                                    f"shape {shape} of {dtype} needs {expected}")

@@ -21,6 +21,7 @@ INIT_METHODS = ("normal", "xavier", "kaiming")
 SIZE_LIMITS = {"d_model": 2**17, "n_layers": 2**12, "n_heads": 2**12, "n_kv_heads": 2**12, "d_ff": 2**20,
                "vocab_size": 2**24, "max_seq_len": 2**26}
 
+
 @dataclass
 class ModelConfig:
     """The model's shape. Defaults are the design's 7B long-context model (5,802,037,248 params)."""

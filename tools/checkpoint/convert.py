@@ -222,15 +222,13 @@ def check_output(args) -> None:
                                   "other): the conversion would overwrite its own input")
     if not os.path.lexists(args.output):
         return
+    if not args.consolidate and not os.path.isdir(args.output):
+        raise ConversionError(f"--output {args.output} exists and is not a directory")
     if args.target == "native" and not args.consolidate:
-        if not os.path.isdir(args.output):
-            raise ConversionError(f"--output {args.output} exists and is not a directory")
         if layout.read_tracker(args.output) is not None or layout.list_iterations(args.output):
             raise ConversionError(f"--output {args.output} already holds checkpoints: converting into it would "
                                   "move its tracker; choose a new directory")
         return
-    if args.target == "hf" and not os.path.isdir(args.output):
-        raise ConversionError(f"--output {args.output} exists and is not a directory")
     empty_directory = os.path.isdir(args.output) and not os.listdir(args.output)
     if not empty_directory and not args.overwrite:
         raise ConversionError(f"--output {args.output} exists and is not empty; pass --overwrite to replace "
