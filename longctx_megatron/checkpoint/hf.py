@@ -24,6 +24,7 @@ import dataclasses
 import torch
 
 from longctx_megatron.config import ModelConfig
+from longctx_megatron.config.checks import is_real
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.rope import RopeConfig
 from longctx_megatron.model.attention.layer import GroupedQKV
@@ -42,20 +43,45 @@ class ConversionError(ValueError):
 
 # ------------------------------------------------------------------------------------------ configs
 def rope_from_hf(hf: dict, where: str) -> RopeConfig:
+    for key in ("rope_scaling", "rope_parameters"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise ConversionError(f"{where}: {key} must be an object or null, got {hf[key]!r}")
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}  # transformers 4 / 5
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = _number(params.pop("rope_theta", hf.get("rope_theta", 10000.0)), "rope_theta", where)
     kind = params.pop("rope_type", params.pop("type", "default"))
-    if kind not in _ROPE_TYPES:
+    if not isinstance(kind, str) or kind not in _ROPE_TYPES:
         raise ConversionError(f"{where}: rope type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
     unknown = sorted(key for key, value in params.items() if key not in _ROPE_FIELDS and value is not None)
     if unknown:
         raise ConversionError(f"{where}: rope fields {unknown} are not supported")
     fields = {_ROPE_FIELDS[key]: value for key, value in params.items() if key in _ROPE_FIELDS and value is not None}
     if kind == "yarn":
-        fields.setdefault("original_max_position", hf["max_position_embeddings"])
+        fields.setdefault("original_max_position", _size(hf, "max_position_embeddings", where))
     if kind == "default":
         fields = {}
-    return RopeConfig(theta=float(theta), scaling=_ROPE_TYPES[kind], **fields)
+    try:
+        return RopeConfig(theta=float(theta), scaling=_ROPE_TYPES[kind], **fields)
+    except ConfigError as error:
+        raise ConversionError(f"{where}: rope_scaling: {error}") from None
+
+
+def _number(value, key: str, where: str) -> float:
+    """A JSON number, never a string such as "1e4" converted on the way."""
+    if not is_real(value):
+        raise ConversionError(f"{where}: {key}={value!r} must be a number")
+    return value
+
+
+def _size(hf: dict, key: str, where: str, default: int | None = None) -> int:
+    """A positive integer field; ``default`` when absent or null (as transformers treats null)."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise ConversionError(f"{where}: missing field {key!r}")
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConversionError(f"{where}: {key}={value!r} must be a positive integer")
+    return value
 
 
 def rope_to_hf(rope: RopeConfig) -> dict:
@@ -76,32 +102,35 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
     if not isinstance(hf, dict):
         raise ConversionError(f"{where}: expected a JSON object, got a JSON {type(hf).__name__}")
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        found = ", ".join(hf.get("architectures") or []) or model_type
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        architectures = hf.get("architectures")
+        found = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else model_type
         raise ConversionError(f"{where}: unsupported architecture {found!r} (model_type {model_type!r}); supported: "
                               f"{', '.join(ARCHITECTURES.values())}")
     for key, expected in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(key, expected) != expected:
             raise ConversionError(f"{where}: {key}={hf[key]!r} is not supported (this model has {expected!r})")
+    d_model, heads, layers = (_size(hf, key, where) for key in ("hidden_size", "num_attention_heads",
+                                                                 "num_hidden_layers"))
+    head_dim = _size(hf, "head_dim", where, default=d_model // heads)
+    if head_dim * heads != d_model:
+        raise ConversionError(f"{where}: head_dim={head_dim} x num_attention_heads={heads} != hidden_size="
+                              f"{d_model}; this model derives head_dim = hidden_size / num_attention_heads")
+    sliding = model_type == "mistral" and hf.get("use_sliding_window", True) and hf.get("sliding_window") is not None
+    window = _size(hf, "sliding_window", where) if sliding else None
+    max_len = _size(hf, "max_position_embeddings", where)
     try:
-        d_model, heads, layers = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
-        head_dim = hf.get("head_dim") or d_model // heads
-        if head_dim * heads != d_model:
-            raise ConversionError(f"{where}: head_dim={head_dim} x num_attention_heads={heads} != hidden_size="
-                                  f"{d_model}; this model derives head_dim = hidden_size / num_attention_heads")
-        window = hf.get("sliding_window") if model_type == "mistral" and hf.get("use_sliding_window", True) else None
-        max_len = hf["max_position_embeddings"]
         return ModelConfig(
-            d_model=d_model, n_layers=layers, n_heads=heads, n_kv_heads=hf.get("num_key_value_heads") or heads,
-            d_ff=hf["intermediate_size"], vocab_size=hf["vocab_size"], max_seq_len=max_len,
+            d_model=d_model, n_layers=layers, n_heads=heads,
+            n_kv_heads=_size(hf, "num_key_value_heads", where, default=heads),
+            d_ff=_size(hf, "intermediate_size", where), vocab_size=_size(hf, "vocab_size", where), max_seq_len=max_len,
             attention_layout=f"sliding:{layers}" if window else f"full:{layers}",
             sliding_window=window or min(ModelConfig.sliding_window, max_len), global_every=0,
             dilated_window=min(ModelConfig.dilated_window, max_len), rope=rope_from_hf(hf, where),
-            norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02),
+            norm_eps=_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+            init_std=_number(hf.get("initializer_range", 0.02), "initializer_range", where),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         )
-    except KeyError as error:
-        raise ConversionError(f"{where}: missing field {error.args[0]!r}") from None
     except ConfigError as error:
         raise ConversionError(f"{where}: {error}") from None
 

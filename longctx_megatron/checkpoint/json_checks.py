@@ -12,6 +12,9 @@ from functools import partial
 import torch
 
 from longctx_megatron.checkpoint.errors import CheckpointError
+from longctx_megatron.checkpoint.safetensors_io import DTYPES
+
+PARAMS_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def wrong(where: str, key: str, value, expected: str) -> CheckpointError:
@@ -94,10 +97,19 @@ def file_name(data: dict, key: str, where: str) -> str:
 
 
 def dtype_name(data: dict, key: str, where: str) -> str:
-    """The name of a torch dtype, as ``str(dtype)`` writes it (``torch.bfloat16``) or without ``torch.``."""
+    """The name of a dtype safetensors can hold, as ``str(dtype)`` writes it (``torch.bfloat16``) or
+    without ``torch.``: an allow-list, never whatever attribute of ``torch`` a file names."""
     value = string(data, key, where)
-    if not isinstance(getattr(torch, value.removeprefix("torch."), None), torch.dtype):
-        raise wrong(where, key, value, "a torch dtype")
+    if getattr(torch, value.removeprefix("torch."), None) not in DTYPES:
+        raise wrong(where, key, value, f"one of {sorted(str(dtype) for dtype in DTYPES)}")
+    return value
+
+
+def params_dtype(data: dict, key: str, where: str) -> str:
+    """The dtype parameters are trained in: float32, bfloat16 or float16 (never an integer type)."""
+    value = string(data, key, where)
+    if value not in PARAMS_DTYPES:
+        raise wrong(where, key, value, f"one of {', '.join(PARAMS_DTYPES)}")
     return value
 
 

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from longctx_megatron.checkpoint import json_checks as check
+from longctx_megatron.checkpoint import keys
 from longctx_megatron.checkpoint.errors import CheckpointError
 
 FORMAT = "longctx-megatron sharded checkpoint"
@@ -223,6 +224,9 @@ class Manifest:
             if claimed > stored:  # refused before anything of that size is allocated
                 raise CheckpointError(f"{where}: tensor {name!r} of shape {list(entry.shape)} needs {claimed:,} "
                                       f"bytes, more than all the checkpoint's files hold ({stored:,})")
+            if not keys.is_rng_key(name) and not entry.torch_dtype.is_floating_point:
+                raise CheckpointError(f"{where}: tensor {name!r} has dtype {entry.dtype}; weights and optimizer "
+                                      "state are floating point")
             for piece in entry.pieces:
                 if piece.file not in manifest.files:
                     raise CheckpointError(f"{where}: tensor {name!r} has a piece in {piece.file}, which is not "
@@ -299,7 +303,7 @@ class TrainingMetadata:
             config=check.json_object(check.required(data, "config", where), f"{where}: config"),
             tokenizer=check.optional_record(data, "tokenizer", where, _TOKENIZER),
             layout=Layout.from_json(check.required(data, "layout", where), f"{where}: layout"),
-            params_dtype=check.string(data, "params_dtype", where),
+            params_dtype=check.params_dtype(data, "params_dtype", where),
             **{key: read(data, key, where) for key, read in _OPTIONAL.items() if data.get(key) is not None})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from longctx_megatron.config.checks import require_real
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.layer_plan import (
     DEFAULT_LAYOUT,
@@ -57,6 +58,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # Mappings (from YAML/JSON) become dataclasses here, with errors naming where they are.
+        if not isinstance(self.rope_by_kind, dict):
+            raise ConfigError(f"rope_by_kind must be a mapping of attention kind -> rope, got "
+                              f"{type(self.rope_by_kind).__name__}")
+        if self.layers is not None and not isinstance(self.layers, list):
+            raise ConfigError(f"layers must be a list of layer specs, got {type(self.layers).__name__}")
+        if self.attention_layout is not None and not isinstance(self.attention_layout, str):
+            raise ConfigError(f"attention_layout={self.attention_layout!r} must be a string such as 'full:32'")
         self.rope = RopeConfig.from_dict(self.rope, "rope")
         self.rope_by_kind = {
             kind: RopeConfig.from_dict(value, f"rope_by_kind.{kind}") for kind, value in self.rope_by_kind.items()
@@ -118,6 +126,7 @@ class ModelConfig:
             raise ConfigError(
                 f"head_dim = d_model/n_heads = {self.head_dim} must be even for RoPE; change d_model or n_heads"
             )
+        require_real(self, ("hidden_dropout", "attention_dropout", "init_std", "norm_eps"))
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

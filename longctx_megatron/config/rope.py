@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from longctx_megatron.config.checks import require_real
 from longctx_megatron.config.errors import ConfigError
 
 ROPE_SCALING_TYPES = ("none", "linear", "ntk", "yarn", "llama3")
@@ -49,6 +50,10 @@ class RopeConfig:
             raise ConfigError(
                 f"{where}.scaling={self.scaling!r} is unknown; choose one of {', '.join(ROPE_SCALING_TYPES)}"
             )
+        require_real(self, ("theta", "factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"),
+                     f"{where}.")
+        if isinstance(self.original_max_position, bool) or not isinstance(self.original_max_position, int):
+            raise ConfigError(f"{where}.original_max_position={self.original_max_position!r} must be an integer")
         if not self.theta > 0:  # also rejects NaN
             raise ConfigError(f"{where}.theta={self.theta} must be > 0 (10000 is the usual base)")
         if self.scaling != "none" and not self.factor >= 1.0:

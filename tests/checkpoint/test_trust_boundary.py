@@ -138,6 +138,50 @@ def test_invalid_json_in_a_hugging_face_config_is_a_named_error(tmp_path, capsys
     assert "config.json is not valid JSON" in message
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0 must be a positive integer"),
+    ({"hidden_size": "64"}, "hidden_size='64' must be a positive integer"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers=-2 must be a positive integer"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "10000"}}, "rope_theta='10000' must be a number"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps='1e-5' must be a number"),
+    ({"rope_scaling": [1]}, "rope_scaling must be an object or null"),
+    ({"rope_parameters": {"rope_type": ["llama3"]}}, "rope type ['llama3'] is not supported"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": "4"}}, "rope.factor='4' must be a finite number"),
+    ({"model_type": ["llama"]}, "unsupported architecture"),
+    ({"max_position_embeddings": None}, "missing field 'max_position_embeddings'"),
+])
+def test_wrong_types_in_a_hugging_face_config_are_named_errors(tmp_path, capsys, change, message):
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    path = os.path.join(hf_dir, "config.json")
+    json.dump({**json.load(open(path)), **change}, open(path, "w"))
+    error = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert f"{path}: " in error and message in error and "Traceback" not in error
+    assert not os.path.exists(tmp_path / "o")
+
+
+def _rewrite_header(path: str, edit) -> None:
+    """Apply ``edit`` to the JSON header of safetensors file ``path``, keeping the data bytes."""
+    raw = open(path, "rb").read()
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + length])
+    edit(header)
+    encoded = json.dumps(header).encode()
+    open(path, "wb").write(len(encoded).to_bytes(8, "little") + encoded + raw[8 + length:])
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda h: h["model.norm.weight"].update(shape=[-64]), "shape [-64] must be a list of non-negative integers"),
+    (lambda h: h["model.norm.weight"].update(dtype="I32"), "model.norm.weight has dtype torch.int32; weights must "
+                                                           "be floating point"),
+    (lambda h: h["model.norm.weight"].update(data_offsets=[-256, 0]), "data_offsets [-256, 0] must be [begin, end]"),
+])
+def test_a_crafted_hugging_face_shard_is_a_named_error(tmp_path, capsys, edit, message):
+    hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    _rewrite_header(os.path.join(hf_dir, "model.safetensors"), edit)
+    error = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
+    assert message in error and "Traceback" not in error
+
+
 # ------------------------------------------------------------------------- never destroying data
 def _native(tmp_path) -> str:
     """A native checkpoint directory (converted from a tiny Hugging Face Llama)."""
@@ -203,6 +247,24 @@ def test_a_shape_larger_than_the_files_is_refused_before_allocating(tmp_path):
     json.dump(manifest, open(path, "w"))
     with pytest.raises(CheckpointError, match="needs 4,398,046,511,104 bytes, more than all the checkpoint's files"):
         CheckpointReader(directory)
+
+
+def test_integer_weights_and_an_integer_params_dtype_are_refused(tmp_path):
+    directory = _checkpoint(tmp_path / "ckpt")
+    path = os.path.join(directory, layout.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["tensors"]["model/w"]["dtype"] = "torch.int32"
+    json.dump(manifest, open(path, "w"))
+    assert verify_files(directory) == [f"{path}: tensor 'model/w' has dtype torch.int32; weights and optimizer "
+                                       "state are floating point"]
+    directory = _checkpoint(tmp_path / "other")
+    json.dump({**METADATA, "params_dtype": "int32"}, open(os.path.join(directory, layout.METADATA), "w"))
+    assert "params_dtype must be one of float32, bfloat16, float16, not 'int32'" in verify_files(directory)[0]
+    json.dump({**METADATA, "params_dtype": "float32"}, open(os.path.join(directory, layout.METADATA), "w"))
+    manifest = json.load(open(os.path.join(directory, layout.MANIFEST)))
+    manifest["tensors"]["model/w"]["dtype"] = "torch.qint8"  # an attribute of torch, not a safetensors dtype
+    json.dump(manifest, open(os.path.join(directory, layout.MANIFEST), "w"))
+    assert "dtype must be one of" in verify_files(directory)[0]
 
 
 def test_damage_to_the_manifest_itself_is_caught_by_its_crc(tmp_path):

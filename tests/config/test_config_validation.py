@@ -412,3 +412,21 @@ def test_sizes_that_cannot_be_real_are_refused_before_anything_is_built(field):
 
     with pytest.raises(ConfigError, match=f"{field}={SIZE_LIMITS[field] + 1} exceeds {SIZE_LIMITS[field]:,}"):
         tiny(**{field: SIZE_LIMITS[field] + 1})
+
+
+# ---------------------------------------------------------------- values of the wrong type (from YAML or config.json)
+@pytest.mark.parametrize("field,value,message", [
+    ("norm_eps", "1e-5", "norm_eps='1e-5' must be a finite number"),
+    ("init_std", True, "init_std=True must be a finite number"),
+    ("hidden_dropout", None, "hidden_dropout=None must be a finite number"),
+    ("attention_layout", 3, "attention_layout=3 must be a string"),
+    ("layers", "full", "layers must be a list of layer specs, got str"),
+    ("rope_by_kind", ["full"], "rope_by_kind must be a mapping"),
+    ("rope", {"theta": "1e4"}, "rope.theta='1e4' must be a finite number"),
+    ("rope", {"scaling": "linear", "factor": float("inf")}, "rope.factor=inf must be a finite number"),
+    ("rope", {"original_max_position": 4096.0}, "rope.original_max_position=4096.0 must be an integer"),
+])
+def test_a_value_of_the_wrong_type_is_a_named_config_error(field, value, message):
+    overrides = {field: value, **({"attention_layout": ""} if field == "layers" else {})}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny(**overrides)

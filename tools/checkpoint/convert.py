@@ -95,6 +95,9 @@ class HFCheckpoint:
         if name not in self.files:
             raise ConversionError(f"{self.directory}: tensor {name} is missing")
         tensor = self._open(self.files[name]).get(name)
+        if not tensor.dtype.is_floating_point:
+            raise ConversionError(f"{self.directory}: tensor {name} has dtype {tensor.dtype}; weights must be "
+                                  "floating point")
         if tuple(tensor.shape) != tuple(shape):
             raise ConversionError(f"{name}: shape {list(tensor.shape)} in the checkpoint, {list(shape)} expected from "
                                   "config.json")
