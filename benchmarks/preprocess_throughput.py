@@ -1,12 +1,18 @@
-"""Data pipeline speed: preprocess_data.py throughput, and GPT index building for a 1B-token corpus.
+"""Data pipeline speed: preprocess_data.py throughput and memory, and GPT index building for a 1B-token corpus.
 
     python benchmarks/preprocess_throughput.py [--corpus-mb 30] [--workers 1 2] [--index-tokens 1e9]
+        [--long-lines 1024 --long-line-kb 256 --huge-line-mb 64]
 
 1. A ~30 MB JSONL corpus is assembled from the Python standard library's source files (real text
    on every machine), a SentencePiece BPE model is trained on a sample of it with
    tools/train_tokenizer.py, and tools/preprocess_data.py is run with each worker count. The table
    gives MB/s of JSONL input and documents/s, and the ratio to one worker, measured in this run.
-2. The GPT dataset's doc/sample/shuffle indices (gpt_dataset._build_indices, what GPTDataset builds
+2. Memory with long documents: the peak RSS of preprocess_data.py (ByteTokenizer, one worker) on
+   ``--long-lines`` lines of ``--long-line-kb`` KB each, with its batches bounded in bytes and lines
+   (as shipped) and, as the baseline, in lines only (``BATCH_BYTES`` set out of reach); then on one
+   line of ``--huge-line-mb`` MB, a batch of its own either way, whose peak is the cost of
+   tokenising a single document. Medians of ``--memory-repeats`` alternating runs.
+3. The GPT dataset's doc/sample/shuffle indices (gpt_dataset._build_indices, what GPTDataset builds
    and caches) are built for a synthetic corpus of ``--index-tokens`` tokens in documents of random
    length, at seq_length 4096 for one epoch of samples; time and peak memory (tracemalloc, which
    sees numpy allocations) are printed against the targets (30 s, 4 GB).
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +86,55 @@ def preprocess_table(args, workdir: Path) -> None:
               f"{baseline / seconds:>11.2f}")
 
 
+_PEAK_RSS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import preprocess_data
+preprocess_data.BATCH_BYTES = int(sys.argv[2])
+assert preprocess_data.main(sys.argv[3:]) == 0
+# VmHWM: this process's own peak (getrusage's ru_maxrss also counts the parent's pages before exec)
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))  # KiB
+"""
+
+
+def peak_rss_mib(corpus: Path, output: Path, batch_bytes: int) -> float:
+    """Peak RSS (VmHWM) of one preprocess_data.py run in a fresh process, in MiB."""
+    result = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(ROOT / "tools"), str(batch_bytes),
+                             "--input", str(corpus), "--tokenizer-type", "ByteTokenizer", "--append-eod",
+                             "--output-prefix", str(output)], check=True, capture_output=True, text=True)
+    return int(result.stdout.split()[-1]) / 1024
+
+
+def memory_table(args, workdir: Path) -> None:
+    long_lines, huge_line = workdir / "long.jsonl", workdir / "huge.jsonl"
+    line = json.dumps({"text": "a long document. " * (args.long_line_kb * 1024 // 17)}) + "\n"
+    with open(long_lines, "w") as file:
+        for _ in range(args.long_lines):
+            file.write(line)
+    with open(huge_line, "w") as file:
+        file.write('{"text": "')
+        for _ in range(int(args.huge_line_mb)):
+            file.write("x" * 2**20)
+        file.write('"}\n')
+    sys.path.insert(0, str(ROOT / "tools"))
+    import preprocess_data
+    shipped, unbounded = preprocess_data.BATCH_BYTES, 2**62
+    print(f"\npeak RSS of preprocess_data.py (ByteTokenizer, 1 worker), median of {args.memory_repeats} alternating "
+          f"runs; batches of at most {preprocess_data.BATCH_LINES} lines and {shipped / 2**20:.0f} MiB (shipped) "
+          "vs lines only")
+    header = f"{'input':>32}  {'MB':>6}  {'bytes+lines MiB':>15}  {'lines only MiB':>14}  {'ratio':>6}"
+    print(header + "\n" + "-" * len(header))
+    for name, corpus in ((f"{args.long_lines} lines of {args.long_line_kb} KB", long_lines),
+                         (f"one line of {args.huge_line_mb} MB", huge_line)):
+        runs = {shipped: [], unbounded: []}
+        for _ in range(args.memory_repeats):
+            for batch_bytes in runs:
+                runs[batch_bytes].append(peak_rss_mib(corpus, workdir / "mem", batch_bytes))
+        ours, baseline = statistics.median(runs[shipped]), statistics.median(runs[unbounded])
+        print(f"{name:>32}  {corpus.stat().st_size / 2**20:>6.0f}  {ours:>15.0f}  {baseline:>14.0f}  "
+              f"{ours / baseline:>6.2f}")
+
+
 def index_table(args) -> None:
     rng = np.random.RandomState(0)
     mean = args.mean_document_tokens
@@ -107,10 +163,17 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--index-tokens", type=float, default=1e9)
     parser.add_argument("--mean-document-tokens", type=int, default=500)
+    parser.add_argument("--long-lines", type=int, default=1024)
+    parser.add_argument("--long-line-kb", type=int, default=256)
+    parser.add_argument("--huge-line-mb", type=int, default=64)
+    parser.add_argument("--memory-repeats", type=int, default=3)
+    parser.add_argument("--skip-throughput", action="store_true", help="only the memory and index tables")
     args = parser.parse_args(argv)
     print(f"machine: {os.cpu_count()} CPU cores\n")
     with tempfile.TemporaryDirectory() as workdir:
-        preprocess_table(args, Path(workdir))
+        if not args.skip_throughput:
+            preprocess_table(args, Path(workdir))
+        memory_table(args, Path(workdir))
     index_table(args)
 
 

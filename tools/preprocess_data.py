@@ -5,8 +5,11 @@
         --output-prefix data/corpus --workers 8 --append-eod
 
 Flags and output names follow Megatron-LM's tool, so its datasets and ours are interchangeable.
-The input is streamed in bounded batches (memory does not grow with the corpus), tokenised by a
-pool of workers and written in input order. Malformed lines and documents missing a key are
+The input is streamed in batches bounded in lines and in bytes (memory grows with neither the
+corpus nor its line lengths, beyond the longest line itself), tokenised by a pool of workers and
+written in input order. Bad lines are bad lines: malformed or too deeply nested JSON, a missing or
+non-string key, text that is not valid Unicode (a lone surrogate), text the tokenizer refuses (a
+NullTokenizer word that is not an id), and the rest of a .gz file that is truncated or not gzip are
 skipped, counted and the first few reported with file and line; the run fails if they exceed
 --max-bad-fraction. An empty document is written as Megatron-LM writes it: a document with no
 sequences (its .idx then equals Megatron's byte for byte). Outputs are written under temporary
@@ -25,6 +28,7 @@ import multiprocessing
 import os
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,7 +37,8 @@ import numpy as np
 from longctx_megatron.data.indexed_dataset import building_dataset, optimal_dtype
 from longctx_megatron.data.tokenizers import build_tokenizer
 
-BATCH_LINES = 2048  # lines in flight per batch: bounds memory whatever the corpus size
+BATCH_LINES = 2048  # lines in flight per worker and batch ...
+BATCH_BYTES = 16 * 2**20  # ... and bytes: a batch of long documents stays small (one longer line is a batch)
 REPORTED_BAD_LINES = 5
 
 
@@ -86,15 +91,29 @@ class Progress:
         return self.done_bytes + (self.current.tell() if self.current is not None else 0)
 
 
-def read_lines(files: list[str], progress: Progress) -> Iterator[tuple[str, int, bytes]]:
-    """(file, line number, raw line) for every non-blank line, streaming."""
+@dataclass(frozen=True)
+class Unreadable:
+    """Where a file stopped being readable (a truncated or damaged .gz): a bad line, like a malformed one."""
+
+    reason: str
+
+
+def read_lines(files: list[str], progress: Progress) -> Iterator[tuple[str, int, bytes | Unreadable]]:
+    """(file, line number, raw line) for every non-blank line, streaming; a file that cannot be read to
+    its end yields one Unreadable at the line where reading failed, and the next file is read."""
     for path in files:
         with open(path, "rb") as raw:
             progress.current = raw
             lines = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
-            for number, line in enumerate(lines, start=1):
-                if line.strip():
-                    yield path, number, line
+            number = 0
+            try:
+                for number, line in enumerate(lines, start=1):
+                    if line.strip():
+                        yield path, number, line
+            except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+                what = "truncated" if isinstance(error, EOFError) else "not gzip or damaged"
+                yield path, number + 1, Unreadable(f"{what} ({error or type(error).__name__}); the rest of the "
+                                                  "file is skipped")
             progress.current = None
         progress.done_bytes += os.path.getsize(path)
 
@@ -114,6 +133,8 @@ def encode_line(line: bytes) -> tuple[str, object]:
         record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return "bad", f"malformed JSON ({error.msg if hasattr(error, 'msg') else error})"
+    except RecursionError:
+        return "bad", "malformed JSON (nested too deeply)"
     if not isinstance(record, dict):
         return "bad", f"expected a JSON object, got {type(record).__name__}"
     state = _worker_state
@@ -122,11 +143,22 @@ def encode_line(line: bytes) -> tuple[str, object]:
         text = record.get(key)
         if not isinstance(text, str):
             return "bad", f"missing key {key!r}" if text is None else f"key {key!r} is not a string"
-        ids = state["tokenizer"].encode(text)
+        try:
+            text.isascii() or text.encode("utf-8")  # (the copy only for non-ASCII text)
+        except UnicodeEncodeError as error:  # JSON's \ud800 escape: not a character any tokenizer can take
+            return "bad", f"key {key!r} is not valid Unicode (a lone surrogate at character {error.start})"
+        try:
+            ids = state["tokenizer"].encode(text)
+        except ValueError as error:  # the tokenizer's own verdict on this text (NullTokenizer: not an id)
+            return "bad", f"key {key!r}: {error}"
         if ids and state["append_eod"]:
             ids.append(state["tokenizer"].eod)
         encoded[key] = np.asarray(ids, dtype=state["dtype"])
     return "ok", encoded
+
+
+def encode_item(item: bytes | Unreadable) -> tuple[str, object]:
+    return ("bad", item.reason) if isinstance(item, Unreadable) else encode_line(item)
 
 
 @dataclass
@@ -138,13 +170,17 @@ class Stats:
     bad_examples: list[str] = field(default_factory=list)
 
 
-def _batches(items, size):
-    batch = []
+def _batches(items, max_lines: int, max_bytes: int):
+    """Consecutive lists of ``items`` (file, line, raw line) holding at most ``max_lines`` lines and,
+    unless one line alone is longer, at most ``max_bytes`` bytes."""
+    batch, size = [], 0
     for item in items:
-        batch.append(item)
-        if len(batch) == size:
+        length = len(item[2]) if isinstance(item[2], bytes) else 0
+        if batch and (len(batch) == max_lines or size + length > max_bytes):
             yield batch
-            batch = []
+            batch, size = [], 0
+        batch.append(item)
+        size += length
     if batch:
         yield batch
 
@@ -164,9 +200,10 @@ def preprocess(args: argparse.Namespace, log=print) -> Stats:
         builders = {key: stack.enter_context(building_dataset(prefix, dtype)) for key, prefix in outputs.items()}
         if args.workers > 1:
             pool = stack.enter_context(_worker_pool(args.workers, init))
-        for batch in _batches(read_lines(files, progress), BATCH_LINES * args.workers):
+        for batch in _batches(read_lines(files, progress), BATCH_LINES * args.workers, BATCH_BYTES * args.workers):
             lines = [line for _, _, line in batch]
-            results = pool.map(encode_line, lines, chunksize=64) if args.workers > 1 else list(map(encode_line, lines))
+            results = pool.map(encode_item, lines, chunksize=max(1, min(64, len(lines) // (4 * args.workers)))) \
+                if args.workers > 1 else list(map(encode_item, lines))
             for (path, number, _), (status, value) in zip(batch, results, strict=True):
                 _record(stats, builders, path, number, status, value)
                 if stats.documents and stats.documents % args.log_interval == 0:
@@ -214,7 +251,7 @@ def _check_bad_fraction(stats: Stats, max_fraction: float) -> None:
         raise ValueError("the input holds no documents")
     if stats.bad / seen > max_fraction:
         examples = "\n  ".join(stats.bad_examples)
-        raise ValueError(f"{stats.bad} of {seen} lines were malformed or missing a key "
+        raise ValueError(f"{stats.bad} of {seen} lines were bad "
                          f"({stats.bad / seen:.2%} > --max-bad-fraction {max_fraction:.2%}); first ones:\n  {examples}")
 
 

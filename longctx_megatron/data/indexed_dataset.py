@@ -35,6 +35,7 @@ import array
 import contextlib
 import operator
 import os
+import re
 import struct
 from collections.abc import Iterable
 
@@ -342,6 +343,32 @@ class IndexedDatasetBuilder:
             stream.write(document_indices.astype("<i8").tobytes())
 
 
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Delete ``{path}.tmp-PID`` files (``building_dataset``'s temporary names) whose process is no
+    longer running on this machine: what a killed run left. Returns their paths."""
+    folder, name = os.path.split(os.path.abspath(path))
+    ours = re.compile(rf"^{re.escape(name)}\.tmp-(\d+)$")
+    removed = []
+    for entry in os.scandir(folder) if os.path.isdir(folder) else ():
+        match = ours.match(entry.name)
+        if match and entry.is_file(follow_symlinks=False) and not _running(int(match.group(1))):
+            os.remove(entry.path)
+            removed.append(entry.path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours from an earlier run with the same PID: this run has not created it yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a PID we can ask about: leave its files alone
+    return True
+
+
 @contextlib.contextmanager
 def building_dataset(prefix: str, dtype):
     """An IndexedDatasetBuilder whose dataset appears at ``prefix`` only if the ``with`` block succeeds.
@@ -352,6 +379,8 @@ def building_dataset(prefix: str, dtype):
     """
     bin_path, idx_path = data_file_path(prefix), index_file_path(prefix)
     temp_bin, temp_idx = f"{bin_path}.tmp-{os.getpid()}", f"{idx_path}.tmp-{os.getpid()}"
+    for path in (bin_path, idx_path):
+        remove_stale_temporaries(path)
     try:
         builder = IndexedDatasetBuilder(temp_bin, dtype=dtype)
         yield builder

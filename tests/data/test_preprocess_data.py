@@ -104,10 +104,74 @@ def test_bad_lines_are_skipped_counted_and_reported(tmp_path):
 
 def test_too_many_bad_lines_fail_and_write_nothing(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"text": "fine"}, "garbage", "[1, 2]", {"text": "also fine"}])
-    with pytest.raises(ValueError, match=r"2 of 4 lines were malformed or missing a key \(50.00% > "
+    with pytest.raises(ValueError, match=r"2 of 4 lines were bad \(50.00% > "
                                          r"--max-bad-fraction 0.10%\)"):
         preprocess_data.preprocess(_args(tmp_path), log=lambda *_: None)
     assert os.listdir(tmp_path) == ["in.jsonl"]
+
+
+def _gzip_bytes(lines: list[str]) -> bytes:
+    return gzip.compress("".join(line + "\n" for line in lines).encode())
+
+
+_FIFTY = _gzip_bytes(['{"text": "ok"}'] * 50)
+
+
+@pytest.mark.parametrize("name,contents,line,reason", [
+    ("surrogate.jsonl", '{"text": "ok"}\n{"text": "a\\ud800b"}\n', 2,
+     "key 'text' is not valid Unicode (a lone surrogate at character 1)"),
+    ("nested.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", 2, "malformed JSON (nested too deeply)"),
+    ("truncated.jsonl.gz", _FIFTY[:-8], 51, "truncated (Compressed file ended before the end-of-stream marker"),
+    ("plain.jsonl.gz", '{"text": "ok"}\n', 1, "not gzip or damaged (Not a gzipped file"),
+    ("damaged.jsonl.gz", _FIFTY[:-8] + bytes(8), 51, "not gzip or damaged (CRC check failed"),
+], ids=["lone-surrogate", "deeply-nested", "truncated-gzip", "not-gzip", "gzip-crc"])
+def test_a_bad_line_of_any_kind_is_counted_with_its_file_and_line_and_the_run_goes_on(tmp_path, name, contents,
+                                                                                          line, reason):
+    bad = tmp_path / name
+    bad.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    write_jsonl(tmp_path / "good.jsonl", [{"text": d} for d in stdlib_documents(4)])
+    args = _args(tmp_path, "--max-bad-fraction", "0.5")
+    args.input = [str(bad), str(tmp_path / "good.jsonl")]
+    lines = []
+    stats = preprocess_data.preprocess(args, log=lines.append)
+    assert stats.bad == 1 and stats.documents >= 4
+    assert f"{bad}:{line}: {reason}" in "\n".join(lines)
+    assert len(IndexedDataset(str(tmp_path / "out_text_document"))) == stats.documents
+
+
+def test_a_null_tokenizer_word_that_is_not_an_id_is_a_bad_line(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2 3"}, {"text": "4 five 6"}, {"text": "7 99"}, {"text": "8"}])
+    args = preprocess_data.parse_args(["--input", str(tmp_path / "in.jsonl"), "--tokenizer-type", "NullTokenizer",
+                                       "--vocab-size", "50", "--output-prefix", str(tmp_path / "out"),
+                                       "--max-bad-fraction", "0.5"])
+    lines = []
+    stats = preprocess_data.preprocess(args, log=lines.append)
+    report = "\n".join(lines)
+    assert (stats.documents, stats.bad) == (2, 2)
+    assert f"in.jsonl:2: key 'text': NullTokenizer: 'five' is not an integer token id" in report
+    assert f"in.jsonl:3: key 'text': NullTokenizer: token id 99 is outside [0, 51)" in report
+    dataset = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert [dataset[i].tolist() for i in range(2)] == [[1, 2, 3], [8]]
+
+
+def test_batches_are_bounded_by_bytes_as_well_as_lines():
+    items = [("f", number, b"x" * size) for number, size in enumerate([10, 10, 10, 100, 5, 5, 5, 5], start=1)]
+    batches = list(preprocess_data._batches(iter(items), max_lines=3, max_bytes=25))
+    assert [[number for _, number, _ in batch] for batch in batches] == [[1, 2], [3], [4], [5, 6, 7], [8]]
+    assert [item for batch in batches for item in batch] == items  # every line once, in order
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_a_running_ones_kept(tmp_path):
+    write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in stdlib_documents(3)])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid, live_pid = int(dead.stdout), os.getppid()
+    leftovers = [tmp_path / f"out_text_document.bin.tmp-{dead_pid}", tmp_path / f"out_text_document.idx.tmp-{dead_pid}"]
+    kept = [tmp_path / f"out_text_document.bin.tmp-{live_pid}", tmp_path / "out_text_document.bin.tmp-notes",
+            tmp_path / "other.bin.tmp-1"]
+    for path in leftovers + kept:
+        path.write_bytes(b"partial")
+    preprocess_data.preprocess(_args(tmp_path), log=lambda *_: None)
+    assert not any(path.exists() for path in leftovers) and all(path.exists() for path in kept)
 
 
 def test_interrupted_run_leaves_no_index(tmp_path, monkeypatch):
