@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -34,3 +35,17 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def remove_leftovers(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files an ``atomic_write`` of ``path`` left when its process was killed
+    (``.{name}.XXXXXXXX.tmp`` beside it: mkstemp's names, regular files only); returns their paths.
+    Call it only where no other process may be writing ``path`` at the same time."""
+    path = Path(path)
+    ours = re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp$")
+    removed = []
+    for entry in os.scandir(path.parent) if path.parent.is_dir() else ():
+        if ours.match(entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            removed.append(entry.path)
+    return removed

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 
-from longctx_megatron.atomic_file import atomic_write
+from longctx_megatron.atomic_file import atomic_write, remove_leftovers
 from longctx_megatron.checkpoint.manifest import FORMAT
 from longctx_megatron.checkpoint.paths import regular_file_problem
 
@@ -20,6 +20,8 @@ METADATA = "metadata.json"
 MANIFEST = "manifest.json"
 MANIFEST_CRC = "manifest.crc32"  # the manifest's own CRC-32 (hex): it lists every other file's
 _ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
+_REPLACED_DIR = re.compile(r"^(iter_\d{7,})\.replaced$")
+_TEMPORARY_DIR = re.compile(r"^\.iter_\d{7,}\.incomplete$")
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -84,6 +86,35 @@ def publish(root: str, iteration: int) -> str:
     fsync_dir(root)
     write_tracker(root, iteration)
     return final
+
+
+def recover(root: str) -> list[str]:
+    """Tidy what a save killed part-way left in ``root`` (call before this run's first save, on one
+    rank, with nobody else saving there); returns what was done, one line each. Only our own names
+    are touched: ``.iter_N.incomplete`` (a save never published) and the tracker's temporary files
+    are deleted; ``iter_N.replaced`` (the older save of an iteration being saved again) is deleted if
+    the new ``iter_N`` was published, and otherwise renamed back to ``iter_N``, since it is then the
+    only copy of that checkpoint."""
+    if not os.path.isdir(root):
+        return []
+    done = [f"deleted {path} (left by a killed run)" for path in remove_leftovers(os.path.join(root, TRACKER))]
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if not os.path.isdir(path) or os.path.islink(path):
+            continue
+        if _TEMPORARY_DIR.match(name):
+            shutil.rmtree(path)
+            done.append(f"deleted {path} (a save that never completed)")
+        elif replaced := _REPLACED_DIR.match(name):
+            final = os.path.join(root, replaced.group(1))
+            if os.path.lexists(final):
+                shutil.rmtree(path)
+                done.append(f"deleted {path} (superseded by {final})")
+            else:
+                os.rename(path, final)
+                done.append(f"restored {final} from {path} (a save of that iteration was killed; it is verified "
+                            "like any checkpoint before it is loaded)")
+    return done
 
 
 def written_here(directory: str) -> bool:

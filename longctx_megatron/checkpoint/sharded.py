@@ -58,6 +58,10 @@ class Checkpointer:
         self._error: BaseException | None = None
         self._buffers: dict = {}  # host copies for background saves, reused from one save to the next
         self.last_stall_s = 0.0
+        if save_dir and self.rank == 0:
+            for done in layout.recover(save_dir):
+                self.log(f"checkpoint: {done}")
+        dist.barrier(group=self.group)  # nobody reads or writes save_dir while rank 0 tidies it
 
     # ----------------------------------------------------------------- saving
     def save(self, iteration: int, metadata: TrainingMetadata, chunks: list, optimizer, ctx, device) -> None:

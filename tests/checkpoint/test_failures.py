@@ -91,6 +91,20 @@ def test_crash_during_save_keeps_the_previous_checkpoint_and_tracker(root, monke
     assert layout.read_tracker(root) == 6 and not os.path.exists(layout.temporary_dir(root, 6))
 
 
+def test_what_a_killed_save_left_is_tidied_when_the_next_run_starts(root):
+    """A save killed between publish's two renames leaves iter_N.replaced and no iter_N: the next run
+    renames it back and resumes from it; a never-finished save and a tracker temporary are deleted."""
+    os.rename(layout.iteration_dir(root, 4), layout.iteration_dir(root, 4) + ".replaced")
+    os.makedirs(layout.temporary_dir(root, 6))
+    open(os.path.join(root, f".{layout.TRACKER}.k1ll3d00.tmp"), "w").write("6")
+    lines = []
+    assert len(_run(["--train-iters", "5", "--load", root, "--save", root], lines)) == 1
+    text = "\n".join(lines)
+    assert f"checkpoint: restored {layout.iteration_dir(root, 4)} from {layout.iteration_dir(root, 4)}.replaced" in text
+    assert f"resumed from {layout.iteration_dir(root, 4)}: iteration 4" in text
+    assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000004", "iter_0000005", layout.TRACKER]
+
+
 def test_ckpt_step_missing_tracker_and_keep_last(root):
     lines = []
     assert len(_run(["--train-iters", "5", "--load", root, "--ckpt-step", "2"], lines)) == 3

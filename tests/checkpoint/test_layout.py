@@ -61,3 +61,28 @@ def test_bad_tracker_is_reported(tmp_path):
     (tmp_path / layout.TRACKER).write_text("release\n")
     with pytest.raises(ValueError, match="expected an iteration number"):
         layout.read_tracker(str(tmp_path))
+
+
+def test_recover_tidies_only_what_a_killed_save_left(tmp_path):
+    root = str(tmp_path)
+    for iteration in (10, 20):
+        _staged(tmp_path, iteration)
+        layout.publish(root, iteration)
+    # Killed between publish's two renames for 20 (the new save is lost, the old one is iter_20.replaced) ...
+    os.rename(layout.iteration_dir(root, 20), layout.iteration_dir(root, 20) + ".replaced")
+    # ... after both renames for 10 (the superseded copy was not deleted yet), mid-save of 30, and mid-tracker write.
+    _staged(tmp_path, 10, "older")
+    os.rename(layout.temporary_dir(root, 10), layout.iteration_dir(root, 10) + ".replaced")
+    _staged(tmp_path, 30)
+    (tmp_path / f".{layout.TRACKER}.a1B2c3d4.tmp").write_text("30")
+    kept = [tmp_path / "notes.replaced", tmp_path / f".{layout.TRACKER}.toolong123.tmp", tmp_path / "iter_x.replaced"]
+    kept[0].write_text("mine")
+    kept[1].write_text("mine")
+    kept[2].mkdir()
+    done = layout.recover(root)
+    assert len(done) == 4 and any("restored" in line and "iter_0000020" in line for line in done)
+    assert sorted(os.listdir(tmp_path)) == sorted(["iter_0000010", "iter_0000020", layout.TRACKER,
+                                                   *(path.name for path in kept)])
+    assert (tmp_path / "iter_0000010" / "f").read_text() == "x"  # the published one, not the superseded
+    assert (tmp_path / "iter_0000020" / "f").read_text() == "x"
+    assert layout.recover(root) == []  # nothing left to do

@@ -230,6 +230,37 @@ def test_converting_into_a_directory_with_checkpoints_is_refused(tmp_path, capsy
     assert _tree(native) == before
 
 
+def test_a_killed_conversions_leftovers_are_removed_by_the_next_and_a_failed_one_leaves_none(tmp_path, monkeypatch):
+    native = _native(tmp_path)
+    staging = tmp_path / ".hf_out.Ab3_x9Zq.incomplete"  # mkdtemp's name for --output hf_out
+    staging.mkdir()
+    (staging / "part-00000.safetensors").write_bytes(b"partial")
+    (staging / ".config.json.Qw3rty12.tmp").write_text("{")
+    foreign = tmp_path / ".hf_out.Zz9_y8Xw.incomplete"  # our name, but holding a file we never write
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    consolidated = tmp_path / "model.safetensors"
+    (tmp_path / "model.safetensors.incomplete").write_bytes(b"partial")
+    lines = []
+    assert convert.main(["--from", "native", "--to", "hf", "--input", native, "--output", str(tmp_path / "hf_out")],
+                        log=lines.append) == 0
+    assert f"deleted {staging} (left by a killed conversion)" in lines and not staging.exists()
+    assert (foreign / "notes.txt").read_text() == "mine"
+    assert convert.main(["--from", "native", "--to", "native", "--input", native, "--output", str(consolidated),
+                         "--consolidate"], log=lines.append) == 0
+    assert not (tmp_path / "model.safetensors.incomplete").exists() and consolidated.exists()
+
+    def fails(*_):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(convert, "write_safetensors", fails)
+    before = sorted(os.listdir(tmp_path))
+    for argv in (["--to", "hf", "--output", str(tmp_path / "hf_again")],
+                 ["--to", "native", "--output", str(tmp_path / "again.safetensors"), "--consolidate"]):
+        assert convert.main(["--from", "native", "--input", native, *argv], log=lambda *_: None) == 2
+    assert sorted(os.listdir(tmp_path)) == before  # no staging directory, no .incomplete file
+
+
 def test_a_hugging_face_config_with_absurd_sizes_is_refused_at_once(tmp_path, capsys):
     hf_dir = hf_model(str(tmp_path / "hf"), "llama")
     path = os.path.join(hf_dir, "config.json")

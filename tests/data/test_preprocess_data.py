@@ -120,7 +120,8 @@ _FIFTY = _gzip_bytes(['{"text": "ok"}'] * 50)
 @pytest.mark.parametrize("name,contents,line,reason", [
     ("surrogate.jsonl", '{"text": "ok"}\n{"text": "a\\ud800b"}\n', 2,
      "key 'text' is not valid Unicode (a lone surrogate at character 1)"),
-    ("nested.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", 2, "malformed JSON (nested too deeply)"),
+    ("nested.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "]" * 100_000 + "\n", 2,
+     "malformed JSON (nested too deeply)"),
     ("truncated.jsonl.gz", _FIFTY[:-8], 51, "truncated (Compressed file ended before the end-of-stream marker"),
     ("plain.jsonl.gz", '{"text": "ok"}\n', 1, "not gzip or damaged (Not a gzipped file"),
     ("damaged.jsonl.gz", _FIFTY[:-8] + bytes(8), 51, "not gzip or damaged (CRC check failed"),
@@ -148,8 +149,8 @@ def test_a_null_tokenizer_word_that_is_not_an_id_is_a_bad_line(tmp_path):
     stats = preprocess_data.preprocess(args, log=lines.append)
     report = "\n".join(lines)
     assert (stats.documents, stats.bad) == (2, 2)
-    assert f"in.jsonl:2: key 'text': NullTokenizer: 'five' is not an integer token id" in report
-    assert f"in.jsonl:3: key 'text': NullTokenizer: token id 99 is outside [0, 51)" in report
+    assert "in.jsonl:2: key 'text': NullTokenizer: 'five' is not an integer token id" in report
+    assert "in.jsonl:3: key 'text': NullTokenizer: token id 99 is outside [0, 51)" in report
     dataset = IndexedDataset(str(tmp_path / "out_text_document"))
     assert [dataset[i].tolist() for i in range(2)] == [[1, 2, 3], [8]]
 

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -151,8 +152,18 @@ def native_to_hf(args, log) -> str:
     output = os.path.abspath(args.output)
     os.makedirs(os.path.dirname(output), exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".incomplete", dir=os.path.dirname(output))
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    try:  # a failed conversion leaves nothing behind; a killed one is tidied by the next (remove_leftovers)
+        total = _write_hf(staged, reader, config, hf_config, getattr(torch, args.dtype) if args.dtype else None, log)
+        _publish_hf(staged, output)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    log(f"wrote {args.output} ({hf_config['architectures'][0]}, {total} safetensors file(s))")
+    return args.output
 
+
+def _write_hf(staged: str, reader: CheckpointReader, config, hf_config: dict, dtype, log) -> int:
+    """Write the Hugging Face files into ``staged``, one layer at a time; returns the safetensors count."""
     def get(name: str) -> torch.Tensor:
         tensor = reader.read_global(keys.model_key(name))
         return tensor.to(dtype) if dtype else tensor
@@ -190,9 +201,7 @@ def native_to_hf(args, log) -> str:
     hf_config["torch_dtype"] = str(dtype or get("final_norm.weight").dtype).removeprefix("torch.")
     with atomic_write(os.path.join(staged, "config.json"), "w") as file:
         json.dump(hf_config, file, indent=2)
-    _publish_hf(staged, output)
-    log(f"wrote {args.output} ({hf_config['architectures'][0]}, {total} safetensors file(s))")
-    return args.output
+    return total
 
 
 def _is_hf_output(name: str) -> bool:
@@ -212,6 +221,38 @@ def _publish_hf(staged: str, output: str) -> None:
     for name in os.listdir(staged):
         os.replace(os.path.join(staged, name), os.path.join(output, name))
     os.rmdir(staged)
+
+
+def _staging_dirs(output: str) -> list[str]:
+    """Temporary directories a killed ``native_to_hf`` into ``output`` left beside it (mkdtemp's names,
+    holding only files this tool writes)."""
+    parent, base = os.path.split(os.path.abspath(output))
+    ours = re.compile(rf"^\.{re.escape(base)}\.[A-Za-z0-9_]{{8}}\.incomplete$")
+    found = []
+    for entry in os.scandir(parent) if os.path.isdir(parent) else ():
+        if ours.match(entry.name) and entry.is_dir(follow_symlinks=False) and all(
+                _is_hf_output(name) or re.fullmatch(r"part-\d{5}\.safetensors", name)
+                or ((temp := re.fullmatch(r"\.(.+)\.\w{8}\.tmp", name)) and _is_hf_output(temp.group(1)))
+                for name in os.listdir(entry.path)):
+            found.append(entry.path)
+    return found
+
+
+def remove_leftovers(args) -> list[str]:
+    """Delete what an earlier conversion to the same --output left when it was killed: only our own
+    temporary names (see ``_staging_dirs``, ``layout.recover``, ``<output>.incomplete``). One line each."""
+    if args.consolidate:
+        staged = args.output + ".incomplete"
+        if os.path.isfile(staged) and not os.path.islink(staged):
+            os.remove(staged)
+            return [f"deleted {staged} (left by a killed conversion)"]
+        return []
+    if args.target == "native":
+        return layout.recover(args.output)
+    removed = _staging_dirs(args.output)
+    for path in removed:
+        shutil.rmtree(path)
+    return [f"deleted {path} (left by a killed conversion)" for path in removed]
 
 
 def check_output(args) -> None:
@@ -250,9 +291,14 @@ def native_to_native(args, log) -> str:
                                                      lambda name=name: reader.read_global(name))
                    for name in names if keys.is_model_key(name)}  # read one at a time while writing
         staged = args.output + ".incomplete"
-        write_safetensors(staged, tensors, {"config": json.dumps(saved.training.config),
-                                            "iteration": str(saved.iteration)})
-        os.replace(staged, args.output)
+        try:
+            write_safetensors(staged, tensors, {"config": json.dumps(saved.training.config),
+                                                "iteration": str(saved.iteration)})
+            os.replace(staged, args.output)
+        except BaseException:
+            if os.path.isfile(staged):
+                os.remove(staged)
+            raise
         log(f"wrote {args.output}: {len(tensors)} global tensors")
         return args.output
     writer = OfflineWriter(args.output, saved.iteration, config, args.target_tensor_parallel_size,
@@ -303,6 +349,8 @@ def main(argv=None, log=print) -> int:
         convert = {("hf", "native"): hf_to_native, ("native", "hf"): native_to_hf,
                    ("native", "native"): native_to_native}[(args.source, args.target)]
         check_output(args)
+        for done in remove_leftovers(args):
+            log(done)
         convert(args, log)
     except (ConversionError, CheckpointError, ConfigError, ParallelLayoutError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
