@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import torch
 
@@ -32,8 +33,8 @@ def read_json(path: str) -> dict:
 
 def verify_files(directory: str, rank: int = 0, world_size: int = 1) -> list[str]:
     """Problems with the files of ``directory`` (empty when it is sound). Rank r checks every
-    world_size-th file's size and CRC-32, so a checkpoint is verified in parallel. Both JSON files are
-    checked field by field first."""
+    world_size-th file's size and CRC-32 (and a safetensors file's header), so a checkpoint is verified
+    in parallel. Both JSON files are checked field by field first."""
     manifest_path, metadata_path = os.path.join(directory, MANIFEST), os.path.join(directory, METADATA)
     if problem := manifest_crc_problem(directory):
         return [problem]
@@ -53,6 +54,11 @@ def verify_files(directory: str, rank: int = 0, world_size: int = 1) -> list[str
             problems.append(f"{path} has {size} bytes, the manifest says {expected.bytes} (truncated?)")
         elif file_crc32(path) != expected.crc32:
             problems.append(f"{path} does not match its CRC-32 in the manifest (corrupt)")
+        elif name.endswith(".safetensors"):  # a header made wrong before its CRC was taken: damage too
+            try:
+                SafetensorsReader(path).close()
+            except SafetensorsError as error:
+                problems.append(str(error))
     return problems
 
 
@@ -66,13 +72,11 @@ def manifest_crc_problem(directory: str) -> str | None:
         return problem
     if os.path.getsize(sidecar) > 64:
         return f"{sidecar} is not a CRC-32 ({os.path.getsize(sidecar)} bytes)"
-    with open(sidecar) as file:
+    with open(sidecar, "rb") as file:
         text = file.read().strip()
-    try:
-        expected = int(text, 16)
-    except ValueError:
+    if not re.fullmatch(rb"[0-9a-f]{8}", text):  # exactly what publish_checkpoint writes
         return f"{sidecar} is not a CRC-32 ({text[:20]!r})"
-    if file_crc32(manifest) != expected:
+    if file_crc32(manifest) != int(text, 16):
         return f"{manifest} does not match its CRC-32 in {MANIFEST_CRC} (corrupt)"
     return None
 
@@ -132,7 +136,10 @@ class CheckpointReader:
             hi = [min(o + s, p + n) for o, s, p, n in zip(offsets, sizes, piece.offsets, piece.shape, strict=True)]
             if any(a >= b for a, b in zip(lo, hi, strict=True)):
                 continue
-            source = self._file(piece.file).get(piece.key)
+            try:
+                source = self._file(piece.file).get(piece.key)
+            except SafetensorsError as error:  # the manifest names a key the file does not hold
+                raise CheckpointError(f"{error} (named by {MANIFEST} for {name!r})") from None
             if tuple(source.shape) != piece.shape or source.dtype != entry.torch_dtype:
                 raise CheckpointError(f"{self.directory}/{piece.file}: {piece.key!r} is {list(source.shape)} "
                                       f"{source.dtype}; the manifest says {list(piece.shape)} {entry.torch_dtype}")

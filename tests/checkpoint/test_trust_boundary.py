@@ -12,7 +12,7 @@ import torch
 from longctx_megatron.checkpoint import layout
 from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.reader import CheckpointReader, verify_files
-from longctx_megatron.checkpoint.safetensors_io import write_safetensors
+from longctx_megatron.checkpoint.safetensors_io import file_crc32, write_safetensors
 from tests.checkpoint.test_convert import _error, convert, hf_model
 
 METADATA = {"format": "longctx-megatron sharded checkpoint", "version": 1, "iteration": 0, "consumed_samples": 0,
@@ -296,6 +296,20 @@ def test_integer_weights_and_an_integer_params_dtype_are_refused(tmp_path):
     manifest["tensors"]["model/w"]["dtype"] = "torch.qint8"  # an attribute of torch, not a safetensors dtype
     json.dump(manifest, open(os.path.join(directory, layout.MANIFEST), "w"))
     assert "dtype must be one of" in verify_files(directory)[0]
+
+
+def test_a_shard_header_made_wrong_before_its_crc_was_taken_is_found_by_verification(tmp_path):
+    """A wrong header whose file still matches the manifest's CRC-32 is a problem verify_files reports,
+    so loading falls back to the previous sound checkpoint as for a damaged shard."""
+    directory = _checkpoint(tmp_path / "ckpt")
+    shard = os.path.join(directory, "shard_00000.safetensors")
+    _rewrite_header(shard, lambda header: header["w#0"].update(data_offsets=[-8, 0]))
+    path = os.path.join(directory, layout.MANIFEST)
+    manifest = json.load(open(path))
+    manifest["files"]["shard_00000.safetensors"] = {"bytes": os.path.getsize(shard), "crc32": file_crc32(shard)}
+    json.dump(manifest, open(path, "w"))
+    assert verify_files(directory) == [f"{shard}: tensor 'w#0': data_offsets [-8, 0] must be [begin, end] with "
+                                       "0 <= begin <= end"]
 
 
 def test_damage_to_the_manifest_itself_is_caught_by_its_crc(tmp_path):

@@ -102,7 +102,7 @@ def test_size_fields_must_be_integers(name, value):
         (dict(d_model=4, n_heads=4, n_kv_heads=2), "head_dim = d_model/n_heads = 1 must be even"),
         (dict(hidden_dropout=-0.1), "hidden_dropout=-0.1 must be in [0, 1]"),
         (dict(hidden_dropout=1.5), "hidden_dropout=1.5 must be in [0, 1]"),
-        (dict(hidden_dropout=float("nan")), "hidden_dropout=nan must be in [0, 1]"),
+        (dict(hidden_dropout=float("nan")), "hidden_dropout=nan must be a finite number"),
         (dict(attention_dropout=1.01), "attention_dropout=1.01 must be in [0, 1]"),
         (dict(attention_dropout=-1.0), "attention_dropout=-1.0 must be in [0, 1]"),
         (dict(init_method="uniform"), "init_method='uniform' is unknown; choose one of normal, xavier, kaiming"),
