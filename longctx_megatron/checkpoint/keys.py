@@ -16,10 +16,13 @@ parsing a key.
 
 from __future__ import annotations
 
+import re
+
 _MODEL = "model/"
 _OPTIMIZER = "optimizer/"
 _RNG = "rng/"
 MAIN = "main"  # the optimizer kind of the float32 master weights
+_NAME = re.compile(r"^(model/[^/]+|optimizer/[^/]+/[^/]+|rng/rank\d{5,}/\S+)$")
 
 
 def model_key(param: str) -> str:
@@ -43,6 +46,11 @@ def rng_state_of(name: str, rank: int) -> str | None:
     """The generator state that ``name`` holds if it is one of ``rank``'s (inverse of rng_key), else None."""
     prefix = _rng_prefix(rank)
     return name[len(prefix):] if name.startswith(prefix) else None
+
+
+def is_tensor_name(name: str) -> bool:
+    """Whether ``name`` has one of the three forms above (a manifest from elsewhere may hold anything)."""
+    return isinstance(name, str) and _NAME.match(name) is not None
 
 
 def is_model_key(name: str) -> bool:

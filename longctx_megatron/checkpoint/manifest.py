@@ -109,7 +109,11 @@ class FileEntry:
     @classmethod
     def from_json(cls, data, where: str) -> FileEntry:
         data = check.json_object(data, where)
-        return cls(check.non_negative(data, "bytes", where), check.non_negative(data, "crc32", where))
+        check.only_fields(data, {"bytes", "crc32"}, where)
+        crc32 = check.non_negative(data, "crc32", where)
+        if crc32 > 0xFFFFFFFF:
+            raise check.wrong(where, "crc32", crc32, "a 32-bit CRC")
+        return cls(check.non_negative(data, "bytes", where), crc32)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class StoredPiece:
     @classmethod
     def from_json(cls, data, where: str) -> StoredPiece:
         data = check.json_object(data, where)
+        check.only_fields(data, {"file", "key", "offsets", "shape"}, where)
         return cls(check.file_name(data, "file", where), check.string(data, "key", where),
                    check.non_negative_ints(data, "offsets", where), check.non_negative_ints(data, "shape", where))
 
@@ -150,6 +155,7 @@ class TensorEntry:
     @classmethod
     def from_json(cls, data, where: str) -> TensorEntry:
         data = check.json_object(data, where)
+        check.only_fields(data, {"shape", "dtype", "pieces"}, where)
         shape, dtype = check.non_negative_ints(data, "shape", where), check.dtype_name(data, "dtype", where)
         pieces = []
         for number, piece in enumerate(check.json_list(data, "pieces", where)):
@@ -212,6 +218,7 @@ class Manifest:
     @classmethod
     def from_json(cls, data, where: str) -> Manifest:
         data = check.json_object(data, where)
+        check.only_fields(data, {"files", "tensors"}, where)
         files = check.json_object(check.required(data, "files", where), f"{where}: files")
         tensors = check.json_object(check.required(data, "tensors", where), f"{where}: tensors")
         manifest = cls({check.plain_name(name, "a file's name", f"{where}: files"):
@@ -220,6 +227,9 @@ class Manifest:
                         for name, entry in tensors.items()})
         stored = sum(entry.bytes for entry in manifest.files.values())
         for name, entry in manifest.tensors.items():  # only files whose size and CRC-32 are verified
+            if not keys.is_tensor_name(name):
+                raise CheckpointError(f"{where}: tensor name {name!r:.80} is not model/<param>, "
+                                      "optimizer/<kind>/<param> or rng/rankNNNNN/<state>")
             claimed = math.prod(entry.shape) * entry.torch_dtype.itemsize
             if claimed > stored:  # refused before anything of that size is allocated
                 raise CheckpointError(f"{where}: tensor {name!r} of shape {list(entry.shape)} needs {claimed:,} "
