@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 
 import pytest
 import torch
@@ -36,18 +38,46 @@ def _checkpoint(directory, piece_file: str | None = None, files: dict | None = N
     return str(directory)
 
 
-def test_a_sound_checkpoint_reads(tmp_path):
+_OPENED: list[str] | None = None  # while a test records them: every path any code opens (audit events)
+
+
+def _record_opens(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.path.realpath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_record_opens)  # cannot be removed; does nothing unless a test is recording
+
+
+@pytest.fixture
+def opened():
+    """The real paths opened during the test (by open(), os.open(), anything that audits "open")."""
+    global _OPENED
+    _OPENED = []
+    try:
+        yield _OPENED
+    finally:
+        _OPENED = None
+
+
+def test_a_sound_checkpoint_reads(tmp_path, opened):
     directory = _checkpoint(tmp_path / "ckpt")
+    opened.clear()
     assert verify_files(directory) == []
     assert CheckpointReader(directory).read_global("model/w").tolist() == [1.0, 1.0]
+    assert os.path.realpath(os.path.join(directory, "shard_00000.safetensors")) in opened  # the recorder works
 
 
-@pytest.mark.parametrize("piece_file", ["../outside.safetensors", "/tmp/outside.safetensors"])
-def test_a_piece_outside_the_directory_is_refused(tmp_path, piece_file):
-    directory = _checkpoint(tmp_path / "ckpt", piece_file=piece_file)
+@pytest.mark.parametrize("absolute", [False, True])
+def test_a_piece_outside_the_directory_is_refused_and_never_opened(tmp_path, opened, absolute):
+    outside = str(tmp_path / "outside.safetensors")
+    write_safetensors(outside, {"w#0": torch.full((2,), 7.0)})  # a sound file, if anything opened it
+    directory = _checkpoint(tmp_path / "ckpt", piece_file=outside if absolute else "../outside.safetensors")
+    opened.clear()  # what the test itself wrote
     with pytest.raises(CheckpointError, match="a plain file name"):
         CheckpointReader(directory)
     assert verify_files(directory) and "a plain file name" in verify_files(directory)[0]
+    assert os.path.realpath(outside) not in opened
 
 
 def test_a_piece_in_an_unverified_file_is_refused(tmp_path):
@@ -84,9 +114,11 @@ def test_a_piece_whose_stored_shape_differs_is_refused(tmp_path):
         CheckpointReader(directory).read_global("model/w")
 
 
-def test_absolute_file_entries_are_refused(tmp_path):
+def test_absolute_file_entries_are_refused_and_never_opened(tmp_path, opened):
     directory = _checkpoint(tmp_path / "ckpt", files={"/etc/hostname": {"bytes": 1, "crc32": 0}})
+    opened.clear()
     assert "a plain file name" in " ".join(verify_files(directory))
+    assert os.path.realpath("/etc/hostname") not in opened
 
 
 def test_a_fifo_is_reported_not_read(tmp_path):
@@ -101,24 +133,33 @@ def test_a_fifo_is_reported_not_read(tmp_path):
     assert any("is a FIFO" in problem for problem in verify_files(directory))
 
 
-def test_a_symlink_is_not_followed(tmp_path):
+def test_a_symlink_is_not_followed(tmp_path, opened):
     directory = _checkpoint(tmp_path / "ckpt")
     outside = _checkpoint(tmp_path / "elsewhere")
     shard = os.path.join(directory, "shard_00000.safetensors")
     os.remove(shard)
     os.symlink(os.path.join(outside, "shard_00000.safetensors"), shard)
+    opened.clear()  # what the test itself wrote
     assert any("is a symlink" in problem for problem in verify_files(directory))
     with pytest.raises(CheckpointError, match="is a symlink"):
         CheckpointReader(directory).read_global("model/w")
+    assert not [path for path in opened if path.startswith(os.path.realpath(outside))]
 
 
 @pytest.mark.parametrize("target", ["../model.safetensors", "/etc/hostname", "sub/model.safetensors"])
-def test_a_hugging_face_index_cannot_point_outside(tmp_path, capsys, target):
+def test_a_hugging_face_index_cannot_point_outside(tmp_path, capsys, opened, target):
     hf_dir = hf_model(str(tmp_path / "hf"), "llama")
+    shutil.copy(os.path.join(hf_dir, "model.safetensors"), tmp_path / "model.safetensors")  # sound, outside
+    os.makedirs(os.path.join(hf_dir, "sub"))
+    shutil.copy(os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "sub"))
     with open(os.path.join(hf_dir, "model.safetensors.index.json"), "w") as file:
         json.dump({"weight_map": {"model.embed_tokens.weight": target}}, file)
+    opened.clear()  # what the test itself wrote
     message = _error(capsys, "--from", "hf", "--to", "native", "--input", hf_dir, "--output", str(tmp_path / "o"))
     assert "model.safetensors.index.json: weight_map must be a plain file name" in message
+    outside = {os.path.realpath(path) for path in (tmp_path / "model.safetensors", "/etc/hostname",
+                                                   os.path.join(hf_dir, "sub", "model.safetensors"))}
+    assert not outside & set(opened)
 
 
 @pytest.mark.parametrize("contents", ['{"metadata": {}}', "[1]", "{not json", '{"weight_map": {"a": 3}}'])
