@@ -6,7 +6,8 @@
 
 Flags and output names follow Megatron-LM's tool, so its datasets and ours are interchangeable.
 The input is streamed in batches bounded in lines and in bytes (memory grows with neither the
-corpus nor its line lengths, beyond the longest line itself), tokenised by a pool of workers and
+corpus nor the number of long lines; one document costs about 12x its bytes while it is tokenised,
+benchmarks/preprocess_throughput.py), tokenised by a pool of workers and
 written in input order. Bad lines are bad lines: malformed or too deeply nested JSON, a missing or
 non-string key, text that is not valid Unicode (a lone surrogate), text the tokenizer refuses (a
 NullTokenizer word that is not an id), and the rest of a .gz file that is truncated or not gzip are
