@@ -17,9 +17,10 @@ PACKAGE = pathlib.Path(longctx_megatron.__file__).parent
 # top of config/; checkpoint/ sits beside training/ and may not import it.
 LAYERS = {
     "atomic_file": set(),
+    "packing": set(),
     "config": {"atomic_file"},
-    "data": {"config", "atomic_file"},
-    "model": {"config"},
+    "data": {"config", "atomic_file", "packing"},
+    "model": {"config", "packing"},
     "parallel": {"config", "model"},
     "checkpoint": {"config", "model", "parallel", "atomic_file"},
     "training": {"config", "data", "model", "parallel", "checkpoint", "atomic_file"},

@@ -7,6 +7,7 @@ import torch
 from longctx_megatron.config.layer_plan import LayerSpec
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.model.attention.layer import SelfAttention
+from longctx_megatron.model.attention.patterns import Documents
 from longctx_megatron.model.dropout import Dropout
 from longctx_megatron.model.mlp import SwiGLU
 from longctx_megatron.model.norm import RMSNorm
@@ -24,6 +25,7 @@ class TransformerBlock(torch.nn.Module):
         self.mlp = SwiGLU(config.d_model, config.d_ff)
         self.mlp_out_dropout = Dropout(config.hidden_dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention_out_dropout(self.attention(self.attention_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: Documents | None = None) -> torch.Tensor:
+        x = x + self.attention_out_dropout(self.attention(self.attention_norm(x), cos, sin, documents))
         return x + self.mlp_out_dropout(self.mlp(self.mlp_norm(x)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from longctx_megatron.config.model_config import ModelConfig
+from longctx_megatron.model.attention.patterns import Documents
 from longctx_megatron.model.block import TransformerBlock
 from longctx_megatron.model.dropout import Dropout
 from longctx_megatron.model.head import LanguageModelHead
@@ -68,6 +69,7 @@ class GPTModel(torch.nn.Module):
         loss_mask: torch.Tensor | None = None,
         hidden: torch.Tensor | None = None,
         loss_reduction: str = "mean",
+        document_ids: torch.Tensor | None = None,
     ):
         """input_ids (B, T) -> (logits (B, T, V), loss over loss_mask or None without labels): the
         mean over the tokens that count, or with ``loss_reduction="sum"`` their sum.
@@ -78,6 +80,8 @@ class GPTModel(torch.nn.Module):
 
         ``labels`` are the next tokens (already shifted, as the datasets return them);
         ``position_ids`` (B, T) default to 0..T-1 and may restart at document boundaries.
+        ``document_ids`` (B, T) int64, the document of every token (``--reset-attention-mask``),
+        keep attention inside each document; None is one document per sample.
         """
         if self.pre_process:
             if position_ids is None:
@@ -85,12 +89,13 @@ class GPTModel(torch.nn.Module):
             hidden = self.embedding_dropout(self.embedding(input_ids))
         elif hidden is None or position_ids is None:
             raise ValueError("a stage without pre_process needs the previous stage's hidden and position_ids")
+        documents = None if document_ids is None else Documents(document_ids)  # shared by every layer
         rope_tables = {}  # layers sharing a RoPE config share one cos/sin table
         for layer in self.layers:
             rotary = layer.attention.rotary
             if rotary.cfg not in rope_tables:
                 rope_tables[rotary.cfg] = rotary(position_ids)
-            hidden = layer(hidden, *rope_tables[rotary.cfg])
+            hidden = layer(hidden, *rope_tables[rotary.cfg], documents)
         if not self.post_process:
             return hidden
         return self.head(self.final_norm(hidden), self.output_weight(), labels, loss_mask, loss_reduction)

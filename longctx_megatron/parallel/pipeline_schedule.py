@@ -58,9 +58,10 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
 
     One chunk is plain 1F1B; several are the interleaved schedule (chunk c is virtual stage
     c * p + pp_rank). ``microbatches`` are dicts with ``tokens``, ``labels`` and optionally
-    ``loss_mask`` and ``position_ids`` (every stage needs the positions; only the first reads
-    tokens, only the last labels). ``hidden_shape`` is one micro-batch's activation between
-    stages: (b, s, d), with s divided by the TP size under sequence parallelism.
+    ``loss_mask``, ``position_ids`` and ``document_ids`` (every stage needs the positions and the
+    documents; only the first reads tokens, only the last labels). ``hidden_shape`` is one
+    micro-batch's activation between stages: (b, s, d), with s divided by the TP size under
+    sequence parallelism.
 
     What backward differentiates: each micro-batch's token mean divided by the micro-batch count
     (gradients are of the mean of micro-batch means, Megatron's default), or with
@@ -106,7 +107,7 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
                     input_ids=batch["tokens"] if model.pre_process else None, position_ids=positions,
                     labels=batch["labels"] if model.post_process else None,
                     loss_mask=batch.get("loss_mask") if model.post_process else None, hidden=received,
-                    loss_reduction="sum",
+                    loss_reduction="sum", document_ids=batch.get("document_ids"),
                 )
             if model.post_process:
                 total = result[1]

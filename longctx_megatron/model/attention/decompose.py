@@ -8,6 +8,11 @@
 * dilated: heads are grouped by their offset s; keys are shifted s positions later, then
   (B, H, T, D) -> (B * r, H, T / r, D) puts each residue class in a contiguous sequence on which a
   causal window of W keys is exactly the rule in patterns.py. No score is computed twice.
+
+With packed documents every primitive call carries segment ids (the window primitive's
+``segments``): the window keeps keys of the query's document; full attention becomes a window as
+long as the longest document; global tokens are each document's every G-th position, gathered per
+sample; dilated residue classes carry their tokens' ids (padding gets -1, which no query matches).
 """
 
 from __future__ import annotations
@@ -16,17 +21,22 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.model.attention.backends.recompute import shared_key_attention
-from longctx_megatron.model.attention.patterns import DilatedPattern, Pattern, SlidingPattern
+from longctx_megatron.model.attention.patterns import DilatedPattern, Documents, Pattern, SlidingPattern
 from longctx_megatron.model.attention.softmax import merge_by_lse
 
 
-def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float) -> torch.Tensor:
+def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float,
+                      documents: Documents | None = None) -> torch.Tensor:
+    segments = None if documents is None else (documents.ids, documents.ids)
     if isinstance(pattern, SlidingPattern):
         if pattern.global_every:
-            return _sliding_with_global_tokens(backend, q, k, v, pattern, dropout_p)
-        return backend.window(q, k, v, pattern.window, None, False, dropout_p)[0]
+            return _sliding_with_global_tokens(backend, q, k, v, pattern, dropout_p, documents)
+        return backend.window(q, k, v, pattern.window, segments, False, dropout_p)[0]
     if isinstance(pattern, DilatedPattern):
-        return _dilated(backend, q, k, v, pattern, dropout_p)
+        return _dilated(backend, q, k, v, pattern, dropout_p, documents)
+    if documents is not None:  # within a document i - j < its length: a window as long as the longest
+        longest = int(documents.positions.max()) + 1
+        return backend.window(q, k, v, longest, segments, False, dropout_p)[0]
     return backend.causal(q, k, v, dropout_p)
 
 
@@ -35,7 +45,10 @@ def _grouped(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     return q.unflatten(1, (n_kv_heads, q.shape[1] // n_kv_heads))
 
 
-def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropout_p: float) -> torch.Tensor:
+def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropout_p: float,
+                                documents: Documents | None) -> torch.Tensor:
+    if documents is not None:
+        return _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern, dropout_p, documents)
     seq_len, n_kv = q.shape[2], k.shape[1]
     positions = torch.arange(seq_len, device=q.device)
     globals_ = positions[:: pattern.global_every]  # position p is global iff p % G == 0
@@ -56,7 +69,47 @@ def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropo
     return out.index_copy(2, globals_, out_q.flatten(1, 2))
 
 
-def _dilated(backend, q, k, v, pattern: DilatedPattern, dropout_p: float) -> torch.Tensor:
+def _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern: SlidingPattern, dropout_p: float,
+                                             documents: Documents) -> torch.Tensor:
+    """The same three branches per sample: its global positions (every G-th of each document) differ
+    from sample to sample, so they are gathered into a padded (B, K) index with a validity mask."""
+    batch, n_heads, seq_len, head_dim = q.shape
+    n_kv, ids = k.shape[1], documents.ids
+    positions = torch.arange(seq_len, device=q.device)
+    is_global = documents.positions % pattern.global_every == 0
+    count = int(is_global.sum(dim=1).max())
+    index = torch.argsort((~is_global).to(torch.int8), dim=1, stable=True)[:, :count]  # (B, K): globals first
+    valid = is_global.gather(1, index)
+    index_ids = ids.gather(1, index)
+
+    out, lse = backend.window(q, k, v, pattern.window, (ids, ids), True, dropout_p)
+
+    # Global keys of the query's document older than its window.
+    old_global = (valid[:, None, :] & (index_ids[:, None, :] == ids[:, :, None])
+                  & (index[:, None, :] <= positions[None, :, None] - pattern.window))  # (B, T, K)
+    k_glob, v_glob = _gather_rows(k, index)[:, :, None], _gather_rows(v, index)[:, :, None]
+    out_glob, lse_glob = shared_key_attention(_grouped(q, n_kv), k_glob, v_glob, old_global, dropout_p)
+    out, _ = merge_by_lse(out, lse, out_glob.flatten(1, 2), lse_glob.flatten(1, 2))
+
+    # Global queries see every earlier position of their document.
+    sees = (valid[:, :, None] & (positions[None, None, :] <= index[:, :, None])
+            & (ids[:, None, :] == index_ids[:, :, None]))  # (B, K, T)
+    out_q, _ = shared_key_attention(_grouped(_gather_rows(q, index), n_kv), k[:, :, None], v[:, :, None], sees,
+                                    dropout_p)
+    # Padding rows (not global) are written to an extra row that is then dropped.
+    target = torch.where(valid, index, seq_len)[:, None, :, None].expand(batch, n_heads, count, head_dim)
+    out = torch.nn.functional.pad(out, (0, 0, 0, 1)).scatter(2, target, out_q.flatten(1, 2))
+    return out[:, :, :seq_len]
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) at sequence positions index (B, K), per sample: (B, H, K, D)."""
+    batch, heads, _, dim = x.shape
+    return x.gather(2, index[:, None, :, None].expand(batch, heads, index.shape[1], dim))
+
+
+def _dilated(backend, q, k, v, pattern: DilatedPattern, dropout_p: float,
+             documents: Documents | None = None) -> torch.Tensor:
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv, r = k.shape[1], pattern.dilation
     group = n_heads // n_kv
@@ -70,13 +123,16 @@ def _dilated(backend, q, k, v, pattern: DilatedPattern, dropout_p: float) -> tor
         qs = F.pad(q[:, q_heads], (0, 0, 0, padded - seq_len))
         ks = F.pad(k[:, kv_heads], (0, 0, shift, padded - seq_len - shift))
         vs = F.pad(v[:, kv_heads], (0, 0, shift, padded - seq_len - shift))
-        key_valid = None
-        if shift:
-            key_valid = (torch.arange(padded, device=q.device) >= shift).view(-1, r).T  # (r, T/r)
-            key_valid = key_valid.repeat(batch, 1)
+        segments = None
+        if shift or documents is not None:
+            ids = documents.ids if documents is not None else torch.zeros(batch, seq_len, dtype=torch.long,
+                                                                           device=q.device)
+            q_ids = F.pad(ids, (0, padded - seq_len), value=-2)  # padding queries: dropped below
+            k_ids = F.pad(ids, (shift, padded - seq_len - shift), value=-1)  # padding keys: seen by none
+            segments = (_ids_to_residue_classes(q_ids, r), _ids_to_residue_classes(k_ids, r))
         out, _ = backend.window(
             _to_residue_classes(qs, r), _to_residue_classes(ks, r), _to_residue_classes(vs, r),
-            pattern.window, key_valid, False, dropout_p,
+            pattern.window, segments, False, dropout_p,
         )
         outputs.append(_from_residue_classes(out, r)[:, :, :seq_len])
         order.append(q_heads)
@@ -84,6 +140,12 @@ def _dilated(backend, q, k, v, pattern: DilatedPattern, dropout_p: float) -> tor
     inverse = torch.empty(n_heads, dtype=torch.long, device=q.device)
     inverse[torch.cat(order)] = torch.arange(n_heads, device=q.device)
     return out[:, inverse]
+
+
+def _ids_to_residue_classes(ids: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, T) -> (B * r, T / r), the layout of ``_to_residue_classes``."""
+    b, t = ids.shape
+    return ids.view(b, t // r, r).permute(0, 2, 1).reshape(b * r, t // r)
 
 
 def _to_residue_classes(x: torch.Tensor, r: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from longctx_megatron.model.attention.backends.chunked import ChunkedBackend
 from longctx_megatron.model.attention.backends.flash import FlashBackend
 from longctx_megatron.model.attention.backends.flex import FlexBackend
 from longctx_megatron.model.attention.backends.reference import ReferenceBackend
-from longctx_megatron.model.attention.patterns import Pattern
+from longctx_megatron.model.attention.patterns import Documents, Pattern
 
 _FACTORIES: dict[str, Callable[[], AttentionBackend]] = {}
 _INSTANCES: dict[str, AttentionBackend] = {}
@@ -45,19 +45,21 @@ def create(name: str) -> AttentionBackend:
     return _INSTANCES[name]
 
 
-def select(name: str, pattern: Pattern, q: torch.Tensor, dropout_p: float = 0.0) -> AttentionBackend:
-    """The backend that runs ``pattern`` on ``q`` with attention dropout ``dropout_p``: the named one
-    (checked), or for 'auto' the first in the device's order that can run the layer as configured."""
+def select(name: str, pattern: Pattern, q: torch.Tensor, dropout_p: float = 0.0,
+           documents: Documents | None = None) -> AttentionBackend:
+    """The backend that runs ``pattern`` on ``q`` with attention dropout ``dropout_p`` (within
+    ``documents``): the named one (checked), or for 'auto' the first in the device's order that can
+    run the layer as configured."""
     if name != "auto":
         backend = create(name)
-        backend.check(pattern, q, dropout_p)
+        backend.check(pattern, q, dropout_p, documents)
         return backend
     for candidate in AUTO_ORDER.get(q.device.type, AUTO_DEFAULT):
         backend = create(candidate)
-        if backend.unsupported_reason(pattern, q, dropout_p) is None:
+        if backend.unsupported_reason(pattern, q, dropout_p, documents) is None:
             return backend
     raise BackendUnavailable(f"no attention backend can run {pattern} on {q.device} ({q.dtype}) with dropout "
-                             f"{dropout_p}")
+                             f"{dropout_p}" + (" and packed documents" if documents is not None else ""))
 
 
 for _name, _factory in (

@@ -18,7 +18,7 @@ import torch
 from longctx_megatron.config.layer_plan import LayerSpec
 from longctx_megatron.config.rope import RopeConfig
 from longctx_megatron.model.attention import factory
-from longctx_megatron.model.attention.patterns import Pattern, pattern_for
+from longctx_megatron.model.attention.patterns import Documents, Pattern, pattern_for
 from longctx_megatron.model.rope import RotaryEmbedding, apply_rotary
 
 
@@ -69,11 +69,12 @@ class CoreAttention(torch.nn.Module):
         super().__init__()
         self.pattern, self.dropout, self.backend, self.dropout_rng = pattern, dropout, backend, dropout_rng
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                documents: Documents | None = None) -> torch.Tensor:
         dropout_p = self.dropout if self.training else 0.0
-        backend = factory.select(self.backend, self.pattern, q, dropout_p)
+        backend = factory.select(self.backend, self.pattern, q, dropout_p, documents)
         with self.dropout_rng():
-            return backend.attend(q, k, v, self.pattern, dropout_p)
+            return backend.attend(q, k, v, self.pattern, dropout_p, documents)
 
     def extra_repr(self) -> str:
         return f"{self.pattern}, backend={self.backend}"
@@ -118,10 +119,11 @@ class SelfAttention(torch.nn.Module):
     def pattern(self) -> Pattern:
         return self.core_attention.pattern
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                documents: Documents | None = None) -> torch.Tensor:
         q, k, v = self.layout.split_heads(self.qkv(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core_attention(q, k, v)
+        out = self.core_attention(q, k, v, documents)
         return self.out(out.transpose(1, 2).flatten(2))
 
     def extra_repr(self) -> str:

@@ -14,6 +14,12 @@ Rules (i = query position, j = key position, both sequence indices):
 * dilated: with s = (global KV head index) % r, d = i - j - s: d >= 0, d % r == 0 and d < W * r.
   Head groups with different offsets s cover every residue, so the union over heads of a query's
   keys is its whole span of W * r positions (see docs/decisions/0002-attention-patterns-and-backends.md).
+
+Packed documents (``Documents``, ``--reset-attention-mask``): query i sees key j only if both are in
+the same document, and then by the layer's rule applied to their positions *within* the document
+(``document_mask_mod``). Window and dilation depend only on i - j, which is the same either way;
+global tokens are every G-th position from the document's start. So a document's attention does not
+depend on where packing put it (docs/decisions/0012-packed-documents.md).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from longctx_megatron.config.layer_plan import LayerSpec
+from longctx_megatron.packing import document_positions
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,40 @@ class DilatedPattern:
 Pattern = FullPattern | SlidingPattern | DilatedPattern
 
 
+class Documents:
+    """The documents packed into each sample: ``ids`` (B, T) int64, the document index of every token,
+    non-decreasing along T (the data path's ``document_ids``). ``positions`` are the positions within
+    each token's document; ``lengths(b)`` the document lengths of sample b in order."""
+
+    def __init__(self, ids: torch.Tensor):
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(f"document ids must be an int64 (B, T) tensor, got {ids.dtype} {tuple(ids.shape)}")
+        self.ids = ids
+        self.positions = document_positions(ids)
+
+    def lengths(self, b: int) -> list[int]:
+        return torch.unique_consecutive(self.ids[b], return_counts=True)[1].tolist()
+
+
+def document_mask_mod(pattern: Pattern, documents: Documents):
+    """``pattern``'s rule restricted to each document, in positions counted from the document's start."""
+    ids, positions = documents.ids, documents.positions
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = ids[b, q_idx] == ids[b, kv_idx]
+        return same & pattern.mask_mod(b, h, positions[b, q_idx], positions[b, kv_idx])
+
+    return mask_mod
+
+
+def keys_per_query_in_documents(pattern: Pattern, documents: Documents, head: int = 0) -> torch.Tensor:
+    """Closed-form key count of every query (B, T) under the document rule: each document is a
+    sequence of its own, so its rows are ``pattern.keys_per_query`` of its length."""
+    rows = [torch.cat([pattern.keys_per_query(length, head) for length in documents.lengths(b)])
+            for b in range(documents.ids.shape[0])]
+    return torch.stack(rows)
+
+
 def pattern_for(spec: LayerSpec, group_size: int = 1, first_kv_head: int = 0) -> Pattern:
     if spec.kind == "full":
         return FullPattern()
@@ -94,9 +135,17 @@ def pattern_for(spec: LayerSpec, group_size: int = 1, first_kv_head: int = 0) ->
     return DilatedPattern(spec.window, spec.dilation, group_size, first_kv_head)
 
 
-def dense_mask(pattern: Pattern, seq_len: int, n_heads: int, device=None) -> torch.Tensor:
-    """Boolean (n_heads, T, T) visibility mask of ``pattern``: the O(T^2) oracle."""
+def dense_mask(pattern: Pattern, seq_len: int, n_heads: int, device=None,
+               documents: Documents | None = None) -> torch.Tensor:
+    """Boolean visibility mask of ``pattern``, the O(T^2) oracle: (n_heads, T, T), or with
+    ``documents`` (B, n_heads, T, T)."""
     idx = torch.arange(seq_len, device=device)
     heads = torch.arange(n_heads, device=device)[:, None, None]
-    mask = pattern.mask_mod(0, heads, idx[None, :, None], idx[None, None, :])
-    return mask.expand(n_heads, seq_len, seq_len)
+    if documents is None:
+        mask = pattern.mask_mod(0, heads, idx[None, :, None], idx[None, None, :])
+        return mask.expand(n_heads, seq_len, seq_len)
+    batch = documents.ids.shape[0]
+    rule = document_mask_mod(pattern, documents)
+    b = torch.arange(batch, device=device)[:, None, None, None]
+    mask = rule(b, heads[None], idx[None, None, :, None], idx[None, None, None, :])
+    return mask.expand(batch, n_heads, seq_len, seq_len)

@@ -26,7 +26,7 @@ def chunked_window_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     window: int,
-    key_valid: torch.Tensor | None = None,
+    segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     dropout_p: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal window attention (see DecomposedBackend.window); returns (out, lse)."""
@@ -39,12 +39,18 @@ def chunked_window_attention(
     q_blocks = F.pad(q, (0, 0, 0, tail)).view(batch, n_kv, n_heads // n_kv, n_blocks, block, head_dim)
     k_blocks = _pair_blocks(F.pad(k, (0, 0, block, tail)), n_blocks, block, dim=2).unsqueeze(2)
     v_blocks = _pair_blocks(F.pad(v, (0, 0, block, tail)), n_blocks, block, dim=2).unsqueeze(2)
-    valid = torch.ones(batch, seq_len, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
-    valid = _pair_blocks(F.pad(valid, (block, tail), value=False), n_blocks, block, dim=1)  # (B, n, 2C)
     # Query a of a block vs key c of its pair: distance i - j = C + a - c.
     distance = block + torch.arange(block, device=q.device)[:, None] - torch.arange(2 * block, device=q.device)
     in_window = (distance >= 0) & (distance < window)
-    mask = (in_window & valid[:, :, None, :])[:, None, None]  # (B, 1, 1, n, C, 2C)
+    if segments is None:  # only the leading padding block is invalid, and only for block 0
+        key_ids = _pair_blocks(F.pad(torch.zeros(1, seq_len, dtype=torch.long, device=q.device), (block, tail),
+                                     value=-1), n_blocks, block, dim=1)  # (1, n, 2C)
+        mask = (in_window & (key_ids[:, :, None, :] >= 0))[:, None, None]  # (1, 1, 1, n, C, 2C)
+    else:
+        q_ids, k_ids = segments
+        query_ids = F.pad(q_ids, (0, tail), value=-2).view(batch, n_blocks, block)
+        key_ids = _pair_blocks(F.pad(k_ids, (block, tail), value=-1), n_blocks, block, dim=1)  # (B, n, 2C)
+        mask = (in_window & (query_ids[:, :, :, None] == key_ids[:, :, None, :]))[:, None, None]
     out, lse = block_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
     out = out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :seq_len]
     lse = lse.reshape(batch, n_heads, n_blocks * block)[:, :, :seq_len]
@@ -61,5 +67,5 @@ class ChunkedBackend(DecomposedBackend):
     def causal(self, q, k, v, dropout_p):
         return sdpa_causal(q, k, v, dropout_p)
 
-    def window(self, q, k, v, window, key_valid, need_lse, dropout_p):
-        return chunked_window_attention(q, k, v, window, key_valid, dropout_p)
+    def window(self, q, k, v, window, segments, need_lse, dropout_p):
+        return chunked_window_attention(q, k, v, window, segments, dropout_p)

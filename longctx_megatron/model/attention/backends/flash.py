@@ -22,7 +22,7 @@ except ImportError:
 class FlashBackend(DecomposedBackend):
     name = "flash"
 
-    def unsupported_reason(self, pattern, q, dropout_p=0.0):
+    def unsupported_reason(self, pattern, q, dropout_p=0.0, documents=None):
         if flash_attn_func is None:
             return "flash-attn is not installed (pip install -e '.[gpu]' on a CUDA machine)"
         if q.device.type != "cuda":
@@ -33,13 +33,15 @@ class FlashBackend(DecomposedBackend):
             return "global tokens need a log-sum-exp merge with gradients, which flash-attn lacks; use 'flex'"
         if isinstance(pattern, DilatedPattern):
             return "dilated heads with offsets need masked leading keys, which flash-attn lacks; use 'flex'"
+        if documents is not None:
+            return "packed documents need flash_attn_varlen_func with cu_seqlens, not wired in yet; use 'flex'"
         return None
 
     def causal(self, q, k, v, dropout_p):
         return self._run(q, k, v, dropout_p, (-1, -1))
 
-    def window(self, q, k, v, window, key_valid, need_lse, dropout_p):
-        if key_valid is not None or need_lse:
+    def window(self, q, k, v, window, segments, need_lse, dropout_p):
+        if segments is not None or need_lse:
             raise BackendUnavailable("flash-attn cannot mask keys or return a differentiable LSE")
         return self._run(q, k, v, dropout_p, (window - 1, 0)), None
 

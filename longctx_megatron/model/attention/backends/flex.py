@@ -30,28 +30,31 @@ def _compiled_flex():
 class FlexBackend(DecomposedBackend):
     name = "flex"
 
-    def unsupported_reason(self, pattern, q, dropout_p=0.0):
+    def unsupported_reason(self, pattern, q, dropout_p=0.0, documents=None):
         if flex_attention is None:
             return "this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
         if q.device.type != "cuda" and q.requires_grad:
             return "FlexAttention has no backward pass on CPU; use 'chunked' to train on CPU"
         if dropout_p > 0.0 and not isinstance(pattern, FullPattern):
             return "FlexAttention has no attention dropout (windows need it); set attention_dropout=0 or use 'chunked'"
+        if dropout_p > 0.0 and documents is not None:
+            return "FlexAttention has no attention dropout (documents need a masked window); use 'chunked'"
         return None
 
     def causal(self, q, k, v, dropout_p):
         return sdpa_causal(q, k, v, dropout_p)
 
-    def window(self, q, k, v, window, key_valid, need_lse, dropout_p):
+    def window(self, q, k, v, window, segments, need_lse, dropout_p):
         rule = SlidingPattern(window).mask_mod
+        q_ids, k_ids = segments if segments is not None else (None, None)
 
         def mask_mod(b, h, q_idx, kv_idx):  # create_block_mask wants a plain function
             visible = rule(b, h, q_idx, kv_idx)
-            return visible if key_valid is None else visible & key_valid[b, kv_idx]
+            return visible if segments is None else visible & (q_ids[b, q_idx] == k_ids[b, kv_idx])
         batch, seq_len = q.shape[0], q.shape[2]
         on_gpu = q.device.type == "cuda"
         block_mask = create_block_mask(
-            mask_mod, batch if key_valid is not None else None, None, seq_len, seq_len,
+            mask_mod, batch if segments is not None else None, None, seq_len, seq_len,
             device=q.device, _compile=on_gpu,
         )
         kernel = _compiled_flex() if on_gpu else flex_attention

@@ -94,7 +94,8 @@ def block_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p: float = 0.0):
 
 
 def shared_key_attention(q, k, v, mask, dropout_p: float = 0.0, rows_per_block: int = 64):
-    """Rows of q (B, Hkv, g, R, D) against one key set k, v (B, Hkv, 1, K, D) where mask (R, K) is True.
+    """Rows of q (B, Hkv, g, R, D) against one key set k, v (B, Hkv, 1, K, D) where mask (R, K), or
+    per sample (B, R, K), is True.
 
     Rows are cut into blocks so scores are only ever materialised (and recomputed) a group at a time:
     activation memory O(R * D) instead of O(R * K). Returns (out (B, Hkv, g, R, D), lse (B, Hkv, g, R)).
@@ -104,6 +105,7 @@ def shared_key_attention(q, k, v, mask, dropout_p: float = 0.0, rows_per_block: 
     n_blocks = -(-rows // block)
     pad = n_blocks * block - rows
     q_blocks = F.pad(q, (0, 0, 0, pad)).unflatten(-2, (n_blocks, block))
-    mask_blocks = F.pad(mask, (0, 0, 0, pad), value=False).view(1, 1, 1, n_blocks, block, -1)
+    mask = mask if mask.dim() == 3 else mask[None]
+    mask_blocks = F.pad(mask, (0, 0, 0, pad), value=False).view(mask.shape[0], 1, 1, n_blocks, block, -1)
     out, lse = block_attention(q_blocks, k.unsqueeze(-3), v.unsqueeze(-3), mask_blocks, dropout_p)
     return out.flatten(-3, -2)[..., :rows, :], lse.flatten(-2)[..., :rows]

@@ -1,0 +1,181 @@
+"""Packed documents (--reset-attention-mask): every pattern and backend against the dense oracle,
+and the oracle itself against attention on each document alone.
+
+Document layouts: none; random boundaries with documents shorter than the window; a boundary inside a
+block; a boundary at a global position; empty documents (a document index that is skipped); one
+token per document. GQA 4:1 and 1:1, fp32 tight and bf16 loose, forward and backward.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longctx_megatron.model.attention import factory
+from longctx_megatron.model.attention.backends.base import BackendUnavailable
+from longctx_megatron.model.attention.patterns import (
+    DilatedPattern,
+    Documents,
+    FullPattern,
+    SlidingPattern,
+    dense_mask,
+    keys_per_query_in_documents,
+)
+
+REFERENCE, CHUNKED, FLEX = (factory.create(name) for name in ("reference", "chunked", "flex"))
+SEQ_LEN = 40
+
+# Every pattern kind; windows shorter and longer than the documents; dilation 2 and 3 with offsets.
+PATTERNS = [FullPattern(), SlidingPattern(8), SlidingPattern(8, 4), SlidingPattern(16, 5),
+            DilatedPattern(3, 2, group_size=1), DilatedPattern(4, 3, group_size=4, first_kv_head=1)]
+
+
+def _layout(name: str, batch: int = 2) -> Documents | None:
+    """document ids (B, T) for a named layout; None is one document per sample."""
+    if name == "none":
+        return None
+    starts = {"random": None, "inside-block": [3, 13, 22], "at-global": [4, 8, 20, 36],
+              "empty-documents": [5, 5, 5, 30], "one-token": list(range(1, SEQ_LEN))}[name]
+    rows = []
+    for b in range(batch):
+        cuts = starts if starts is not None else sorted(
+            torch.randperm(SEQ_LEN - 1, generator=torch.Generator().manual_seed(b))[:6].add(1).tolist())
+        ids = torch.zeros(SEQ_LEN, dtype=torch.long)
+        for cut in cuts[b % 2:] if name == "inside-block" else cuts:  # the samples differ
+            ids[cut:] += 1
+        rows.append(ids)
+    return Documents(torch.stack(rows))
+
+
+LAYOUTS = ["none", "random", "inside-block", "at-global", "empty-documents", "one-token"]
+
+
+def _inputs(n_heads, n_kv, dtype, seed=0, batch=2, head_dim=8):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, SEQ_LEN, head_dim, generator=generator).to(dtype).requires_grad_()
+            for heads in (n_heads, n_kv, n_kv)]
+
+
+def _run(backend, pattern, q, k, v, documents, grad_out):
+    out = backend.attend(q, k, v, pattern, 0.0, documents)
+    return out, torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+def _heads(pattern) -> tuple[int, int]:
+    group = pattern.group_size if isinstance(pattern, DilatedPattern) else 4
+    return (group * 2, 2) if group > 1 else (2, 2)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_chunked_matches_the_oracle_forward_and_backward(pattern, layout, dtype, tol):
+    n_heads, n_kv = _heads(pattern)
+    documents = _layout(layout)
+    q, k, v = _inputs(n_heads, n_kv, dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    want, want_grads = _run(REFERENCE, pattern, q, k, v, documents, grad_out)
+    got, got_grads = _run(CHUNKED, pattern, q, k, v, documents, grad_out)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for name, a, b in zip("qkv", got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=tol * 5, rtol=tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_flex_forward_matches_the_oracle_on_cpu(pattern, layout):
+    n_heads, n_kv = _heads(pattern)
+    documents = _layout(layout)
+    q, k, v = (x.detach() for x in _inputs(n_heads, n_kv, torch.float32))
+    torch.testing.assert_close(FLEX.attend(q, k, v, pattern, 0.0, documents),
+                               REFERENCE.attend(q, k, v, pattern, 0.0, documents), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_the_oracle_is_attention_on_each_document_alone(pattern):
+    """Independent of the mask rule's code: a document's rows equal the pattern run on that document
+    as a sequence of its own (so global positions count from its start and its place does not matter)."""
+    n_heads, n_kv = _heads(pattern)
+    documents = _layout("random")
+    q, k, v = (x.detach().double() for x in _inputs(n_heads, n_kv, torch.float32))
+    packed = REFERENCE.attend(q, k, v, pattern, 0.0, documents)
+    for b in range(q.shape[0]):
+        start = 0
+        for length in documents.lengths(b):
+            piece = slice(start, start + length)
+            alone = REFERENCE.attend(q[b:b + 1, :, piece], k[b:b + 1, :, piece], v[b:b + 1, :, piece], pattern)
+            torch.testing.assert_close(packed[b:b + 1, :, piece], alone, atol=1e-12, rtol=1e-12)
+            start += length
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_key_counts_in_closed_form_follow_the_documents(pattern):
+    documents = _layout("random")
+    n_heads = _heads(pattern)[0]
+    mask = dense_mask(pattern, SEQ_LEN, n_heads, documents=documents)
+    for head in range(n_heads):
+        assert torch.equal(mask[:, head].sum(-1), keys_per_query_in_documents(pattern, documents, head))
+
+
+def test_documents_positions_and_lengths():
+    documents = Documents(torch.tensor([[0, 0, 0, 2, 2, 3], [0, 1, 1, 1, 1, 1]]))
+    assert documents.positions.tolist() == [[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]]
+    assert documents.lengths(0) == [3, 2, 1] and documents.lengths(1) == [1, 5]
+    with pytest.raises(ValueError, match="int64 \\(B, T\\)"):
+        Documents(torch.zeros(6, dtype=torch.long))
+
+
+def test_flash_refuses_documents_and_auto_never_drops_them():
+    q = torch.zeros(1, 2, 8, 4)
+    flash = factory.create("flash")
+    assert flash.unsupported_reason(SlidingPattern(4), q, 0.0, _layout("random", 1)) is not None
+    with pytest.raises(BackendUnavailable):
+        flash.check(SlidingPattern(4), q, 0.0, _layout("random", 1))
+    assert factory.select("auto", SlidingPattern(4), q, 0.0, _layout("random", 1)) is CHUNKED  # CPU
+
+
+# ----------------------------------------------------------------------------------- the whole model
+def _model():
+    from longctx_megatron.config import ModelConfig
+    from longctx_megatron.model.build import build_model
+
+    config = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=96, vocab_size=97,
+                         max_seq_len=128, sliding_window=8, global_every=4, dilated_window=4, dilation=2)
+    return build_model(config, attention_backend="chunked").eval()  # sliding+global, dilated, full
+
+
+def _packed(lengths: list[int], tokens: list[torch.Tensor]):
+    """(input ids (1, T), document ids (1, T), reset position ids (1, T)) of documents in this order."""
+    ids = torch.cat([torch.full((n,), d) for d, n in enumerate(lengths)])[None]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return torch.cat(tokens)[None], ids, positions
+
+
+def test_changing_one_document_leaves_the_others_logits_bit_identical():
+    model = _model()
+    generator = torch.Generator().manual_seed(0)
+    lengths = [13, 21, 9]
+    docs = [torch.randint(0, 97, (n,), generator=generator) for n in lengths]
+    tokens, ids, positions = _packed(lengths, docs)
+    changed = _packed(lengths, [torch.randint(0, 97, (13,), generator=generator)] + docs[1:])[0]
+    with torch.no_grad():
+        before = model(tokens, position_ids=positions, document_ids=ids)[0]
+        after = model(changed, position_ids=positions, document_ids=ids)[0]
+        unmasked = model(changed, position_ids=positions)[0]
+    assert torch.equal(before[:, 13:], after[:, 13:])
+    assert not torch.equal(before[:, 13:], unmasked[:, 13:])  # without the mask document 1 leaks into 2
+
+
+@pytest.mark.parametrize("reset_positions", [True, False], ids=["reset-position-ids", "absolute-positions"])
+def test_a_documents_logits_do_not_depend_on_where_it_was_packed(reset_positions):
+    model = _model()
+    generator = torch.Generator().manual_seed(1)
+    lengths = [11, 17, 6]
+    docs = [torch.randint(0, 97, (n,), generator=generator) for n in lengths]
+    first = _packed(lengths, docs)
+    moved = _packed([lengths[1], lengths[2], lengths[0]], [docs[1], docs[2], docs[0]])
+    with torch.no_grad():
+        a = model(first[0], position_ids=first[2] if reset_positions else None, document_ids=first[1])[0]
+        b = model(moved[0], position_ids=moved[2] if reset_positions else None, document_ids=moved[1])[0]
+    torch.testing.assert_close(a[:, 11:28], b[:, :17], atol=1e-5, rtol=1e-5)  # document 2, first vs second
+    torch.testing.assert_close(a[:, :11], b[:, 23:], atol=1e-5, rtol=1e-5)  # document 1, first vs last
