@@ -12,6 +12,7 @@ import json
 import torch
 
 from longctx_megatron.atomic_file import atomic_write
+from longctx_megatron.data.documents import gpt_sample
 from longctx_megatron.data.tokenizers import ByteTokenizer
 
 
@@ -32,10 +33,17 @@ def builtin_token_stream(tokenizer: ByteTokenizer) -> torch.Tensor:
 
 class BuiltinDataset(torch.utils.data.Dataset):
     """``num_samples`` windows of ``seq_length + 1`` tokens at random offsets of the byte stream,
-    as dicts like GPTDataset's; the offsets depend only on ``seed``, so runs are reproducible."""
+    as dicts like GPTDataset's; the offsets depend only on ``seed``, so runs are reproducible.
+    ``reset_position_ids``, ``reset_attention_mask`` and ``eod_mask_loss`` are GPTDatasetConfig's
+    options (data/documents.py), at the byte tokenizer's EOD that ends every document."""
 
-    def __init__(self, seq_length: int, num_samples: int, seed: int):
-        self.stream = builtin_token_stream(ByteTokenizer())
+    def __init__(self, seq_length: int, num_samples: int, seed: int, *, reset_position_ids: bool = False,
+                 reset_attention_mask: bool = False, eod_mask_loss: bool = False):
+        tokenizer = ByteTokenizer()
+        self.stream = builtin_token_stream(tokenizer)
+        self.eod = tokenizer.eod
+        self.options = dict(reset_position_ids=reset_position_ids, reset_attention_mask=reset_attention_mask,
+                            eod_mask_loss=eod_mask_loss)
         if self.stream.numel() <= seq_length + 1:
             raise ValueError(f"the built-in corpus has {self.stream.numel()} tokens, fewer than --seq-length + 1")
         generator = torch.Generator().manual_seed(seed)
@@ -47,9 +55,7 @@ class BuiltinDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         start = int(self.starts[index])
-        window = self.stream[start:start + self.seq_length + 1]
-        return {"tokens": window[:-1], "labels": window[1:], "loss_mask": torch.ones(self.seq_length),
-                "position_ids": torch.arange(self.seq_length)}
+        return gpt_sample(self.stream[start:start + self.seq_length + 1], self.eod, **self.options)
 
 
 def write_jsonl(path: str) -> int:

@@ -9,9 +9,11 @@ Three index arrays define the dataset, all built with vectorised numpy and cache
 
 Sequences are stored with their end-of-document token (preprocess ``--append-eod``), so joining
 them yields documents separated by EOD. Each sample may carry position ids that restart after an
-EOD, and a loss mask that is 0 at the positions whose *input* token is EOD (as Megatron-LM's
-``--eod-mask-loss``: the prediction made from an EOD, i.e. of the next document's first token, is
-not trained; predicting the EOD itself still is).
+EOD, per-token ``document_ids`` for attention that stays within a document (Megatron-LM's
+``--reset-attention-mask``), and a loss mask that is 0 at the positions whose *input* token is EOD
+(as Megatron-LM's ``--eod-mask-loss``: the prediction made from an EOD, i.e. of the next
+document's first token, is not trained; predicting the EOD itself still is). The EOD rule is
+data/documents.py's, shared with the built-in corpus.
 """
 
 from __future__ import annotations
@@ -27,9 +29,15 @@ import torch
 import torch.distributed as dist
 
 from longctx_megatron.atomic_file import atomic_write
+from longctx_megatron.data.documents import gpt_sample
 from longctx_megatron.data.indexed_dataset import IndexedDataset, index_file_path
 
 INDEX_FORMAT_VERSION = 1  # bump when the index construction changes: invalidates caches
+# Options that only shape a sample's extra tensors, not which tokens it holds, and joined the config
+# after caches existed: left out of the cache key so those caches stay valid. (reset_position_ids
+# and eod_mask_loss are sample-only too, but have always been in the key; dropping them would
+# invalidate every existing cache.)
+_NOT_IN_CACHE_KEY = ("reset_attention_mask",)
 
 
 @dataclass(frozen=True)
@@ -37,15 +45,16 @@ class GPTDatasetConfig:
     seq_length: int
     num_samples: int
     seed: int = 1234
-    eod: int | None = None  # needed by the two options below
+    eod: int | None = None  # needed by the three options below
     reset_position_ids: bool = False
+    reset_attention_mask: bool = False  # each sample gets "document_ids" (data/documents.py)
     eod_mask_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.seq_length <= 0 or self.num_samples <= 0:
             raise ValueError(f"seq_length ({self.seq_length}) and num_samples ({self.num_samples}) must be positive")
-        if (self.reset_position_ids or self.eod_mask_loss) and self.eod is None:
-            raise ValueError("reset_position_ids and eod_mask_loss need the tokenizer's eod id")
+        if (self.reset_position_ids or self.reset_attention_mask or self.eod_mask_loss) and self.eod is None:
+            raise ValueError("reset_position_ids, reset_attention_mask and eod_mask_loss need the tokenizer's eod id")
 
 
 def split_ranges(num_sequences: int, split: str) -> list[tuple[int, int]]:
@@ -100,9 +109,10 @@ class GPTDataset(torch.utils.data.Dataset):
         if not 0 <= first < last <= len(self.indexed):
             raise ValueError(f"{prefix}: sequence range [{first}, {last}) is empty or out of bounds (the dataset "
                              f"has {len(self.indexed)} sequences)")
+        options = {field: value for field, value in asdict(config).items() if field not in _NOT_IN_CACHE_KEY}
         description = dict(
             version=INDEX_FORMAT_VERSION, name=name, index=os.path.abspath(index_file_path(prefix)),
-            index_bytes=os.path.getsize(index_file_path(prefix)), sequences=[first, last], **asdict(config),
+            index_bytes=os.path.getsize(index_file_path(prefix)), sequences=[first, last], **options,
         )
         key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
         cache = Path(cache_dir or f"{prefix}_cache")
@@ -129,20 +139,9 @@ class GPTDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         text = torch.from_numpy(self.tokens(index).astype(np.int64))
-        tokens, labels = text[:-1], text[1:]
-        sample = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(len(tokens))}
-        positions = torch.arange(len(tokens))
-        if self.config.eod is not None:
-            is_eod = tokens == self.config.eod
-            if self.config.eod_mask_loss:
-                sample["loss_mask"][is_eod] = 0.0
-            if self.config.reset_position_ids:
-                # Positions restart on the token after each EOD (the EOD ends its own document).
-                next_starts = torch.where(is_eod, positions + 1, torch.zeros_like(positions))
-                starts = torch.cat([next_starts.new_zeros(1), next_starts[:-1]])
-                positions = positions - torch.cummax(starts, dim=0).values
-        sample["position_ids"] = positions
-        return sample
+        config = self.config
+        return gpt_sample(text, config.eod, reset_position_ids=config.reset_position_ids,
+                          reset_attention_mask=config.reset_attention_mask, eod_mask_loss=config.eod_mask_loss)
 
 
 def _build_once(paths: dict[str, Path], description_path: Path, description: dict, build) -> None:

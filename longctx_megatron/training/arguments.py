@@ -108,6 +108,7 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--tokenizer-model", ("data.tokenizer_model",)),
         Flag("--data-cache-path", ("data.data_cache_path",)),
         Flag("--reset-position-ids", ("data.reset_position_ids",), {"action": "store_true"}),
+        Flag("--reset-attention-mask", ("data.reset_attention_mask",), {"action": "store_true"}),
         Flag("--eod-mask-loss", ("data.eod_mask_loss",), {"action": "store_true"}),
     ]),
     "checkpointing": ("checkpointing and recovery (give --save and --load the same directory to resume "

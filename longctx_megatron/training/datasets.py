@@ -18,11 +18,13 @@ def build_datasets(run: RunConfig, tokenizer) -> tuple[torch.utils.data.Dataset,
     training, data, logging = run.training, run.data, run.logging
     evaluations = training.train_iters // logging.eval_interval + 1 if logging.eval_interval else 1
     counts = (training.train_iters * run.global_batch, evaluations * logging.eval_iters * run.global_batch, 0)
+    documents = dict(reset_position_ids=data.reset_position_ids, reset_attention_mask=data.reset_attention_mask,
+                     eod_mask_loss=data.eod_mask_loss)
     if not data.data_path:
-        return (BuiltinDataset(training.seq_length, counts[0], training.seed),
-                BuiltinDataset(training.seq_length, counts[1], training.seed + 1))
+        return (BuiltinDataset(training.seq_length, counts[0], training.seed, **documents),
+                BuiltinDataset(training.seq_length, counts[1], training.seed + 1, **documents))
     options = GPTDatasetConfig(seq_length=training.seq_length, num_samples=1, seed=training.seed, eod=tokenizer.eod,
-                               reset_position_ids=data.reset_position_ids, eod_mask_loss=data.eod_mask_loss)
+                               **documents)
     train, valid, _ = build_gpt_datasets(list(data.data_path), data.split, counts, options, data.data_cache_path)
     return train, valid
 

@@ -112,6 +112,7 @@ class DataSection:
     vocab_size: int | None = None  # NullTokenizer's id count (Megatron's --vocab-size with it)
     data_cache_path: str | None = None
     reset_position_ids: bool = False
+    reset_attention_mask: bool = False  # samples carry "document_ids"; attention stays within a document
     eod_mask_loss: bool = False
 
 
