@@ -1,0 +1,55 @@
+"""--reset-attention-mask under tensor, sequence and pipeline parallelism: the document boundaries
+travel with every micro-batch to every stage, and the losses equal the single-process run's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from longctx_megatron.data.indexed_dataset import building_dataset
+from longctx_megatron.training.arguments import parse_run_config
+from longctx_megatron.training.setup import setup
+from tests.distributed import run_on_ranks
+
+VOCAB = 96  # NullTokenizer ids; its EOD is id 96
+
+
+@pytest.fixture(scope="module")
+def packed_corpus(tmp_path_factory) -> str:
+    """Documents of 2-40 tokens, each ending in EOD: every 64-token sample packs several."""
+    prefix = str(tmp_path_factory.mktemp("packed") / "docs")
+    rng = np.random.default_rng(1)
+    with building_dataset(prefix, np.int32) as builder:
+        for _ in range(300):
+            builder.add_document([rng.integers(0, VOCAB, rng.integers(2, 40)).tolist() + [VOCAB]])
+    return prefix
+
+
+def _flags(prefix: str, *extra: str) -> list[str]:
+    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
+            "--split", "90,10,0", "--seq-length", "64", "--num-layers", "4", "--hidden-size", "64",
+            "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "128",
+            "--sliding-window", "16", "--global-every", "8", "--dilated-window", "8", "--dilation", "2",
+            "--attention-layout", "sliding:2,dilated:1,full:1", "--attention-backend", "chunked",
+            "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3", "--eval-iters", "1",
+            "--log-interval", "3", *extra]
+
+
+def _losses(rank, world_size, flags) -> list[float]:
+    return setup(parse_run_config(flags, world_size), log=lambda *_: None).train()
+
+
+def _gap(losses, reference) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+
+
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+                                    ["--pipeline-model-parallel-size", "2"]], ids=["tp2-sp", "pp2"])
+def test_parallel_losses_with_document_masks_equal_one_process(packed_corpus, layout):
+    masked = _flags(packed_corpus, "--reset-attention-mask", "--reset-position-ids")
+    single = _losses(0, 1, masked)
+    unmasked = _losses(0, 1, _flags(packed_corpus, "--reset-position-ids"))
+    assert _gap(single, unmasked) > 1e-4  # the flag changes what attention sees: it is not ignored
+    parallel = run_on_ranks(_losses, 2, masked + layout)
+    last = parallel[-1]  # the last pipeline stage reports the loss (every rank does under TP)
+    assert _gap(last, single) < 1e-5, (last, single)
