@@ -36,8 +36,10 @@ class Metrics:
 
     def __init__(self, run: RunConfig, config: ModelConfig, device: torch.device, log, writer=None):
         self.run, self.log, self.writer = run, log, writer
+        self.config = config
         self.tokens_per_iteration = run.global_batch * run.training.seq_length
-        self.flops = flops_per_token(config, run.training.seq_length)
+        self.flops = flops_per_token(config, run.training.seq_length)  # per token of a sample without documents
+        self.window_flops = 0.0
         self.peak = run.logging.peak_tflops or next(
             (v for k, v in PEAK_TFLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)),
             None)
@@ -47,7 +49,20 @@ class Metrics:
     def begin(self, first: int) -> None:
         """Start timing at iteration ``first`` (0-based: the next one to run)."""
         self.start = self.window_start = time.perf_counter()
-        self.first, self.window_iters = first, 0
+        self.first, self.window_iters, self.window_flops = first, 0, 0.0
+
+    def batches(self, batches: list[dict], dp_size: int) -> None:
+        """Count the model FLOPs of one iteration from this DP rank's micro-batches: with packed
+        documents (``document_ids``) each document is attended as a sequence of its own, so the FLOPs
+        follow the batch; the other DP ranks are taken to be alike."""
+        for batch in batches:
+            tokens = batch["tokens"].numel()
+            ids = batch.get("document_ids")
+            if ids is None:
+                self.window_flops += tokens * self.flops * dp_size
+                continue
+            lengths = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in ids.cpu()]
+            self.window_flops += tokens * flops_per_token(self.config, ids.shape[1], documents=lengths) * dp_size
 
     def iteration(self, done: int, consumed_samples: int, lr: float, loss: float, norm: float, skipped: int,
                   loss_scale: float | None) -> None:
@@ -58,7 +73,7 @@ class Metrics:
             return
         now = time.perf_counter()
         tokens_per_s = self.window_iters * self.tokens_per_iteration / (now - self.window_start)
-        tflops = tokens_per_s * self.flops / self.run.world_size / 1e12
+        tflops = self.window_flops / (now - self.window_start) / self.run.world_size / 1e12
         eta = (now - self.start) / (done - self.first) * (train_iters - done)
         self.log(f"iteration {done:6d}/{train_iters} | consumed samples {consumed_samples} | "
                  f"lr {lr:.3e} | loss {loss:.4f} | grad norm {norm:.3f} | "
@@ -72,7 +87,7 @@ class Metrics:
                                 ("train/tflops_per_device", tflops), ("train/lr", lr),
                                 ("train/skipped_iterations", skipped)):
                 self.writer.add_scalar(name, value, done)
-        self.window_start, self.window_iters = time.perf_counter(), 0
+        self.window_start, self.window_iters, self.window_flops = time.perf_counter(), 0, 0.0
 
     def validation(self, iteration: int, loss: float) -> None:
         perplexity = math.exp(min(loss, 50))

@@ -104,6 +104,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = micro_batches(self.train_data, self.consumed_samples, self.run, self.ctx, self.device)
+        self.metrics.batches(batches, self.ctx.dp_size)
         tokens = self._token_count(batches)
         per_token = training.calculate_per_token_loss
         self.grads.start(len(batches))

@@ -9,6 +9,7 @@ import torch
 from longctx_megatron.config import LayerSpec, ModelConfig
 from longctx_megatron.model.attention.patterns import (
     DilatedPattern,
+    Documents,
     FullPattern,
     SlidingPattern,
     dense_mask,
@@ -260,3 +261,17 @@ def test_inference_flops_are_a_third_of_training(config, seq_len):
     inference = flops_per_token(config, seq_len, training=False)
     assert inference > 0
     assert training == pytest.approx(3 * inference, rel=1e-12)
+
+
+def test_key_counts_with_packed_documents_follow_the_dense_mask():
+    """--reset-attention-mask: each document is a sequence of its own, in the FLOPs as in the kernels."""
+    config = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=96, vocab_size=97, max_seq_len=64,
+                         sliding_window=8, global_every=4, dilated_window=4, dilation=2)
+    lengths = [[10, 1, 30, 23], [64]]
+    ids = torch.stack([torch.cat([torch.full((n,), d) for d, n in enumerate(row)]) for row in lengths])
+    documents = Documents(ids)
+    for spec, mean in zip(config.layer_plan(), mean_keys_per_query(config, 64, lengths), strict=True):
+        mask = dense_mask(pattern_for(spec, config.group_size), 64, config.n_heads, documents=documents)
+        assert mean == pytest.approx(mask.sum(-1).double().mean().item())
+    assert flops_per_token(config, 64, documents=lengths) < flops_per_token(config, 64)
+    assert flops_per_token(config, 64, documents=[[64]]) == flops_per_token(config, 64)

@@ -53,3 +53,21 @@ def test_parallel_losses_with_document_masks_equal_one_process(packed_corpus, la
     parallel = run_on_ranks(_losses, 2, masked + layout)
     last = parallel[-1]  # the last pipeline stage reports the loss (every rank does under TP)
     assert _gap(last, single) < 1e-5, (last, single)
+
+
+def test_model_flops_follow_the_documents_of_each_batch():
+    import torch
+
+    from longctx_megatron.model.counting import flops_per_token
+    from longctx_megatron.training.metrics import Metrics
+    from longctx_megatron.training.run_config import demo_config
+
+    run = parse_run_config(["--seq-length", "64"], 1)
+    config = demo_config()
+    metrics = Metrics(run, config, torch.device("cpu"), log=lambda *_: None)
+    ids = torch.tensor([[0] * 10 + [1] * 54, [0] * 64])
+    metrics.batches([{"tokens": torch.zeros(2, 64), "document_ids": ids}], dp_size=2)
+    assert metrics.window_flops == 2 * 128 * flops_per_token(config, 64, documents=[[10, 54], [64]])
+    metrics.begin(0)
+    metrics.batches([{"tokens": torch.zeros(2, 64)}], dp_size=1)
+    assert metrics.window_flops == 128 * flops_per_token(config, 64)
