@@ -40,6 +40,15 @@ def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float,
     return backend.causal(q, k, v, dropout_p)
 
 
+def window_with_keys_by_lse_merge(backend, q, k, v, window, segments, k_extra, v_extra, extra_mask, dropout_p):
+    """DecomposedBackend.window_with_keys from its window primitive: the window with its LSE, the
+    extra keys by recomputed block attention, merged by log-sum-exp (the key sets are disjoint)."""
+    out, lse = backend.window(q, k, v, window, segments, True, dropout_p)
+    out_x, lse_x = shared_key_attention(_grouped(q, k.shape[1]), k_extra[:, :, None], v_extra[:, :, None],
+                                        extra_mask, dropout_p)
+    return merge_by_lse(out, lse, out_x.flatten(1, 2), lse_x.flatten(1, 2))[0]
+
+
 def _grouped(q: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
     """(B, H, T, D) -> (B, Hkv, g, T, D): each KV head's query heads side by side."""
     return q.unflatten(1, (n_kv_heads, q.shape[1] // n_kv_heads))
@@ -53,13 +62,10 @@ def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropo
     positions = torch.arange(seq_len, device=q.device)
     globals_ = positions[:: pattern.global_every]  # position p is global iff p % G == 0
 
-    out, lse = backend.window(q, k, v, pattern.window, None, True, dropout_p)
-
-    # Global keys older than the query's window (the window already holds the younger ones).
+    # The window, and the global keys older than the query's window (it holds the younger ones).
     old_global = globals_[None, :] <= positions[:, None] - pattern.window
-    k_glob, v_glob = k[:, :, None, globals_], v[:, :, None, globals_]
-    out_glob, lse_glob = shared_key_attention(_grouped(q, n_kv), k_glob, v_glob, old_global, dropout_p)
-    out, _ = merge_by_lse(out, lse, out_glob.flatten(1, 2), lse_glob.flatten(1, 2))
+    out = backend.window_with_keys(q, k, v, pattern.window, None, k[:, :, globals_], v[:, :, globals_], old_global,
+                                   dropout_p)
 
     # Global queries see every earlier position.
     q_glob = _grouped(q[:, :, globals_], n_kv)
@@ -82,14 +88,11 @@ def _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern: SlidingP
     valid = is_global.gather(1, index)
     index_ids = ids.gather(1, index)
 
-    out, lse = backend.window(q, k, v, pattern.window, (ids, ids), True, dropout_p)
-
-    # Global keys of the query's document older than its window.
+    # The window, and the global keys of the query's document older than its window.
     old_global = (valid[:, None, :] & (index_ids[:, None, :] == ids[:, :, None])
                   & (index[:, None, :] <= positions[None, :, None] - pattern.window))  # (B, T, K)
-    k_glob, v_glob = _gather_rows(k, index)[:, :, None], _gather_rows(v, index)[:, :, None]
-    out_glob, lse_glob = shared_key_attention(_grouped(q, n_kv), k_glob, v_glob, old_global, dropout_p)
-    out, _ = merge_by_lse(out, lse, out_glob.flatten(1, 2), lse_glob.flatten(1, 2))
+    out = backend.window_with_keys(q, k, v, pattern.window, (ids, ids), _gather_rows(k, index), _gather_rows(v, index),
+                                   old_global, dropout_p)
 
     # Global queries see every earlier position of their document.
     sees = (valid[:, :, None] & (positions[None, None, :] <= index[:, :, None])

@@ -76,3 +76,22 @@ class DecomposedBackend(AttentionBackend):
         Returns (out, lse) where lse (B, H, T, float32, natural log) is given when ``need_lse`` and
         must carry gradients; rows with no visible key give out 0 and lse -inf.
         """
+
+    def window_with_keys(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window: int,
+        segments: tuple[torch.Tensor, torch.Tensor] | None,
+        k_extra: torch.Tensor,
+        v_extra: torch.Tensor,
+        extra_mask: torch.Tensor,
+        dropout_p: float,
+    ) -> torch.Tensor:
+        """The window (as ``window``) plus, for query i, the extra keys c (B, Hkv, K, D) where
+        ``extra_mask`` (T, K) or (B, T, K) is True; the two key sets must be disjoint (global tokens
+        older than the window). By default: ``window`` with its LSE, merged with the extra keys."""
+        from longctx_megatron.model.attention.decompose import window_with_keys_by_lse_merge
+
+        return window_with_keys_by_lse_merge(self, q, k, v, window, segments, k_extra, v_extra, extra_mask, dropout_p)

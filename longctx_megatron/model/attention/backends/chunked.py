@@ -1,9 +1,10 @@
-"""Pure-PyTorch block-local attention: O(T * W) time, O(T * D) activation memory, CPU and GPU.
+"""Block-local attention in fused SDPA: O(T * W) time, O(T * D) activation memory, CPU and GPU.
 
-The sequence is cut into blocks of C = min(W, T) queries; block b attends to key blocks b - 1 and
-b, which hold every key its window can reach. Scores exist only for those 2C keys per query, so
-doubling T doubles the work instead of quadrupling it, and they are recomputed in the backward
-pass rather than stored (recompute.py). Full causal attention goes to SDPA.
+The sequence is cut into blocks of C (about W / 4) queries; block b attends to the W + C - 1 keys
+its window can reach (plus, for global tokens, the global keys older than the window, so no LSE
+merge is needed), under one boolean mask, in torch's scaled_dot_product_attention: doubling T
+doubles the work instead of quadrupling it, and the fused kernel keeps only its output and LSE for
+the backward pass. Full causal attention without documents goes to SDPA's causal kernel.
 """
 
 from __future__ import annotations
@@ -11,50 +12,89 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from longctx_megatron.model.attention.backends.base import DecomposedBackend
-from longctx_megatron.model.attention.backends.recompute import block_attention
+from longctx_megatron.model.attention.backends.base import BackendUnavailable, DecomposedBackend
 
 
-def _pair_blocks(x: torch.Tensor, n_blocks: int, block: int, dim: int) -> torch.Tensor:
-    """Split ``dim`` (length (n+1)*C) into blocks and join each block with its predecessor: (..., n, 2C, ...)."""
-    x = x.unflatten(dim, (n_blocks + 1, block))
-    return torch.cat([x.narrow(dim, 0, n_blocks), x.narrow(dim, 1, n_blocks)], dim=dim + 1)
-
-
-def chunked_window_attention(
+def sdpa_window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     window: int,
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     dropout_p: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal window attention (see DecomposedBackend.window); returns (out, lse)."""
+    extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Causal window attention (see DecomposedBackend.window) by fused SDPA on blocks, no LSE; with
+    ``extra`` = (k_extra, v_extra, extra_mask), also those keys (DecomposedBackend.window_with_keys).
+
+    Queries are cut into blocks of C (about W / 4); block b attends to the W + C - 1 keys its
+    queries can reach (and the extra keys), so each query scores W + C - 1 keys instead of the 2W of
+    block pairing, in SDPA's fused kernel (forward and backward) instead of separate ops. Without
+    segments or extra keys only the first blocks, whose span starts before position 0, need a mask
+    of their own; the others share one (C, S) band. A row with no visible key (a dilated head's
+    first positions, padding) gets output 0.
+    """
     batch, n_heads, seq_len, head_dim = q.shape
     n_kv = k.shape[1]
-    block = min(window, seq_len)
+    window = min(window, seq_len)
+    block = min(max(64, window // 4), seq_len)
+    span = window - 1 + block
     n_blocks = -(-seq_len // block)
     tail = n_blocks * block - seq_len
-    # One leading block of (invalid) keys lets block 0 look back like every other block.
-    q_blocks = F.pad(q, (0, 0, 0, tail)).view(batch, n_kv, n_heads // n_kv, n_blocks, block, head_dim)
-    k_blocks = _pair_blocks(F.pad(k, (0, 0, block, tail)), n_blocks, block, dim=2).unsqueeze(2)
-    v_blocks = _pair_blocks(F.pad(v, (0, 0, block, tail)), n_blocks, block, dim=2).unsqueeze(2)
-    # Query a of a block vs key c of its pair: distance i - j = C + a - c.
-    distance = block + torch.arange(block, device=q.device)[:, None] - torch.arange(2 * block, device=q.device)
-    in_window = (distance >= 0) & (distance < window)
-    if segments is None:  # only the leading padding block is invalid, and only for block 0
-        key_ids = _pair_blocks(F.pad(torch.zeros(1, seq_len, dtype=torch.long, device=q.device), (block, tail),
-                                     value=-1), n_blocks, block, dim=1)  # (1, n, 2C)
-        mask = (in_window & (key_ids[:, :, None, :] >= 0))[:, None, None]  # (1, 1, 1, n, C, 2C)
+    rows = n_blocks * batch
+    # Block-major rows (n * B): block b of every sample, so the first blocks are one leading slice.
+    q_blocks = F.pad(q, (0, 0, 0, tail)).view(batch, n_heads, n_blocks, block, head_dim).permute(2, 0, 1, 3, 4)
+    q_blocks = q_blocks.reshape(rows, n_heads, block, head_dim)
+
+    def spans(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, T, D) -> (n * B, Hkv, S, D)
+        x = F.pad(x, (0, 0, window - 1, tail)).unfold(2, span, block)  # (B, Hkv, n, D, S)
+        return x.permute(2, 0, 1, 4, 3).reshape(rows, n_kv, span, head_dim)
+
+    def per_block(x: torch.Tensor) -> torch.Tensor:  # (B, Hkv, K, D) -> (n * B, Hkv, K, D), every block
+        return x.expand(n_blocks, *x.shape).reshape(rows, *x.shape[1:])
+
+    # Query a of a block vs key c of its span: distance i - j = a + W - 1 - c.
+    distance = window - 1 + torch.arange(block, device=q.device)[:, None] - torch.arange(span, device=q.device)
+    band = (distance >= 0) & (distance < window)  # (C, S)
+    key_position = (torch.arange(n_blocks, device=q.device)[:, None] * block - (window - 1)
+                    + torch.arange(span, device=q.device))  # (n, S)
+    if segments is None and extra is None:
+        head = min(n_blocks, -(-(window - 1) // block)) * batch  # rows whose span starts before position 0
+        head_mask = (band & (key_position[:, None, :] >= 0)).repeat_interleave(batch, 0)[:head, None]
+        k_spans, v_spans = spans(k), spans(v)
+        first = F.scaled_dot_product_attention(q_blocks[:head], k_spans[:head], v_spans[:head], attn_mask=head_mask,
+                                               dropout_p=dropout_p, enable_gqa=True)
+        rest = F.scaled_dot_product_attention(q_blocks[head:], k_spans[head:], v_spans[head:], attn_mask=band,
+                                              dropout_p=dropout_p, enable_gqa=True)
+        out = torch.cat([first, rest])
     else:
-        q_ids, k_ids = segments
-        query_ids = F.pad(q_ids, (0, tail), value=-2).view(batch, n_blocks, block)
-        key_ids = _pair_blocks(F.pad(k_ids, (block, tail), value=-1), n_blocks, block, dim=1)  # (B, n, 2C)
-        mask = (in_window & (query_ids[:, :, :, None] == key_ids[:, :, None, :]))[:, None, None]
-    out, lse = block_attention(q_blocks, k_blocks, v_blocks, mask, dropout_p)
-    out = out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :seq_len]
-    lse = lse.reshape(batch, n_heads, n_blocks * block)[:, :, :seq_len]
-    return out, lse
+        mask = band & (key_position[:, None, :] >= 0)  # (n, C, S)
+        if segments is not None:
+            q_ids, k_ids = segments
+            query_ids = F.pad(q_ids, (0, tail), value=-2).view(batch, n_blocks, block).transpose(0, 1)
+            key_ids = F.pad(k_ids, (window - 1, tail), value=-1).unfold(1, span, block).transpose(0, 1)  # (n, B, S)
+            mask = mask[:, None] & (query_ids[..., :, None] == key_ids[..., None, :])  # (n, B, C, S)
+        else:
+            mask = mask[:, None].expand(n_blocks, batch, block, span)
+        k_all, v_all = spans(k), spans(v)
+        if extra is not None:
+            k_extra, v_extra, extra_mask = extra
+            extra_mask = extra_mask if extra_mask.dim() == 3 else extra_mask[None]  # (B or 1, T, K)
+            extra_mask = F.pad(extra_mask, (0, 0, 0, tail), value=False).view(extra_mask.shape[0], n_blocks, block, -1)
+            mask = torch.cat([mask, extra_mask.transpose(0, 1).expand(n_blocks, batch, block, -1)], dim=-1)
+            k_all, v_all = torch.cat([k_all, per_block(k_extra)], dim=2), torch.cat([v_all, per_block(v_extra)], dim=2)
+        has_key = mask.any(-1, keepdim=True).reshape(rows, 1, block, 1)
+        mask = mask.reshape(rows, 1, block, -1)
+        empty = not bool(has_key.all())
+        if empty:  # give empty rows one key (SDPA's result for a fully masked row varies by kernel), then zero them
+            mask = mask.clone()
+            mask[..., 0] |= ~has_key[..., 0]
+        out = F.scaled_dot_product_attention(q_blocks, k_all, v_all, attn_mask=mask, dropout_p=dropout_p,
+                                             enable_gqa=True)
+        if empty:
+            out = out * has_key
+    out = out.view(n_blocks, batch, n_heads, block, head_dim).permute(1, 2, 0, 3, 4)
+    return out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :seq_len]
 
 
 def sdpa_causal(q, k, v, dropout_p: float) -> torch.Tensor:
@@ -68,4 +108,10 @@ class ChunkedBackend(DecomposedBackend):
         return sdpa_causal(q, k, v, dropout_p)
 
     def window(self, q, k, v, window, segments, need_lse, dropout_p):
-        return chunked_window_attention(q, k, v, window, segments, dropout_p)
+        if need_lse:
+            raise BackendUnavailable("the chunked windows run in SDPA, which returns no LSE; global tokens come "
+                                     "through window_with_keys")
+        return sdpa_window_attention(q, k, v, window, segments, dropout_p), None
+
+    def window_with_keys(self, q, k, v, window, segments, k_extra, v_extra, extra_mask, dropout_p):
+        return sdpa_window_attention(q, k, v, window, segments, dropout_p, (k_extra, v_extra, extra_mask))

@@ -4,9 +4,9 @@ Forward and backward walk the query blocks in groups small enough (about 16 MiB 
 stay in cache; only the output and its log-sum-exp are saved, so activation memory is O(T * D)
 instead of O(T * W), and the working set no longer grows with T. The gradient is the usual
 softmax-attention one, dS = P * (dO V^T - rowsum(dO * O) + dLSE), with dLSE carried so that the
-LSE merge of global tokens stays differentiable. Used by the chunked backend's windows and by
-every backend's global-token branches, except with attention dropout (which would need its random
-mask replayed).
+LSE merge of global tokens stays differentiable. Used by the global-token branches (global
+queries in every backend; global keys where a backend merges them by LSE), except with attention
+dropout (which would need its random mask replayed).
 """
 
 from __future__ import annotations
