@@ -44,14 +44,20 @@ from torch._C._profiler import _EventType
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.model.attention import factory
 from longctx_megatron.model.attention.backends.base import BackendUnavailable
-from longctx_megatron.model.attention.patterns import DilatedPattern, FullPattern, SlidingPattern
+from longctx_megatron.model.attention.patterns import DilatedPattern, Documents, FullPattern, SlidingPattern
 from longctx_megatron.model.build import build_model
+from longctx_megatron.model.counting import flops_per_token
 
 MIB = 2**20
 # Project targets: time(T_max)/time(T_min) <= LINEAR_SLACK * T_max/T_min (10 for 2K -> 16K), and the
 # sliding model keeps MIN_THROUGHPUT_KEPT of its tokens/s at the longest length.
 LINEAR_SLACK = 1.25
 MIN_THROUGHPUT_KEPT = 0.80
+# Issue 14's targets at T=4096 against SDPA full causal attention in the same run, and the model's
+# FLOP/s against a 2048 x 2048 float32 GEMM's.
+MIN_SPEEDUP = {"sliding": 2.0, "sliding+global": 1.7}
+MIN_GEMM_FRACTION = 0.50
+GEMM_SIZE = 2048
 
 
 # ----------------------------------------------------------------------------- measurement (worker side)
@@ -119,7 +125,15 @@ def _measure(step, repeats: int, device: torch.device) -> dict:
     return {"time_s": statistics.median(times), "times_s": times, "peak_bytes": peak}
 
 
-def attention_case(device, dtype, threads, shape, pattern, backend_name, repeats) -> dict:
+def packed_documents(batch: int, seq_len: int, mean_length: int, device) -> Documents:
+    """Documents of random lengths (geometric, mean ``mean_length``, seeded) packed into each sample."""
+    generator = torch.Generator().manual_seed(0)
+    starts = torch.rand(batch, seq_len, generator=generator) < 1.0 / mean_length
+    starts[:, 0] = False
+    return Documents(torch.cumsum(starts.long(), dim=1).to(device))
+
+
+def attention_case(device, dtype, threads, shape, pattern, backend_name, repeats, document_length=0) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     batch, heads, kv_heads, seq_len, head_dim = shape
@@ -129,10 +143,11 @@ def attention_case(device, dtype, threads, shape, pattern, backend_name, repeats
 
     q, k, v = leaf(heads), leaf(kv_heads), leaf(kv_heads)
     grad = torch.randn_like(q)
-    backend = factory.select(backend_name, pattern, q)
+    documents = packed_documents(batch, seq_len, document_length, device) if document_length else None
+    backend = factory.select(backend_name, pattern, q, 0.0, documents)
 
     def step():
-        backend.attend(q, k, v, pattern).backward(grad)
+        backend.attend(q, k, v, pattern, 0.0, documents).backward(grad)
         q.grad = k.grad = v.grad = None  # freed within the pass, so every pass starts from the same memory
 
     return _measure(step, repeats, torch.device(device))
@@ -150,6 +165,15 @@ def model_case(device, dtype, threads, config, backend_name, batch, seq_len, rep
         model.zero_grad(set_to_none=True)  # freed within the pass, so every pass starts from the same memory
 
     return _measure(step, repeats, torch.device(device))
+
+
+def gemm_case(device, dtype, threads, repeats) -> dict:
+    """FLOP/s of one GEMM_SIZE x GEMM_SIZE matmul in ``dtype``: what the machine's cores deliver."""
+    torch.set_num_threads(threads)
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, dtype=dtype)
+    b = torch.randn(GEMM_SIZE, GEMM_SIZE, device=device, dtype=dtype)
+    result = _measure(lambda: a @ b, repeats, torch.device(device))
+    return {**result, "flops_per_s": 2 * GEMM_SIZE**3 / result["time_s"]}
 
 
 def _worker(conn, fn, kwargs) -> None:
@@ -183,23 +207,31 @@ def run_isolated(fn, kwargs: dict, timeout: float) -> dict:
 
 
 # ----------------------------------------------------------------------------- benchmark plan (parent side)
-def patterns(args) -> list[tuple[str, object]]:
+def patterns(args) -> list[tuple[str, object, int]]:
+    """(label, pattern, mean document length or 0 for one document per sample)."""
     sliding = f"sliding W={args.window}"
     dilated = f"dilated W={args.dilated_window} r={args.dilation} (span {args.dilated_window * args.dilation})"
-    chosen = [("full", FullPattern())]
+    chosen = [("full", FullPattern(), 0)]
     if args.global_every:
-        chosen.append((f"{sliding} G={args.global_every}", SlidingPattern(args.window, args.global_every)))
-    chosen.append((sliding, SlidingPattern(args.window)))
-    chosen.append((dilated, DilatedPattern(args.dilated_window, args.dilation, args.heads // args.kv_heads)))
+        chosen.append((f"{sliding} G={args.global_every}", SlidingPattern(args.window, args.global_every), 0))
+    chosen.append((sliding, SlidingPattern(args.window), 0))
+    chosen.append((dilated, DilatedPattern(args.dilated_window, args.dilation, args.heads // args.kv_heads), 0))
+    if args.document_length:
+        docs = f" + docs ~{args.document_length}"
+        if args.global_every:
+            chosen.append((f"{sliding} G={args.global_every}{docs}", SlidingPattern(args.window, args.global_every),
+                           args.document_length))
+        chosen.append((sliding + docs, SlidingPattern(args.window), args.document_length))
     return chosen
 
 
-def unavailable_reason(backend_name: str, pattern, args) -> str | None:
+def unavailable_reason(backend_name: str, pattern, args, document_length: int = 0) -> str | None:
     """The BackendUnavailable message for a training-shaped q on this device, or None when it runs."""
     q = torch.empty(args.batch, args.heads, min(args.seq_lens), args.head_dim, device=args.device,
                     dtype=args.dtype, requires_grad=True)
+    documents = packed_documents(args.batch, q.shape[2], document_length, args.device) if document_length else None
     try:
-        factory.select(backend_name, pattern, q)
+        factory.select(backend_name, pattern, q, 0.0, documents)
     except BackendUnavailable as exc:
         return str(exc)
     return None
@@ -211,10 +243,10 @@ def progress(message: str) -> None:
 
 def run_attention(args) -> list[dict]:
     rows = []
-    for label, pattern in patterns(args):
+    for label, pattern, document_length in patterns(args):
         for backend_name in args.backends:
             base = {"pattern": label, "backend": backend_name}
-            reason = unavailable_reason(backend_name, pattern, args)
+            reason = unavailable_reason(backend_name, pattern, args, document_length)
             if reason is not None:
                 rows.append({**base, "seq_len": None, "note": f"n/a: {reason}"})
                 continue
@@ -230,6 +262,7 @@ def run_attention(args) -> list[dict]:
                     "device": args.device, "dtype": args.dtype, "threads": args.threads,
                     "shape": (args.batch, args.heads, args.kv_heads, seq_len, args.head_dim),
                     "pattern": pattern, "backend_name": backend_name, "repeats": args.repeats,
+                    "document_length": document_length,
                 }, args.case_timeout)
                 row.update(result)
                 if "error" in result:
@@ -263,10 +296,16 @@ def run_model(args) -> list[dict]:
             row["note"] = f"error: {result['error']}"
         else:
             row["tokens_per_s"] = row["tokens"] / result["time_s"]
+            row["flops_per_s"] = row["tokens_per_s"] * flops_per_token(config, seq_len)
             if seq_len == args.model_seq_lens[0]:
                 first = row["tokens_per_s"]
             row["kept"] = None if first is None else row["tokens_per_s"] / first
         rows.append(row)
+    progress(f"GEMM {GEMM_SIZE} x {GEMM_SIZE}")
+    gemm = run_isolated(gemm_case, {"device": args.device, "dtype": args.dtype, "threads": args.threads,
+                                    "repeats": max(args.repeats, 5)}, args.case_timeout)
+    for row in rows:
+        row["gemm_flops_per_s"] = gemm.get("flops_per_s")
     return rows
 
 
@@ -309,15 +348,24 @@ def print_attention(rows: list[dict], args) -> None:
     print("full attention: 'chunked' and 'flex' run it with torch SDPA (is_causal=True)")
     print(memory_description(args) + ", inputs excluded")
     print()
+    full = {(r["backend"], r["seq_len"]): r.get("time_s") for r in rows if r["pattern"] == "full"}
     table = [
         [
             r["pattern"], r["backend"], _fmt(r["seq_len"], "d"), _fmt(r.get("time_s"), ".1f", 1e3),
             _fmt(r.get("ratio"), ".2f"), _fmt(r["seq_len"], "g", 1 / t_min),
-            _fmt(r.get("peak_bytes"), ".1f", 1 / MIB), r["note"],
+            _fmt(_speedup(full, r), ".2f"), _fmt(r.get("peak_bytes"), ".1f", 1 / MIB), r["note"],
         ]
         for r in rows
     ]
-    print_table(["pattern", "backend", "T", "time_ms", "ratio", "T/Tmin", "peak_MiB", "note"], table, {2, 3, 4, 5, 6})
+    print("vs_full = time(full causal, same backend and T) / time(this): how much faster than full attention")
+    print()
+    print_table(["pattern", "backend", "T", "time_ms", "ratio", "T/Tmin", "vs_full", "peak_MiB", "note"], table,
+                {2, 3, 4, 5, 6, 7})
+
+
+def _speedup(full: dict, row: dict) -> float | None:
+    reference, time_s = full.get((row["backend"], row["seq_len"])), row.get("time_s")
+    return reference / time_s if reference and time_s else None
 
 
 def print_model(rows: list[dict], args) -> None:
@@ -329,16 +377,22 @@ def print_model(rows: list[dict], args) -> None:
     print(f"vs first = tokens/s(T) / tokens/s({args.model_seq_lens[0]}); " + memory_description(args)
           + ", weights excluded")
     print()
+    gemm = rows[0].get("gemm_flops_per_s") if rows else None
+    print(f"GFLOP/s = model FLOPs (counting.flops_per_token) per second; vs GEMM = that / a {GEMM_SIZE}x{GEMM_SIZE} "
+          f"{str(args.dtype).removeprefix('torch.')} GEMM's {_fmt(gemm, '.0f', 1e-9)} GFLOP/s in this run")
+    print()
     table = [
         [
             _fmt(r["seq_len"], "d"), _fmt(r["batch"], "d"), _fmt(r["tokens"], "d"),
             _fmt(r.get("time_s"), ".1f", 1e3), _fmt(r.get("tokens_per_s"), ".0f"),
-            _fmt(r.get("kept"), ".1f", 100, "%"), _fmt(r.get("peak_bytes"), ".1f", 1 / MIB), r["note"],
+            _fmt(r.get("kept"), ".1f", 100, "%"), _fmt(r.get("flops_per_s"), ".1f", 1e-9),
+            _fmt(r.get("flops_per_s") / gemm if gemm and r.get("flops_per_s") else None, ".1f", 100, "%"),
+            _fmt(r.get("peak_bytes"), ".1f", 1 / MIB), r["note"],
         ]
         for r in rows
     ]
-    print_table(["T", "batch", "tokens", "step_ms", "tokens/s", "vs first", "peak_MiB", "note"], table,
-                {0, 1, 2, 3, 4, 5, 6})
+    print_table(["T", "batch", "tokens", "step_ms", "tokens/s", "vs first", "GFLOP/s", "vs GEMM", "peak_MiB", "note"],
+                table, {0, 1, 2, 3, 4, 5, 6, 7, 8})
 
 
 def evaluate_targets(attention_rows: list[dict], model_rows: list[dict], args) -> list[dict]:
@@ -364,7 +418,33 @@ def evaluate_targets(attention_rows: list[dict], model_rows: list[dict], args) -
         "passed": kept is not None and kept >= MIN_THROUGHPUT_KEPT,
         "detail": "not measured" if kept is None else f"{kept:.1%}",
     }
-    return [scaling, throughput]
+    full = {(r["backend"], r["seq_len"]): r.get("time_s") for r in attention_rows if r["pattern"] == "full"}
+    speedups = []
+    for kind, minimum in MIN_SPEEDUP.items():
+        wanted = [r for r in attention_rows if r["backend"] == "chunked" and r["seq_len"] == 4096
+                  and r["pattern"].startswith("sliding") and ("G=" in r["pattern"]) == (kind == "sliding+global")
+                  and "docs" not in r["pattern"]]
+        value = _speedup(full, wanted[0]) if wanted else None
+        speedups.append({"target": f"chunked {kind} fwd+bwd at T=4096 >= {minimum:g}x faster than SDPA full causal",
+                         "passed": value is not None and value >= minimum,
+                         "detail": "not measured" if value is None else f"{value:.2f}x"})
+    with_docs = {r["pattern"].split(" + docs")[0]: r.get("time_s") for r in attention_rows
+                 if r["backend"] == "chunked" and r["seq_len"] == 4096 and " + docs" in r["pattern"]}
+    without = {r["pattern"]: r.get("time_s") for r in attention_rows
+               if r["backend"] == "chunked" and r["seq_len"] == 4096 and r["pattern"] in with_docs}
+    slower = {p: with_docs[p] / without[p] for p in with_docs if with_docs[p] and without.get(p)}
+    documents = {"target": f"chunked with documents of mean length {args.document_length} no slower than without "
+                           "(T=4096; 10% noise allowed)",
+                 "passed": bool(slower) and all(v <= 1.10 for v in slower.values()),
+                 "detail": ", ".join(f"{p}: {v:.2f}x the time" for p, v in slower.items()) or "not measured"}
+    last = model_rows[-1] if model_rows else {}
+    fraction = (last["flops_per_s"] / last["gemm_flops_per_s"]
+                if last.get("flops_per_s") and last.get("gemm_flops_per_s") else None)
+    gemm = {"target": f"model FLOP/s at T={args.model_seq_lens[-1]} >= {MIN_GEMM_FRACTION:.0%} of a "
+                      f"{GEMM_SIZE}x{GEMM_SIZE} GEMM's",
+            "passed": fraction is not None and fraction >= MIN_GEMM_FRACTION,
+            "detail": "not measured" if fraction is None else f"{fraction:.1%}"}
+    return [scaling, throughput, *speedups, documents, gemm]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -400,6 +480,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 "(default: %(default)s)")
     attention.add_argument("--dilated-window", type=int, default=256,
                            help="keys per query of the dilated pattern (default: %(default)s)")
+    attention.add_argument("--document-length", type=int, default=1024,
+                           help="also the sliding patterns with packed documents of this mean length; 0 = none "
+                                "(default: %(default)s)")
     attention.add_argument("--dilation", type=int, default=2,
                            help="dilation r, at most --kv-heads so offsets cover every residue (default: %(default)s)")
     model = parser.add_argument_group("model throughput")

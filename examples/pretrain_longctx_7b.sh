@@ -23,6 +23,6 @@ torchrun --standalone --nproc_per_node 8 --max-restarts 3 pretrain_longctx.py \
     --train-iters 50000 --lr 3e-4 --min-lr 3e-5 --lr-warmup-iters 2000 --lr-decay-style cosine \
     --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
     --data-path "$DATA" --split 969,30,1 --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER" \
-    --reset-position-ids --eod-mask-loss \
+    --reset-position-ids --reset-attention-mask --eod-mask-loss \
     --log-interval 1 --eval-interval 1000 --eval-iters 10 --tensorboard-dir "$OUT/tensorboard" \
     --save "$OUT/checkpoints" --load "$OUT/checkpoints" --save-interval 500 --keep-last 3 --async-save

@@ -179,3 +179,20 @@ def test_a_documents_logits_do_not_depend_on_where_it_was_packed(reset_positions
         b = model(moved[0], position_ids=moved[2] if reset_positions else None, document_ids=moved[1])[0]
     torch.testing.assert_close(a[:, 11:28], b[:, :17], atol=1e-5, rtol=1e-5)  # document 2, first vs second
     torch.testing.assert_close(a[:, :11], b[:, 23:], atol=1e-5, rtol=1e-5)  # document 1, first vs last
+
+
+def test_flex_builds_one_block_mask_per_batch_and_window(monkeypatch):
+    from longctx_megatron.model.attention.backends import flex
+
+    built = []
+    real = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *args, **kwargs: built.append(1) or real(*args, **kwargs))
+    backend = flex.FlexBackend()
+    q, k, v = (x.detach() for x in _inputs(4, 2, torch.float32))
+    documents = _layout("random")
+    for _ in range(3):  # three layers of the same window over the same batch
+        backend.attend(q, k, v, SlidingPattern(8), 0.0, documents)
+    assert len(built) == 1
+    backend.attend(q, k, v, SlidingPattern(16), 0.0, documents)  # another window
+    backend.attend(q, k, v, SlidingPattern(8), 0.0, _layout("at-global"))  # the next batch
+    assert len(built) == 3

@@ -58,7 +58,7 @@ def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropo
                                 documents: Documents | None) -> torch.Tensor:
     if documents is not None:
         return _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern, dropout_p, documents)
-    seq_len, n_kv = q.shape[2], k.shape[1]
+    seq_len = q.shape[2]
     positions = torch.arange(seq_len, device=q.device)
     globals_ = positions[:: pattern.global_every]  # position p is global iff p % G == 0
 
@@ -67,12 +67,10 @@ def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropo
     out = backend.window_with_keys(q, k, v, pattern.window, None, k[:, :, globals_], v[:, :, globals_], old_global,
                                    dropout_p)
 
-    # Global queries see every earlier position.
-    q_glob = _grouped(q[:, :, globals_], n_kv)
-    out_q, _ = shared_key_attention(
-        q_glob, k[:, :, None], v[:, :, None], positions[None, :] <= globals_[:, None], dropout_p
-    )
-    return out.index_copy(2, globals_, out_q.flatten(1, 2))
+    # Global queries see every earlier position (each sees itself, so no row is empty).
+    out_q = F.scaled_dot_product_attention(q[:, :, globals_], k, v, attn_mask=positions[None, :] <= globals_[:, None],
+                                           dropout_p=dropout_p, enable_gqa=True)
+    return out.index_copy(2, globals_, out_q)
 
 
 def _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern: SlidingPattern, dropout_p: float,
@@ -80,7 +78,7 @@ def _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern: SlidingP
     """The same three branches per sample: its global positions (every G-th of each document) differ
     from sample to sample, so they are gathered into a padded (B, K) index with a validity mask."""
     batch, n_heads, seq_len, head_dim = q.shape
-    n_kv, ids = k.shape[1], documents.ids
+    ids = documents.ids
     positions = torch.arange(seq_len, device=q.device)
     is_global = documents.positions % pattern.global_every == 0
     count = int(is_global.sum(dim=1).max())
@@ -94,14 +92,15 @@ def _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern: SlidingP
     out = backend.window_with_keys(q, k, v, pattern.window, (ids, ids), _gather_rows(k, index), _gather_rows(v, index),
                                    old_global, dropout_p)
 
-    # Global queries see every earlier position of their document.
+    # Global queries see every earlier position of their document. Padding rows (not global) see key 0
+    # (no row may be empty: SDPA's result for one differs by kernel) and go to an extra row then dropped.
     sees = (valid[:, :, None] & (positions[None, None, :] <= index[:, :, None])
             & (ids[:, None, :] == index_ids[:, :, None]))  # (B, K, T)
-    out_q, _ = shared_key_attention(_grouped(_gather_rows(q, index), n_kv), k[:, :, None], v[:, :, None], sees,
-                                    dropout_p)
-    # Padding rows (not global) are written to an extra row that is then dropped.
+    sees[:, :, 0] |= ~valid
+    out_q = F.scaled_dot_product_attention(_gather_rows(q, index), k, v, attn_mask=sees[:, None],
+                                           dropout_p=dropout_p, enable_gqa=True)
     target = torch.where(valid, index, seq_len)[:, None, :, None].expand(batch, n_heads, count, head_dim)
-    out = torch.nn.functional.pad(out, (0, 0, 0, 1)).scatter(2, target, out_q.flatten(1, 2))
+    out = F.pad(out, (0, 0, 0, 1)).scatter(2, target, out_q)
     return out[:, :, :seq_len]
 
 
