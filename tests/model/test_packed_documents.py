@@ -196,3 +196,61 @@ def test_flex_builds_one_block_mask_per_batch_and_window(monkeypatch):
     backend.attend(q, k, v, SlidingPattern(16), 0.0, documents)  # another window
     backend.attend(q, k, v, SlidingPattern(8), 0.0, _layout("at-global"))  # the next batch
     assert len(built) == 3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_masked_sdpa_off_cpu_path_equals_the_fused_one(dtype, tol):
+    """masked_sdpa's recomputing branch (what CUDA runs) against SDPA's fused one, forward and backward."""
+    from longctx_megatron.model.attention.backends.recompute import masked_sdpa
+
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, heads, rows, 8, generator=generator).to(dtype).requires_grad_()
+               for heads, rows in ((4, 9), (2, 13), (2, 13)))
+    mask = torch.rand(3, 1, 9, 13, generator=generator) < 0.5
+    mask[..., 0] = True  # every row has a key
+    grad = torch.randn(3, 4, 9, 8, generator=generator).to(dtype)
+    results = []
+    for fused in (True, False):
+        out = masked_sdpa(q, k, v, mask, fused=fused)
+        results.append((out, torch.autograd.grad(out, (q, k, v), grad)))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b, a, atol=tol, rtol=tol)
+    for x, y in zip(grads_b, grads_a, strict=True):
+        torch.testing.assert_close(x, y, atol=tol * 5, rtol=tol)
+
+
+@pytest.mark.parametrize("layout", ["none", "random"])
+@pytest.mark.parametrize("pattern", [SlidingPattern(100), SlidingPattern(70, 16), DilatedPattern(40, 2, group_size=2),
+                                     FullPattern()], ids=str)
+def test_many_blocks_and_a_ragged_tail_match_the_oracle(pattern, layout):
+    """T = 301 > the 64-query blocks, not a multiple of them, batch 3 with different documents."""
+    generator = torch.Generator().manual_seed(4)
+    seq_len, batch = 301, 3
+    documents = None
+    if layout == "random":
+        starts = torch.rand(batch, seq_len, generator=generator) < 1 / 60
+        starts[:, 0] = False
+        documents = Documents(torch.cumsum(starts.long(), dim=1))
+    q, k, v = (torch.randn(batch, heads, seq_len, 8, generator=generator, dtype=torch.float64).requires_grad_()
+               for heads in (4, 2, 2))
+    grad = torch.randn(batch, 4, seq_len, 8, generator=generator, dtype=torch.float64)
+    want, want_grads = _run(REFERENCE, pattern, q, k, v, documents, grad)
+    got, got_grads = _run(CHUNKED, pattern, q, k, v, documents, grad)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_flex_reuses_block_masks_across_dilated_layers(monkeypatch):
+    from longctx_megatron.model.attention.backends import flex
+
+    built = []
+    real = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *args, **kwargs: built.append(1) or real(*args, **kwargs))
+    backend = flex.FlexBackend()
+    pattern = DilatedPattern(4, 2, group_size=2)
+    q, k, v = (x.detach() for x in _inputs(4, 2, torch.float32))
+    documents = _layout("random")
+    for _ in range(3):
+        backend.attend(q, k, v, pattern, 0.0, documents)
+    assert len(built) == 2  # one per offset group, shared by the three layers

@@ -1,10 +1,10 @@
 """Every pattern from two primitives: causal attention and causal sliding-window attention.
 
-* sliding + global tokens: local window (with its LSE), merged by log-sum-exp with the attention to
-  the global keys older than the window (disjoint key sets, so the merge is exact); global queries
-  see every earlier key and are written over their rows. Both extra branches cost O(T * T / G)
-  time, small next to the window for the design's G = 128, and O(T * D) memory: their scores are
-  recomputed in the backward pass (backends/recompute.py).
+* sliding + global tokens: the window and the global keys older than it (disjoint key sets) in one
+  ``window_with_keys`` call: by default the window's LSE merged with the global keys' attention
+  (exact), in chunked one SDPA call over both. Global queries see every earlier key and are written
+  over their rows (``masked_sdpa``). Both extra branches cost O(T * T / G) time, small next to the
+  window for the design's G = 128.
 * dilated: heads are grouped by their offset s; keys are shifted s positions later, then
   (B, H, T, D) -> (B * r, H, T / r, D) puts each residue class in a contiguous sequence on which a
   causal window of W keys is exactly the rule in patterns.py. No score is computed twice.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from longctx_megatron.model.attention.backends.recompute import shared_key_attention
+from longctx_megatron.model.attention.backends.recompute import masked_sdpa, shared_key_attention
 from longctx_megatron.model.attention.patterns import DilatedPattern, Documents, Pattern, SlidingPattern
 from longctx_megatron.model.attention.softmax import merge_by_lse
 
@@ -68,8 +68,7 @@ def _sliding_with_global_tokens(backend, q, k, v, pattern: SlidingPattern, dropo
                                    dropout_p)
 
     # Global queries see every earlier position (each sees itself, so no row is empty).
-    out_q = F.scaled_dot_product_attention(q[:, :, globals_], k, v, attn_mask=positions[None, :] <= globals_[:, None],
-                                           dropout_p=dropout_p, enable_gqa=True)
+    out_q = masked_sdpa(q[:, :, globals_], k, v, positions[None, :] <= globals_[:, None], dropout_p)
     return out.index_copy(2, globals_, out_q)
 
 
@@ -97,8 +96,7 @@ def _sliding_with_global_tokens_in_documents(backend, q, k, v, pattern: SlidingP
     sees = (valid[:, :, None] & (positions[None, None, :] <= index[:, :, None])
             & (ids[:, None, :] == index_ids[:, :, None]))  # (B, K, T)
     sees[:, :, 0] |= ~valid
-    out_q = F.scaled_dot_product_attention(_gather_rows(q, index), k, v, attn_mask=sees[:, None],
-                                           dropout_p=dropout_p, enable_gqa=True)
+    out_q = masked_sdpa(_gather_rows(q, index), k, v, sees[:, None], dropout_p)
     target = torch.where(valid, index, seq_len)[:, None, :, None].expand(batch, n_heads, count, head_dim)
     out = F.pad(out, (0, 0, 0, 1)).scatter(2, target, out_q)
     return out[:, :, :seq_len]
@@ -129,9 +127,14 @@ def _dilated(backend, q, k, v, pattern: DilatedPattern, dropout_p: float,
         if shift or documents is not None:
             ids = documents.ids if documents is not None else torch.zeros(batch, seq_len, dtype=torch.long,
                                                                            device=q.device)
-            q_ids = F.pad(ids, (0, padded - seq_len), value=-2)  # padding queries: dropped below
-            k_ids = F.pad(ids, (shift, padded - seq_len - shift), value=-1)  # padding keys: seen by none
-            segments = (_ids_to_residue_classes(q_ids, r), _ids_to_residue_classes(k_ids, r))
+
+            def residue_ids(ids=ids, shift=shift):
+                q_ids = F.pad(ids, (0, padded - seq_len), value=-2)  # padding queries: dropped below
+                k_ids = F.pad(ids, (shift, padded - seq_len - shift), value=-1)  # padding keys: seen by none
+                return _ids_to_residue_classes(q_ids, r), _ids_to_residue_classes(k_ids, r)
+            # One pair per (r, shift) for every layer of the forward (flex reuses its block mask for it).
+            segments = (documents.derived(("residues", r, shift), residue_ids) if documents is not None
+                        else residue_ids())
         out, _ = backend.window(
             _to_residue_classes(qs, r), _to_residue_classes(ks, r), _to_residue_classes(vs, r),
             pattern.window, segments, False, dropout_p,

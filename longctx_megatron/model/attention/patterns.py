@@ -96,13 +96,22 @@ Pattern = FullPattern | SlidingPattern | DilatedPattern
 class Documents:
     """The documents packed into each sample: ``ids`` (B, T) int64, the document index of every token,
     non-decreasing along T (the data path's ``document_ids``). ``positions`` are the positions within
-    each token's document; ``lengths(b)`` the document lengths of sample b in order."""
+    each token's document; ``lengths(b)`` the document lengths of sample b in order. One object serves
+    every layer of a forward; tensors derived from it (``derived``) are built once and shared, and the
+    backends may cache masks by their identity, so ``ids`` must not be changed in place."""
 
     def __init__(self, ids: torch.Tensor):
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"document ids must be an int64 (B, T) tensor, got {ids.dtype} {tuple(ids.shape)}")
         self.ids = ids
         self.positions = document_positions(ids)
+        self._derived: dict = {}
+
+    def derived(self, key, build):
+        """``build()``, computed on the first call with ``key`` and returned as the same object after."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
     def lengths(self, b: int) -> list[int]:
         return torch.unique_consecutive(self.ids[b], return_counts=True)[1].tolist()

@@ -1,10 +1,13 @@
-"""Block-local attention in fused SDPA: O(T * W) time, O(T * D) activation memory, CPU and GPU.
+"""Block-local attention in fused SDPA: O(T * W) time, CPU and GPU.
 
 The sequence is cut into blocks of C (about W / 4) queries; block b attends to the W + C - 1 keys
 its window can reach (plus, for global tokens, the global keys older than the window, so no LSE
 merge is needed), under one boolean mask, in torch's scaled_dot_product_attention: doubling T
-doubles the work instead of quadrupling it, and the fused kernel keeps only its output and LSE for
-the backward pass. Full causal attention without documents goes to SDPA's causal kernel.
+doubles the work instead of quadrupling it. The fused kernel keeps its inputs (key spans about
+(W + C) / C times K and V), output and LSE for the backward pass, and the masks are T x (W + C)
+booleans (per block with documents or global keys). Off CPU the masked grouped call goes to the
+recomputing block kernel instead (``masked_sdpa``). Full causal attention without documents goes to
+SDPA's causal kernel.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.model.attention.backends.base import BackendUnavailable, DecomposedBackend
+from longctx_megatron.model.attention.backends.recompute import masked_sdpa
 
 
 def sdpa_window_attention(
@@ -62,10 +66,8 @@ def sdpa_window_attention(
         head = min(n_blocks, -(-(window - 1) // block)) * batch  # rows whose span starts before position 0
         head_mask = (band & (key_position[:, None, :] >= 0)).repeat_interleave(batch, 0)[:head, None]
         k_spans, v_spans = spans(k), spans(v)
-        first = F.scaled_dot_product_attention(q_blocks[:head], k_spans[:head], v_spans[:head], attn_mask=head_mask,
-                                               dropout_p=dropout_p, enable_gqa=True)
-        rest = F.scaled_dot_product_attention(q_blocks[head:], k_spans[head:], v_spans[head:], attn_mask=band,
-                                              dropout_p=dropout_p, enable_gqa=True)
+        first = masked_sdpa(q_blocks[:head], k_spans[:head], v_spans[:head], head_mask, dropout_p)
+        rest = masked_sdpa(q_blocks[head:], k_spans[head:], v_spans[head:], band, dropout_p)
         out = torch.cat([first, rest])
     else:
         mask = band & (key_position[:, None, :] >= 0)  # (n, C, S)
@@ -89,8 +91,7 @@ def sdpa_window_attention(
         if empty:  # give empty rows one key (SDPA's result for a fully masked row varies by kernel), then zero them
             mask = mask.clone()
             mask[..., 0] |= ~has_key[..., 0]
-        out = F.scaled_dot_product_attention(q_blocks, k_all, v_all, attn_mask=mask, dropout_p=dropout_p,
-                                             enable_gqa=True)
+        out = masked_sdpa(q_blocks, k_all, v_all, mask, dropout_p)
         if empty:
             out = out * has_key
     out = out.view(n_blocks, batch, n_heads, block, head_dim).permute(1, 2, 0, 3, 4)

@@ -4,9 +4,9 @@ Forward and backward walk the query blocks in groups small enough (about 16 MiB 
 stay in cache; only the output and its log-sum-exp are saved, so activation memory is O(T * D)
 instead of O(T * W), and the working set no longer grows with T. The gradient is the usual
 softmax-attention one, dS = P * (dO V^T - rowsum(dO * O) + dLSE), with dLSE carried so that the
-LSE merge of global tokens stays differentiable. Used by the global-token branches (global
-queries in every backend; global keys where a backend merges them by LSE), except with attention
-dropout (which would need its random mask replayed).
+LSE merge of global tokens stays differentiable. Used where a backend merges global keys by LSE
+(flex) and, off CPU, for every masked grouped-query attention (``masked_sdpa``); with attention
+dropout plain autograd is used (the recomputation would need the dropout mask replayed).
 """
 
 from __future__ import annotations
@@ -109,3 +109,22 @@ def shared_key_attention(q, k, v, mask, dropout_p: float = 0.0, rows_per_block: 
     mask_blocks = F.pad(mask, (0, 0, 0, pad), value=False).view(mask.shape[0], 1, 1, n_blocks, block, -1)
     out, lse = block_attention(q_blocks, k.unsqueeze(-3), v.unsqueeze(-3), mask_blocks, dropout_p)
     return out.flatten(-3, -2)[..., :rows, :], lse.flatten(-2)[..., :rows]
+
+
+def masked_sdpa(q, k, v, mask, dropout_p: float = 0.0, fused: bool | None = None) -> torch.Tensor:
+    """softmax attention of q (N, H, R, D) over k, v (N, Hkv, K, D) where ``mask`` (broadcast to
+    (N, 1, R, K)) is True; every row must have a visible key.
+
+    On CPU this is SDPA with ``enable_gqa`` (its fused kernel takes a mask and grouped heads: the
+    measured fast path, ADR 0002). On CUDA SDPA runs a masked grouped call in its math kernel, which
+    keeps every score in fp32 (tens of GB at 100K tokens), so there the recomputing block kernel
+    above is used instead: O(R * D) memory, scores recomputed in the backward pass. ``fused``
+    overrides the choice (tests compare the two)."""
+    if fused if fused is not None else q.device.type == "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
+    n, heads, rows, dim = q.shape
+    n_kv = k.shape[1]
+    mask = mask.expand(n, 1, rows, k.shape[2])
+    q_blocks = q.unflatten(1, (n_kv, heads // n_kv))[:, :, :, None]  # (N, Hkv, g, 1, R, D): one block
+    out, _ = block_attention(q_blocks, k[:, :, None, None], v[:, :, None, None], mask[:, None, :, None], dropout_p)
+    return out[:, :, :, 0].flatten(1, 2)
