@@ -254,3 +254,27 @@ def test_flex_reuses_block_masks_across_dilated_layers(monkeypatch):
     for _ in range(3):
         backend.attend(q, k, v, pattern, 0.0, documents)
     assert len(built) == 2  # one per offset group, shared by the three layers
+
+
+@pytest.mark.parametrize("backend", [CHUNKED, FLEX], ids=["chunked", "flex"])
+def test_full_attention_in_long_documents_runs_per_document_and_matches_the_oracle(monkeypatch, backend):
+    """Documents of at least LONG_DOCUMENT tokens go to causal attention on their own slice."""
+    from longctx_megatron.model.attention import decompose
+
+    monkeypatch.setattr(decompose, "LONG_DOCUMENT", 8)
+    documents = _layout("random")  # documents of 1 to ~20 tokens: some long, some short
+    assert any(length >= 8 for b in range(2) for length in documents.lengths(b))
+    q, k, v = _inputs(4, 2, torch.float32)
+    if backend is FLEX:
+        q, k, v = (x.detach() for x in (q, k, v))
+        torch.testing.assert_close(backend.attend(q, k, v, FullPattern(), 0.0, documents),
+                                   REFERENCE.attend(q, k, v, FullPattern(), 0.0, documents), atol=2e-6, rtol=2e-6)
+        return
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    want, want_grads = _run(REFERENCE, FullPattern(), q, k, v, documents, grad)
+    got, got_grads = _run(backend, FullPattern(), q, k, v, documents, grad)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=2e-6)
+    monkeypatch.setattr(decompose, "LONG_DOCUMENT", 1)  # every document long: no window at all
+    torch.testing.assert_close(backend.attend(q, k, v, FullPattern(), 0.0, documents), want, atol=2e-6, rtol=2e-6)

@@ -10,9 +10,10 @@
   causal window of W keys is exactly the rule in patterns.py. No score is computed twice.
 
 With packed documents every primitive call carries segment ids (the window primitive's
-``segments``): the window keeps keys of the query's document; full attention becomes a window as
-long as the longest document; global tokens are each document's every G-th position, gathered per
-sample; dilated residue classes carry their tokens' ids (padding gets -1, which no query matches).
+``segments``): the window keeps keys of the query's document; full attention is a window as long
+as the longest short document, and causal attention on each long document's own slice; global
+tokens are each document's every G-th position, gathered per sample; dilated residue classes carry
+their tokens' ids (padding gets -1, which no query matches).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from longctx_megatron.model.attention.backends.recompute import masked_sdpa, sha
 from longctx_megatron.model.attention.patterns import DilatedPattern, Documents, Pattern, SlidingPattern
 from longctx_megatron.model.attention.softmax import merge_by_lse
 
+LONG_DOCUMENT = 2048  # full attention in a document at least this long runs on the document's own slice
+
 
 def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float,
                       documents: Documents | None = None) -> torch.Tensor:
@@ -34,10 +37,43 @@ def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float,
         return backend.window(q, k, v, pattern.window, segments, False, dropout_p)[0]
     if isinstance(pattern, DilatedPattern):
         return _dilated(backend, q, k, v, pattern, dropout_p, documents)
-    if documents is not None:  # within a document i - j < its length: a window as long as the longest
-        longest = int(documents.positions.max()) + 1
-        return backend.window(q, k, v, longest, segments, False, dropout_p)[0]
+    if documents is not None:
+        return _full_in_documents(backend, q, k, v, documents, dropout_p)
     return backend.causal(q, k, v, dropout_p)
+
+
+def _full_in_documents(backend, q, k, v, documents: Documents, dropout_p: float) -> torch.Tensor:
+    """Causal attention within each document. Within a document i - j < its length, so the documents
+    shorter than LONG_DOCUMENT are one window as long as the longest of them (masks of T x that
+    length); each longer one is causal attention on its own slice (no mask: a single 100K-token
+    document would otherwise make the window, and its mask, T x T)."""
+    segments = (documents.ids, documents.ids)
+    starts_lengths = [(b, start, length) for b in range(q.shape[0])
+                      for start, length in _starts_and_lengths(documents.lengths(b))]
+    long = [(b, start, length) for b, start, length in starts_lengths if length >= LONG_DOCUMENT]
+    short = max((length for _, _, length in starts_lengths if length < LONG_DOCUMENT), default=0)
+    if not long:
+        return backend.window(q, k, v, short, segments, False, dropout_p)[0]
+    out = backend.window(q, k, v, short, segments, False, dropout_p)[0] if short else torch.zeros_like(q)
+    for b, start, length in long:  # (rows of long documents from the window above are overwritten)
+        piece = slice(start, start + length)
+        out = out.index_copy(0, torch.tensor([b], device=q.device), _with_rows(
+            out[b:b + 1], piece, backend.causal(q[b:b + 1, :, piece], k[b:b + 1, :, piece], v[b:b + 1, :, piece],
+                                                dropout_p)))
+    return out
+
+
+def _starts_and_lengths(lengths: list[int]) -> list[tuple[int, int]]:
+    starts, position = [], 0
+    for length in lengths:
+        starts.append((position, length))
+        position += length
+    return starts
+
+
+def _with_rows(x: torch.Tensor, rows: slice, values: torch.Tensor) -> torch.Tensor:
+    """``x`` with sequence positions ``rows`` replaced by ``values`` (out of place, differentiable)."""
+    return torch.cat([x[:, :, :rows.start], values, x[:, :, rows.stop:]], dim=2)
 
 
 def window_with_keys_by_lse_merge(backend, q, k, v, window, segments, k_extra, v_extra, extra_mask, dropout_p):
