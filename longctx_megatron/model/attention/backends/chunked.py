@@ -63,8 +63,9 @@ def sdpa_window_attention(
     key_position = (torch.arange(n_blocks, device=q.device)[:, None] * block - (window - 1)
                     + torch.arange(span, device=q.device))  # (n, S)
     if segments is None and extra is None:
-        head = min(n_blocks, -(-(window - 1) // block)) * batch  # rows whose span starts before position 0
-        head_mask = (band & (key_position[:, None, :] >= 0)).repeat_interleave(batch, 0)[:head, None]
+        head_blocks = min(n_blocks, -(-(window - 1) // block))  # blocks whose span starts before position 0
+        head = head_blocks * batch
+        head_mask = (band & (key_position[:head_blocks, None, :] >= 0)).repeat_interleave(batch, 0)[:, None]
         k_spans, v_spans = spans(k), spans(v)
         first = masked_sdpa(q_blocks[:head], k_spans[:head], v_spans[:head], head_mask, dropout_p)
         rest = masked_sdpa(q_blocks[head:], k_spans[head:], v_spans[head:], band, dropout_p)
