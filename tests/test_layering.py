@@ -23,7 +23,7 @@ LAYERS = {
     "model": {"config", "packing"},
     "parallel": {"config", "model"},
     "checkpoint": {"config", "model", "parallel", "atomic_file"},
-    "training": {"config", "data", "model", "parallel", "checkpoint", "atomic_file"},
+    "training": {"config", "data", "model", "parallel", "checkpoint", "atomic_file", "packing"},
 }
 
 

@@ -11,6 +11,7 @@ import torch
 
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.model.counting import flops_per_token
+from longctx_megatron.packing import document_lengths
 from longctx_megatron.training.run_config import RunConfig
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
@@ -61,8 +62,8 @@ class Metrics:
             if ids is None:
                 self.window_flops += tokens * self.flops * dp_size
                 continue
-            lengths = [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in ids.cpu()]
-            self.window_flops += tokens * flops_per_token(self.config, ids.shape[1], documents=lengths) * dp_size
+            self.window_flops += tokens * flops_per_token(self.config, ids.shape[1],
+                                                          documents=document_lengths(ids)) * dp_size
 
     def iteration(self, done: int, consumed_samples: int, lr: float, loss: float, norm: float, skipped: int,
                   loss_scale: float | None) -> None:

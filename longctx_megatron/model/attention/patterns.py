@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from longctx_megatron.config.layer_plan import LayerSpec
-from longctx_megatron.packing import document_positions
+from longctx_megatron.packing import document_lengths, document_positions
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class Documents:
         return self._derived[key]
 
     def lengths(self, b: int) -> list[int]:
-        return torch.unique_consecutive(self.ids[b], return_counts=True)[1].tolist()
+        return document_lengths(self.ids[b:b + 1])[0]
 
 
 def document_mask_mod(pattern: Pattern, documents: Documents):
