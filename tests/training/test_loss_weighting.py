@@ -7,14 +7,13 @@ token losses / unmasked tokens of the global batch) does not.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from longctx_megatron.data.indexed_dataset import building_dataset
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.setup import setup
 from tests.distributed import run_on_ranks
+from tests.training.corpora import write_eod_corpus
 
 VOCAB = 96  # NullTokenizer ids; its EOD is id 96
 
@@ -22,13 +21,7 @@ VOCAB = 96  # NullTokenizer ids; its EOD is id 96
 @pytest.fixture(scope="module")
 def eod_dataset(tmp_path_factory) -> str:
     """Short documents of random lengths, each ending in EOD: every sample holds several masked EODs."""
-    prefix = str(tmp_path_factory.mktemp("eod") / "docs")
-    rng = np.random.default_rng(0)
-    with building_dataset(prefix, np.int32) as builder:
-        for _ in range(400):
-            document = rng.integers(0, VOCAB, rng.integers(2, 30)).tolist() + [VOCAB]
-            builder.add_document([document])
-    return prefix
+    return write_eod_corpus(str(tmp_path_factory.mktemp("eod") / "docs"), VOCAB, count=400, max_length=30, seed=0)
 
 
 def _flags(prefix: str, micro_batch: int, per_token: bool) -> list[str]:

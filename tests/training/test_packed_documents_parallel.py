@@ -3,13 +3,12 @@ travel with every micro-batch to every stage, and the losses equal the single-pr
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from longctx_megatron.data.indexed_dataset import building_dataset
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.setup import setup
 from tests.distributed import run_on_ranks
+from tests.training.corpora import write_eod_corpus
 
 VOCAB = 96  # NullTokenizer ids; its EOD is id 96
 
@@ -17,12 +16,7 @@ VOCAB = 96  # NullTokenizer ids; its EOD is id 96
 @pytest.fixture(scope="module")
 def packed_corpus(tmp_path_factory) -> str:
     """Documents of 2-40 tokens, each ending in EOD: every 64-token sample packs several."""
-    prefix = str(tmp_path_factory.mktemp("packed") / "docs")
-    rng = np.random.default_rng(1)
-    with building_dataset(prefix, np.int32) as builder:
-        for _ in range(300):
-            builder.add_document([rng.integers(0, VOCAB, rng.integers(2, 40)).tolist() + [VOCAB]])
-    return prefix
+    return write_eod_corpus(str(tmp_path_factory.mktemp("packed") / "docs"), VOCAB, count=300, max_length=40, seed=1)
 
 
 def _flags(prefix: str, *extra: str) -> list[str]:
