@@ -5,7 +5,9 @@ with a timeout so a hang is an error, not a stall.
 with MASTER_ADDR/PORT, RANK, WORLD_SIZE set (so ``initialize_parallel`` uses env://) and returns
 the ranks' return values. A rank's exception is re-raised with its traceback; a rank that dies
 without a result (killed, segfault) is named with its exit code; ranks still running at the
-deadline are killed and a TimeoutError names the ranks that hung. ``body`` must be a module-level
+deadline are killed and a TimeoutError names the ranks that hung. The timeout counts from the
+moment every rank has started (imported torch and reported ready), so a loaded machine's slow
+process start-up is not read as a hang; start-up has its own, generous limit. ``body`` must be a module-level
 function (spawned processes import it by name). Used by the tests and benchmarks; with more than
 one rank each gets one intra-op thread, since they share the machine's cores.
 
@@ -31,6 +33,10 @@ class RankFailed(RuntimeError):
     """A rank raised or died; the message carries its traceback or exit code."""
 
 
+_READY = b"ready"  # a rank's first message: started, about to call the body
+STARTUP_TIMEOUT = 300.0  # seconds for every rank to spawn and import torch, on a loaded CI machine
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -47,6 +53,10 @@ def _entry(body, rank, world_size, port, sender, args):
     )
     if world_size > 1:
         torch.set_num_threads(1)
+    try:
+        sender.send_bytes(_READY)
+    except BrokenPipeError:
+        return  # the parent has already stopped waiting (another rank failed to start)
     try:
         payload = pickle.dumps((True, body(rank, world_size, *args)), protocol=pickle.HIGHEST_PROTOCOL)
     except BaseException:
@@ -72,26 +82,36 @@ def run_on_ranks(body, world_size: int, *args, timeout: float = 180.0) -> list:
         for rank in range(world_size)
     ]
     pending = {pipes[rank][0]: rank for rank in range(world_size)}
+    starting = set(pending)
     outcomes: dict[int, object] = {}
     try:
         for process in processes:
             process.start()
         for _, sender in pipes:
             sender.close()  # the rank holds the only write end: its exit without a result reads as EOF
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + STARTUP_TIMEOUT
         while pending:
             ready = multiprocessing.connection.wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                hung = sorted(pending.values())
-                raise TimeoutError(f"ranks {hung} of {world_size} did not finish within {timeout:.0f} s")
+                waiting = sorted(pending[receiver] for receiver in (starting or pending))
+                if starting:
+                    raise TimeoutError(f"ranks {waiting} of {world_size} did not start within {STARTUP_TIMEOUT:.0f} s")
+                raise TimeoutError(f"ranks {waiting} of {world_size} did not finish within {timeout:.0f} s")
             for receiver in ready:
-                rank = pending.pop(receiver)
+                rank = pending[receiver]
                 try:
-                    ok, value = pickle.loads(receiver.recv_bytes())
+                    message = receiver.recv_bytes()
                 except EOFError:
                     processes[rank].join(timeout=5)
                     raise RankFailed(f"rank {rank} of {world_size} exited (code {processes[rank].exitcode}) "
                                      "without a result") from None
+                if receiver in starting:
+                    starting.discard(receiver)
+                    if not starting:  # every rank is up: the body's own time starts now
+                        deadline = time.monotonic() + timeout
+                    continue
+                del pending[receiver]
+                ok, value = pickle.loads(message)
                 if not ok:
                     raise RankFailed(f"rank {rank} of {world_size} failed:\n{value}")
                 outcomes[rank] = value
