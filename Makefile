@@ -17,6 +17,7 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/attention_scaling.py
+	$(PYTHON) benchmarks/document_window_cut.py
 	$(PYTHON) benchmarks/tp_overhead.py
 	$(PYTHON) benchmarks/pipeline_bubble.py
 	$(PYTHON) benchmarks/preprocess_throughput.py

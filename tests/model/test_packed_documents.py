@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from longctx_megatron.model.attention import factory
+from longctx_megatron.model.attention.backends import chunked, flash
 from longctx_megatron.model.attention.backends.base import BackendUnavailable
 from longctx_megatron.model.attention.patterns import (
     DilatedPattern,
@@ -125,13 +126,74 @@ def test_documents_positions_and_lengths():
         Documents(torch.zeros(6, dtype=torch.long))
 
 
-def test_flash_refuses_documents_and_auto_never_drops_them():
+def _flash_varlen_stand_in(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           causal=False, window_size=(-1, -1)):
+    """flash_attn_varlen_func's documented contract in plain torch, one sequence at a time: tokens
+    (total, heads, D), sequences delimited by int32 cu_seqlens, positions counted from each sequence's
+    start, GQA by head groups, window_size (left, right) inclusive. Checks the caller's arguments."""
+    assert cu_seqlens_q.dtype == torch.int32 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    assert int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == q.shape[0] == k.shape[0]
+    lengths = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    assert min(lengths) > 0 and max(lengths) == max_seqlen_q == max_seqlen_k
+    assert causal and dropout_p == 0.0 and window_size[1] in (-1, 0)
+    group = q.shape[1] // k.shape[1]
+    outs = []
+    for start, end in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), strict=True):
+        qs = q[start:end].transpose(0, 1).float()
+        ks, vs = (x[start:end].transpose(0, 1).float().repeat_interleave(group, 0) for x in (k, v))
+        i, j = torch.arange(end - start)[:, None], torch.arange(end - start)[None, :]
+        visible = (j <= i) & ((i - j <= window_size[0]) if window_size[0] >= 0 else True)
+        scores = (qs @ ks.transpose(1, 2) / q.shape[-1] ** 0.5).masked_fill(~visible, float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+    return torch.cat(outs).to(q.dtype)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[1:])
+@pytest.mark.parametrize("pattern", [FullPattern(), SlidingPattern(8), SlidingPattern(3)], ids=str)
+@pytest.mark.parametrize("n_heads,n_kv", [(8, 2), (2, 2)], ids=["gqa4", "mha"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_flash_varlen_layout_matches_the_oracle(pattern, layout, n_heads, n_kv, dtype, tol, monkeypatch):
+    """The flash path's part that runs without CUDA: flattening, cu_seqlens, window_size and the way
+    back, through a stand-in with flash_attn_varlen_func's contract (the kernel itself: the GPU test)."""
+    monkeypatch.setattr(flash, "flash_attn_varlen_func", _flash_varlen_stand_in)
+    backend = flash.FlashBackend()
+    monkeypatch.setattr(backend, "unsupported_reason", lambda *args: None)  # the CUDA and dtype checks
+    documents = _layout(layout)
+    q, k, v = _inputs(n_heads, n_kv, dtype)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = backend.attend(q, k, v, pattern, 0.0, documents)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
+    want, want_grads = _run(REFERENCE, pattern, q, k, v, documents, grad_out)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=tol * 5, rtol=tol)
+
+
+@pytest.mark.parametrize("pattern,cut", [(SlidingPattern(64), 9), (SlidingPattern(64, 4), 9), (SlidingPattern(5), 5),
+                                         (DilatedPattern(64, 2), 5), (DilatedPattern(64, 3), 3)], ids=str)
+def test_a_window_longer_than_every_document_is_cut_to_the_longest(pattern, cut, monkeypatch):
+    """No block scores keys that no query of a document can see: with documents of at most 9 tokens a
+    window of 64 becomes 9 (dilation r: (9 - 1) // r + 1 keys per residue class), and stays exact."""
+    documents = Documents(torch.tensor([[0] * 9 + [1] * 7 + [2] * 9 + [3] * 7] * 2))
+    windows = []
+    real = chunked.sdpa_window_attention
+    monkeypatch.setattr(chunked, "sdpa_window_attention", lambda q, k, v, window, *rest: windows.append(window) or real(
+        q, k, v, window, *rest))
+    q, k, v = (torch.randn(2, 2, 32, 8, generator=torch.Generator().manual_seed(seed)) for seed in range(3))
+    got = CHUNKED.attend(q, k, v, pattern, 0.0, documents)
+    torch.testing.assert_close(got, REFERENCE.attend(q, k, v, pattern, 0.0, documents), atol=2e-6, rtol=2e-6)
+    assert windows and set(windows) == {cut}
+
+
+def test_flash_takes_documents_only_where_it_can_express_the_layer_and_auto_never_drops_them():
     q = torch.zeros(1, 2, 8, 4)
     flash = factory.create("flash")
-    assert flash.unsupported_reason(SlidingPattern(4), q, 0.0, _layout("random", 1)) is not None
+    documents = _layout("random", 1)
+    for pattern in (SlidingPattern(4, 2), DilatedPattern(3, 2)):  # refused on every device
+        assert flash.unsupported_reason(pattern, q, 0.0, documents) is not None
     with pytest.raises(BackendUnavailable):
-        flash.check(SlidingPattern(4), q, 0.0, _layout("random", 1))
-    assert factory.select("auto", SlidingPattern(4), q, 0.0, _layout("random", 1)) is CHUNKED  # CPU
+        flash.check(SlidingPattern(4), q, 0.0, documents)  # here: no CUDA
+    assert factory.select("auto", SlidingPattern(4), q, 0.0, documents) is CHUNKED  # CPU
 
 
 # ----------------------------------------------------------------------------------- the whole model

@@ -13,10 +13,13 @@ With packed documents every primitive call carries segment ids (the window primi
 ``segments``): the window keeps keys of the query's document; full attention is a window as long
 as the longest short document, and causal attention on each long document's own slice; global
 tokens are each document's every G-th position, gathered per sample; dilated residue classes carry
-their tokens' ids (padding gets -1, which no query matches).
+their tokens' ids (padding gets -1, which no query matches). A window longer than the longest
+document is cut to it first: the keys beyond are masked for every query, so no block scores them.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +33,10 @@ LONG_DOCUMENT = 2048  # full attention in a document at least this long runs on 
 
 def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float,
                       documents: Documents | None = None) -> torch.Tensor:
-    segments = None if documents is None else (documents.ids, documents.ids)
+    segments = None
+    if documents is not None:
+        segments = (documents.ids, documents.ids)
+        pattern = _window_cut_to_documents(pattern, documents)
     if isinstance(pattern, SlidingPattern):
         if pattern.global_every:
             return _sliding_with_global_tokens(backend, q, k, v, pattern, dropout_p, documents)
@@ -40,6 +46,20 @@ def attend_decomposed(backend, q, k, v, pattern: Pattern, dropout_p: float,
     if documents is not None:
         return _full_in_documents(backend, q, k, v, documents, dropout_p)
     return backend.causal(q, k, v, dropout_p)
+
+
+def _window_cut_to_documents(pattern: Pattern, documents: Documents) -> Pattern:
+    """The same rule with its window no longer than a document can use. Within a document i - j is
+    less than its length L, so the keys of a window longer than the longest document (for dilation,
+    longer than its (L - 1) // r + 1 keys per residue class) are masked for every query: chunked would
+    score those key blocks and flex build mask blocks for them. Cut, the window holds exactly the
+    keys the documents leave (one host sync per forward: the longest document is shared by the layers)."""
+    longest = documents.derived("longest", lambda: int(documents.positions.max()) + 1)
+    if isinstance(pattern, SlidingPattern) and pattern.window > longest:
+        return dataclasses.replace(pattern, window=longest)
+    if isinstance(pattern, DilatedPattern) and pattern.window > (longest - 1) // pattern.dilation + 1:
+        return dataclasses.replace(pattern, window=(longest - 1) // pattern.dilation + 1)
+    return pattern
 
 
 def _full_in_documents(backend, q, k, v, documents: Documents, dropout_p: float) -> torch.Tensor:
