@@ -1,4 +1,4 @@
-"""Dependencies point one way: config <- model <- parallel <- training (checkpoint beside training).
+"""Dependencies point one way: config <- model <- parallel <- training and inference (checkpoint beside them).
 
 Every module's imports are parsed (including imports inside functions) and each import of another
 package of longctx_megatron must be allowed by LAYERS; an upward import fails with its file and line.
@@ -24,6 +24,7 @@ LAYERS = {
     "parallel": {"config", "model"},
     "checkpoint": {"config", "model", "parallel", "atomic_file"},
     "training": {"config", "data", "model", "parallel", "checkpoint", "atomic_file", "packing"},
+    "inference": {"config", "data", "model", "parallel", "checkpoint", "atomic_file"},
 }
 
 

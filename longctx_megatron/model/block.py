@@ -26,6 +26,6 @@ class TransformerBlock(torch.nn.Module):
         self.mlp_out_dropout = Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: Documents | None = None) -> torch.Tensor:
-        x = x + self.attention_out_dropout(self.attention(self.attention_norm(x), cos, sin, documents))
+                documents: Documents | None = None, cache=None) -> torch.Tensor:
+        x = x + self.attention_out_dropout(self.attention(self.attention_norm(x), cos, sin, documents, cache))
         return x + self.mlp_out_dropout(self.mlp(self.mlp_norm(x)))

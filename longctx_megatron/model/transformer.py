@@ -70,6 +70,8 @@ class GPTModel(torch.nn.Module):
         hidden: torch.Tensor | None = None,
         loss_reduction: str = "mean",
         document_ids: torch.Tensor | None = None,
+        kv_cache=None,
+        logits_at: torch.Tensor | None = None,
     ):
         """input_ids (B, T) -> (logits (B, T, V), loss over loss_mask or None without labels): the
         mean over the tokens that count, or with ``loss_reduction="sum"`` their sum.
@@ -82,6 +84,10 @@ class GPTModel(torch.nn.Module):
         ``position_ids`` (B, T) default to 0..T-1 and may restart at document boundaries.
         ``document_ids`` (B, T) int64, the document of every token (``--reset-attention-mask``),
         keep attention inside each document; None is one document per sample.
+
+        Inference: ``kv_cache`` (inference.cache.KVCache, its positions set by ``begin``) makes the
+        tokens the next chunk of the cached sequences; ``logits_at`` (B, K) picks the positions
+        whose logits are computed (a prefill chunk needs only its last), instead of all T.
         """
         if self.pre_process:
             if position_ids is None:
@@ -91,11 +97,14 @@ class GPTModel(torch.nn.Module):
             raise ValueError("a stage without pre_process needs the previous stage's hidden and position_ids")
         documents = None if document_ids is None else Documents(document_ids)  # shared by every layer
         rope_tables = {}  # layers sharing a RoPE config share one cos/sin table
-        for layer in self.layers:
+        for index, layer in self.layers.items():
             rotary = layer.attention.rotary
             if rotary.cfg not in rope_tables:
                 rope_tables[rotary.cfg] = rotary(position_ids)
-            hidden = layer(hidden, *rope_tables[rotary.cfg], documents)
+            cache = None if kv_cache is None else kv_cache.layer(int(index))
+            hidden = layer(hidden, *rope_tables[rotary.cfg], documents, cache)
         if not self.post_process:
             return hidden
+        if logits_at is not None:
+            hidden = hidden.gather(1, logits_at[..., None].expand(-1, -1, hidden.shape[-1]))
         return self.head(self.final_norm(hidden), self.output_weight(), labels, loss_mask, loss_reduction)

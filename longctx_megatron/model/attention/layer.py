@@ -120,10 +120,12 @@ class SelfAttention(torch.nn.Module):
         return self.core_attention.pattern
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                documents: Documents | None = None) -> torch.Tensor:
+                documents: Documents | None = None, cache=None) -> torch.Tensor:
+        """With ``cache`` (an inference LayerCache: the earlier tokens' keys of this layer), x is the
+        next chunk of tokens: they attend over the cached keys and their own, and are cached."""
         q, k, v = self.layout.split_heads(self.qkv(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = self.core_attention(q, k, v, documents)
+        out = self.core_attention(q, k, v, documents) if cache is None else cache.attend(q, k, v)
         return self.out(out.transpose(1, 2).flatten(2))
 
     def extra_repr(self) -> str:
