@@ -136,6 +136,7 @@ class SlidingCache(LayerCache):
         self.history = None
         if self.every:
             self.global_k, self.global_v = self._buffer(0), self._buffer(0)
+            self.n_globals = 0  # global positions stored (of the longest sequence): 0, G, 2G, ...
             history_device = torch.device(history_device or device)
             self.history_pinned = history_device.type == "cpu" and self.device.type == "cuda"
             self.history = FullCache(FullPattern(), batch, n_kv, head_dim, dtype, history_device, grow=grow,
@@ -145,11 +146,12 @@ class SlidingCache(LayerCache):
         """The ring, and the global keys older than it (those inside it would be handed over twice)."""
         if not self.every:
             return self.ring_k, self.ring_v, self.ring_pos[:, None]
-        count = self.global_k.shape[2]
+        count = self.n_globals
         global_pos = torch.arange(count, device=self.device)[None] * self.every
         older = global_pos < (self.lengths[:, None] - self.window)  # below every slot of the ring
         global_pos = torch.where(older, global_pos, -1)
-        return (torch.cat([self.ring_k, self.global_k], dim=2), torch.cat([self.ring_v, self.global_v], dim=2),
+        return (torch.cat([self.ring_k, self.global_k[:, :, :count]], dim=2),
+                torch.cat([self.ring_v, self.global_v[:, :, :count]], dim=2),
                 torch.cat([self.ring_pos, global_pos], dim=1)[:, None])
 
     def attend(self, q, k, v):
@@ -198,12 +200,14 @@ class SlidingCache(LayerCache):
             is_global = (positions >= 0) & (positions % self.every == 0)
             if bool(is_global.any()):
                 needed = int(positions.max()) // self.every + 1
-                if needed > self.global_k.shape[2]:
+                if needed > self.global_k.shape[2]:  # grown by GROW positions' worth of global keys
+                    capacity = needed + max(1, GROW // self.every)
                     for name in ("global_k", "global_v"):
                         old = getattr(self, name)
-                        grown = self._buffer(needed + 8)
+                        grown = self._buffer(capacity)
                         grown[:, :, :old.shape[2]] = old
                         setattr(self, name, grown)
+                self.n_globals = max(self.n_globals, needed)
                 slots = positions.clamp(min=0) // self.every
                 _scatter(self.global_k, slots, is_global, k)
                 _scatter(self.global_v, slots, is_global, v)

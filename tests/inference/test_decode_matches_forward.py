@@ -104,3 +104,30 @@ def test_history_kept_on_another_device_gives_the_same_logits():
     engine.history_device = "cpu"
     tokens = _tokens()
     _check(_full_forward(reference, tokens), _incremental(engine, list(tokens), [6, 6]), [6, 6])
+
+
+def test_each_decode_step_reads_only_the_keys_the_rule_allows():
+    """Per layer and head, the keys a decode query saw equal the rule's closed-form count, and the
+    slots handed to attention do not grow with the context in sliding (non-global steps) and
+    dilated layers: the ring and the older global keys, and W per head."""
+    config = _config()
+    _, engine = _models(config)
+    tokens = _tokens(batch=2, length=120)
+    cache, _ = engine.prefill([tokens[0, :3].tolist(), tokens[1, :11].tolist()])
+    plan = config.layer_plan()
+    for _ in range(100):
+        positions = cache.lengths.clone()
+        engine.decode(cache, tokens[torch.arange(2), positions])
+        for index, layer_cache in cache.layers.items():
+            pattern = layer_cache.pattern
+            for row in range(2):
+                p = int(positions[row])
+                want = torch.stack([pattern.keys_per_query(p + 1, head)[p] for head in range(config.n_heads)])
+                assert torch.equal(layer_cache.last_reads.visible[row, :, 0], want), (index, p, row)
+            longest = int(positions.max())
+            if plan[index].kind == "dilated":
+                assert layer_cache.last_reads.keys == config.dilated_window + 1
+            elif plan[index].kind == "sliding":  # the ring, the stored global keys, the new key
+                assert layer_cache.last_reads.keys == config.sliding_window + -(-longest // config.global_every) + 1
+            else:
+                assert layer_cache.last_reads.keys == longest + 1
