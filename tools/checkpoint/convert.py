@@ -39,15 +39,12 @@ from longctx_megatron.checkpoint.hf import (
     outer_from_hf,
     outer_to_hf,
 )
-from longctx_megatron.checkpoint.json_checks import plain_name
+from longctx_megatron.checkpoint.hf_directory import HFCheckpoint
 from longctx_megatron.checkpoint.manifest import CheckpointMetadata
 from longctx_megatron.checkpoint.offline import OfflineWriter, converted_metadata
-from longctx_megatron.checkpoint.paths import regular_file_problem
 from longctx_megatron.checkpoint.reader import CheckpointReader, read_json, verify_files
 from longctx_megatron.checkpoint.safetensors_io import (
     Deferred,
-    SafetensorsError,
-    SafetensorsReader,
     write_safetensors,
 )
 from longctx_megatron.config import ConfigError, save_config
@@ -56,53 +53,6 @@ from longctx_megatron.parallel.state import ParallelLayoutError
 
 SHARD_BYTES = 2 * 2**30  # Hugging Face output shard size
 HF_OUTPUT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
-
-
-class HFCheckpoint:
-    """Tensors of a Hugging Face model directory by name, memory-mapped; errors name the file or tensor."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self._readers: dict[str, SafetensorsReader] = {}
-        index = os.path.join(directory, "model.safetensors.index.json")
-        if os.path.lexists(index):
-            contents = read_json(index)
-            weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise ConversionError(f"{index}: expected an object with a \"weight_map\" of tensor -> file name")
-            for file in set(weight_map.values()):
-                plain_name(file, "weight_map", index)  # a shard outside the directory is never opened
-            self.files = weight_map
-        elif os.path.exists(os.path.join(directory, "model.safetensors")):
-            self.files = {name: "model.safetensors" for name in self._open("model.safetensors").keys()}
-        else:
-            raise ConversionError(f"{directory}: no model.safetensors or model.safetensors.index.json "
-                                  "(pickled .bin checkpoints are not read)")
-
-    def _open(self, file: str) -> SafetensorsReader:
-        if file not in self._readers:
-            path = os.path.join(self.directory, file)
-            if not os.path.lexists(path):
-                raise ConversionError(f"{path}: missing shard (listed in model.safetensors.index.json)")
-            if problem := regular_file_problem(path):
-                raise ConversionError(problem)
-            try:
-                self._readers[file] = SafetensorsReader(path)
-            except SafetensorsError as error:
-                raise ConversionError(str(error)) from None
-        return self._readers[file]
-
-    def get(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        if name not in self.files:
-            raise ConversionError(f"{self.directory}: tensor {name} is missing")
-        tensor = self._open(self.files[name]).get(name)
-        if not tensor.dtype.is_floating_point:
-            raise ConversionError(f"{self.directory}: tensor {name} has dtype {tensor.dtype}; weights must be "
-                                  "floating point")
-        if tuple(tensor.shape) != tuple(shape):
-            raise ConversionError(f"{name}: shape {list(tensor.shape)} in the checkpoint, {list(shape)} expected from "
-                                  "config.json")
-        return tensor.clone()
 
 
 def _newest(root: str, step: int | None) -> tuple[CheckpointReader, CheckpointMetadata]:
