@@ -28,6 +28,8 @@ def attend_by_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: tor
         kv_groups = [[h for h in range(n_kv) if shifts[h] == s] for s in sorted(set(shifts))]
     else:
         kv_groups = [list(range(n_kv))]
+    if len(kv_groups) == 1:  # one mask for every head: no copies of the heads
+        return _attend_group(q, k, v, q_pos, k_pos[:, :1], pattern, 0)
     out = torch.empty_like(q)
     counts = torch.empty(q.shape[:3], dtype=torch.long, device=q.device)
     for kv_heads in kv_groups:

@@ -66,32 +66,58 @@ class LayerCache:
     def write(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def reserve(self, length: int) -> None:
+        """Allocate now what sequences of ``length`` tokens will need (rings are allocated whole)."""
+
+    def _grown(self, name: str, slots: int, device=None, pinned: bool = False) -> None:
+        """Buffer ``name`` enlarged to ``slots`` positions, its contents kept."""
+        old = getattr(self, name)
+        if slots > old.shape[2]:
+            grown = self._buffer(slots, device or old.device, pinned)
+            grown[:, :, :old.shape[2]] = old
+            setattr(self, name, grown)
+
     def nbytes(self) -> dict[str, int]:
         """Bytes held: {"device": ..., "history": ...} (history: the sliding layers' global-query store)."""
         raise NotImplementedError
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         positions = self.positions
-        out, visible, keys = self._attend(q, positions, k, v, positions, self.stored(positions))
+        new = self._store_or_keep(k, v, positions)
+        out, visible, keys = self._attend(q, positions, self.stored(positions), new)
         self.last_reads = Reads(keys, visible)
-        self.write(k, v, positions)
+        if new is not None:
+            self.write(k, v, positions)
         return out
 
-    def _attend(self, q, q_pos, k, v, k_pos, stored):
-        """Queries at q_pos over the stored keys and the chunk's new keys at k_pos."""
-        k_old, v_old, pos_old = stored
-        pos_new = k_pos[:, None, :].expand(-1, pos_old.shape[1], -1)
-        k_all, v_all = torch.cat([k_old.to(k.dtype), k], dim=2), torch.cat([v_old.to(v.dtype), v], dim=2)
-        out, visible = attend_by_rule(q, k_all, v_all, q_pos, torch.cat([pos_old, pos_new], dim=2), self.pattern)
+    def _store_or_keep(self, k, v, positions):
+        """A decode step (one token per sequence) stores its key first and reads it back with the rest:
+        the slot it takes in a ring held a key too old for that query (distance W, or W * r), so
+        nothing visible is lost and no concatenation copies the stored keys. A prefill chunk's
+        early queries may still need what its later keys would overwrite: its keys are kept aside
+        (returned), attended with the stored ones, and stored after."""
+        if positions.shape[1] == 1:
+            self.write(k, v, positions)
+            return None
+        return k, v, positions
+
+    def _attend(self, q, q_pos, stored, new=None):
+        """Queries at q_pos over the stored keys, and the kept-aside new keys (k, v, positions) if any."""
+        k_all, v_all, pos_all = stored
+        if new is not None:
+            k, v, k_pos = new
+            pos_new = k_pos[:, None, :].expand(-1, pos_all.shape[1], -1)
+            k_all, v_all = torch.cat([k_all.to(k.dtype), k], dim=2), torch.cat([v_all.to(v.dtype), v], dim=2)
+            pos_all = torch.cat([pos_all, pos_new], dim=2)
+        out, visible = attend_by_rule(q, k_all, v_all, q_pos, pos_all, self.pattern)
         return out, visible, k_all.shape[2]
 
 
 class FullCache(LayerCache):
-    def __init__(self, pattern, batch, n_kv, head_dim, dtype, device, capacity: int = 0, grow: int = GROW,
-                 pinned: bool = False):
+    def __init__(self, pattern, batch, n_kv, head_dim, dtype, device, grow: int = GROW, pinned: bool = False):
         super().__init__(pattern, batch, n_kv, head_dim, dtype, device)
         self.grow, self.pinned = grow, pinned
-        self.k, self.v = self._buffer(capacity, pinned=pinned), self._buffer(capacity, pinned=pinned)
+        self.k, self.v = self._buffer(0, pinned=pinned), self._buffer(0, pinned=pinned)
         self.lengths = torch.zeros(batch, dtype=torch.long)  # on the host: read every step to size the view
 
     def stored(self, positions, rows: torch.Tensor | None = None):
@@ -108,18 +134,16 @@ class FullCache(LayerCache):
         write = positions >= 0
         if not bool(write.any()):
             return
-        needed = int(positions.max()) + 1
-        if needed > self.k.shape[2]:
-            capacity = -(-needed // self.grow) * self.grow
-            for name in ("k", "v"):
-                old = getattr(self, name)
-                grown = self._buffer(capacity, old.device, self.pinned)
-                grown[:, :, :old.shape[2]] = old
-                setattr(self, name, grown)
+        self.reserve(int(positions.max()) + 1)
         slots = positions.clamp(min=0).to(self.k.device)
         _scatter(self.k, slots, write.to(self.k.device), k.to(self.k.device, self.k.dtype))
         _scatter(self.v, slots, write.to(self.v.device), v.to(self.v.device, self.v.dtype))
         self.lengths = torch.maximum(self.lengths, (positions.max(dim=1).values + 1).cpu())
+
+    def reserve(self, length):
+        if length > self.k.shape[2]:
+            for name in ("k", "v"):
+                self._grown(name, -(-length // self.grow) * self.grow, pinned=self.pinned)
 
     def nbytes(self):
         return {"device": self.k.nbytes + self.v.nbytes, "history": 0}
@@ -156,16 +180,18 @@ class SlidingCache(LayerCache):
 
     def attend(self, q, k, v):
         positions = self.positions
-        out, visible, keys = self._attend(q, positions, k, v, positions, self.stored(positions))
+        new = self._store_or_keep(k, v, positions)
+        out, visible, keys = self._attend(q, positions, self.stored(positions), new)
         if self.every:
             is_global = (positions >= 0) & (positions % self.every == 0)
             if bool(is_global.any()):
-                out, visible = self._global_queries(q, k, v, positions, is_global, out, visible)
+                out, visible = self._global_queries(q, positions, is_global, out, visible, new)
         self.last_reads = Reads(keys, visible)
-        self.write(k, v, positions)
+        if new is not None:
+            self.write(k, v, positions)
         return out
 
-    def _global_queries(self, q, k, v, positions, is_global, out, visible):
+    def _global_queries(self, q, positions, is_global, out, visible, new):
         """Global queries see every earlier key: they (one per G positions of the chunk at most)
         attend over the history, fetched for the rows that hold one; their rows are replaced."""
         rows = torch.nonzero(is_global.any(dim=1)).flatten()
@@ -179,7 +205,8 @@ class SlidingCache(LayerCache):
         k_old, v_old, pos_old = self.history.stored(q_pos, rows)
         k_old = k_old.to(self.device, non_blocking=self.history_pinned)
         v_old = v_old.to(self.device, non_blocking=self.history_pinned)
-        out_g, visible_g, _ = self._attend(q_rows, q_pos, k[rows], v[rows], positions[rows], (k_old, v_old, pos_old))
+        new_rows = None if new is None else (new[0][rows], new[1][rows], new[2][rows])
+        out_g, visible_g, _ = self._attend(q_rows, q_pos, (k_old, v_old, pos_old), new_rows)
         # Written back where the queries came from; the padding slots go to an extra column, then dropped.
         target = torch.where(valid, index, q.shape[2])
         out_rows = F.pad(out[rows], (0, 0, 0, 1)).scatter(2, target[:, None, :, None].expand(-1, heads, -1, dim), out_g)
@@ -199,20 +226,23 @@ class SlidingCache(LayerCache):
         if self.every:
             is_global = (positions >= 0) & (positions % self.every == 0)
             if bool(is_global.any()):
-                needed = int(positions.max()) // self.every + 1
-                if needed > self.global_k.shape[2]:  # grown by GROW positions' worth of global keys
-                    capacity = needed + max(1, GROW // self.every)
-                    for name in ("global_k", "global_v"):
-                        old = getattr(self, name)
-                        grown = self._buffer(capacity)
-                        grown[:, :, :old.shape[2]] = old
-                        setattr(self, name, grown)
-                self.n_globals = max(self.n_globals, needed)
+                self.reserve(int(positions.max()) + 1)
+                self.n_globals = max(self.n_globals, int(positions.max()) // self.every + 1)
                 slots = positions.clamp(min=0) // self.every
                 _scatter(self.global_k, slots, is_global, k)
                 _scatter(self.global_v, slots, is_global, v)
             self.history.write(k, v, positions)
         self.lengths = torch.maximum(self.lengths, last[:, 0] + 1)
+
+    def reserve(self, length):
+        """Room for the global keys of ``length`` tokens (grown GROW positions' worth at a time) and the history."""
+        if not self.every:
+            return
+        needed = -(-length // self.every)
+        if needed > self.global_k.shape[2]:
+            for name in ("global_k", "global_v"):
+                self._grown(name, needed + max(1, GROW // self.every))
+        self.history.reserve(length)
 
     def nbytes(self):
         held = self.ring_k.nbytes + self.ring_v.nbytes + self.ring_pos.nbytes
@@ -257,13 +287,13 @@ class DilatedCache(LayerCache):
         return {"device": self.ring_k.nbytes + self.ring_v.nbytes + self.ring_pos.nbytes, "history": 0}
 
 
-def layer_cache(pattern: Pattern, batch: int, n_kv: int, head_dim: int, dtype, device, capacity: int = 0,
+def layer_cache(pattern: Pattern, batch: int, n_kv: int, head_dim: int, dtype, device,
                 history_device=None) -> LayerCache:
     if isinstance(pattern, SlidingPattern):
         return SlidingCache(pattern, batch, n_kv, head_dim, dtype, device, history_device)
     if isinstance(pattern, DilatedPattern):
         return DilatedCache(pattern, batch, n_kv, head_dim, dtype, device)
-    return FullCache(pattern, batch, n_kv, head_dim, dtype, device, capacity)
+    return FullCache(pattern, batch, n_kv, head_dim, dtype, device)
 
 
 class KVCache:
@@ -273,11 +303,14 @@ class KVCache:
     (-1 for padding); ``lengths`` (B,) are the tokens each sequence holds so far."""
 
     def __init__(self, model, batch: int, device, dtype, capacity: int = 0, history_device=None):
+        """Caches for ``batch`` sequences, with room reserved for ``capacity`` tokens each (they grow
+        past it). On the meta device nothing is allocated: ``nbytes`` is then the plan's size."""
         self.layers: dict[int, LayerCache] = {}
         for name, block in model.layers.items():
             attention = block.attention
             self.layers[int(name)] = layer_cache(attention.pattern, batch, attention.n_kv_heads, attention.head_dim,
-                                                 dtype, device, capacity, history_device)
+                                                 dtype, device, history_device)
+            self.layers[int(name)].reserve(capacity)
         self.lengths = torch.zeros(batch, dtype=torch.long)
 
     def begin(self, positions: torch.Tensor) -> None:

@@ -125,9 +125,9 @@ def test_each_decode_step_reads_only_the_keys_the_rule_allows():
                 want = torch.stack([pattern.keys_per_query(p + 1, head)[p] for head in range(config.n_heads)])
                 assert torch.equal(layer_cache.last_reads.visible[row, :, 0], want), (index, p, row)
             longest = int(positions.max())
-            if plan[index].kind == "dilated":
-                assert layer_cache.last_reads.keys == config.dilated_window + 1
-            elif plan[index].kind == "sliding":  # the ring, the stored global keys, the new key
-                assert layer_cache.last_reads.keys == config.sliding_window + -(-longest // config.global_every) + 1
+            if plan[index].kind == "dilated":  # W per KV head
+                assert layer_cache.last_reads.keys == config.dilated_window
+            elif plan[index].kind == "sliding":  # the ring and the global keys up to the longest sequence's
+                assert layer_cache.last_reads.keys == config.sliding_window + longest // config.global_every + 1
             else:
                 assert layer_cache.last_reads.keys == longest + 1
