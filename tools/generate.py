@@ -61,7 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     precision = parser.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true")
     precision.add_argument("--fp16", action="store_true")
-    parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--output-file", help="one JSON line per prompt: prompt, text, tokens, finish_reason")
     return parser
 
@@ -93,8 +92,7 @@ def run(args, log=print) -> list:
     ctx = initialize_parallel(tensor=args.tensor_model_parallel_size, backend=default_backend(device))
     speaks = ctx.rank == 0
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    loaded = load_model(args.load, ctx, device, dtype, args.attention_backend, args.ckpt_step,
-                        log if speaks else (lambda *_: None))
+    loaded = load_model(args.load, ctx, device, dtype, step=args.ckpt_step, log=log if speaks else (lambda *_: None))
     saved = (loaded.tokenizer or {}).get("checksum")
     if saved and saved != tokenizer.checksum():
         raise CheckpointError(f"{args.load} was trained with another tokenizer ({loaded.tokenizer.get('name')}) "
