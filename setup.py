@@ -22,6 +22,9 @@ setup(
             # Megatron-LM's own library, the oracle of the compatibility tests (its indexed-dataset
             # writer, split rule, ...). Its only hard requirements are torch, numpy and packaging.
             "megatron-core==0.16.1",
+            # Weight-only int8 for inference (--quantize int8); it declares no requirements, so it
+            # never pulls another torch.
+            "torchao==0.18.0",
         ],
         "gpu": ["flash-attn"],
     },

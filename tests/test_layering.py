@@ -25,6 +25,7 @@ LAYERS = {
     "checkpoint": {"config", "model", "parallel", "atomic_file"},
     "training": {"config", "data", "model", "parallel", "checkpoint", "atomic_file", "packing"},
     "inference": {"config", "data", "model", "parallel", "checkpoint", "atomic_file"},
+    "eval": {"config", "data", "model", "parallel", "checkpoint", "inference", "atomic_file"},
 }
 
 

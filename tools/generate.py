@@ -17,33 +17,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 from longctx_megatron.atomic_file import atomic_write
 from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.hf import ConversionError
 from longctx_megatron.config import ConfigError
-from longctx_megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
-from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.inference.generate import stream
-from longctx_megatron.inference.loading import load_model
+from longctx_megatron.inference.launch import add_model_flags, open_session
 from longctx_megatron.inference.sampling import SamplingParams
-from longctx_megatron.parallel.state import ParallelLayoutError, default_backend, initialize_parallel
+from longctx_megatron.parallel.state import ParallelLayoutError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--load", required=True, help="a --save directory or a Hugging Face model directory")
-    parser.add_argument("--ckpt-step", type=int, help="this iteration instead of the tracker's")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=True)
-    parser.add_argument("--tokenizer-model")
-    parser.add_argument("--vocab-size", type=int, help="NullTokenizer: ids before eod")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    add_model_flags(parser)
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
     parser.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one prompt")
     parser.add_argument("--max-new-tokens", "--out-seq-length", "--num-tokens-to-generate", dest="max_new_tokens",
@@ -55,12 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     parser.add_argument("--ignore-eod", action="store_true", help="do not stop at the end-of-document token")
-    parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
-    parser.add_argument("--history-on-host", action="store_true",
-                        help="keep the sliding layers' global-query history in host memory (ADR 0013)")
-    precision = parser.add_mutually_exclusive_group()
-    precision.add_argument("--bf16", action="store_true")
-    precision.add_argument("--fp16", action="store_true")
     parser.add_argument("--output-file", help="one JSON line per prompt: prompt, text, tokens, finish_reason")
     return parser
 
@@ -80,29 +65,9 @@ def _prompts(args) -> list[str]:
 
 def run(args, log=print) -> list:
     prompts = _prompts(args)
-    if args.tensor_model_parallel_size < 1:
-        raise ValueError("--tensor-model-parallel-size must be >= 1")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != args.tensor_model_parallel_size:
-        raise ParallelLayoutError(f"{world} processes for --tensor-model-parallel-size "
-                                  f"{args.tensor_model_parallel_size}: launch one process per tensor rank")
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     params = SamplingParams(0.0 if args.greedy else args.temperature, args.top_k, args.top_p, args.seed)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    ctx = initialize_parallel(tensor=args.tensor_model_parallel_size, backend=default_backend(device))
-    speaks = ctx.rank == 0
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    loaded = load_model(args.load, ctx, device, dtype, step=args.ckpt_step, log=log if speaks else (lambda *_: None))
-    saved = (loaded.tokenizer or {}).get("checksum")
-    if saved and saved != tokenizer.checksum():
-        raise CheckpointError(f"{args.load} was trained with another tokenizer ({loaded.tokenizer.get('name')}) "
-                              f"than --tokenizer-type {args.tokenizer_type} {args.tokenizer_model or ''}")
-    if tokenizer.vocab_size > loaded.config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {loaded.config.vocab_size}")
-    if speaks:
-        log(f"loaded {loaded.source}")
-    engine = InferenceEngine(loaded.model, args.prefill_chunk, "cpu" if args.history_on_host else None,
-                             ctx.tp_group)
+    session = open_session(args, log)
+    tokenizer, engine, speaks = session.tokenizer, session.engine, session.speaks
     encoded = [tokenizer.encode(prompt) for prompt in prompts]
     results: list = []
     start, first, printed = time.perf_counter(), None, ""
@@ -138,7 +103,8 @@ def main(argv=None, log=print) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args, log)
-    except (ValueError, ConfigError, CheckpointError, ConversionError, ParallelLayoutError, OSError) as error:
+    except (ValueError, ConfigError, CheckpointError, ConversionError, ParallelLayoutError, OSError,
+            ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -21,19 +21,10 @@ from longctx_megatron.inference.generate import generate
 from longctx_megatron.inference.loading import load_model
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.state import initialize_parallel
-from tests.checkpoint.helpers import train
 from tests.checkpoint.test_convert import _single_ctx, hf_model
 from tests.distributed import run_on_ranks
 
-TP2_PP2 = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]
 PROMPTS = ["The quick brown fox jumps over the lazy dog; " * 3, "Hello"]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("native") / "ckpt")
-    run_on_ranks(train, 4, TP2_PP2 + ["--train-iters", "2", "--save", root], timeout=300)
-    return root
 
 
 def _reference_model(root):
