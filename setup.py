@@ -25,6 +25,9 @@ setup(
             # Weight-only int8 for inference (--quantize int8); it declares no requirements, so it
             # never pulls another torch.
             "torchao==0.18.0",
+            # lm-evaluation-harness: the longctx model adapter (longctx_megatron/eval/lm_eval_adapter.py)
+            # is tested against it offline; it needs torch but admits 2.13.
+            "lm-eval==0.4.13",
         ],
         "gpu": ["flash-attn"],
     },

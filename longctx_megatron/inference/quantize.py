@@ -17,7 +17,7 @@ QUANTIZATIONS = ("none", "int8")
 _PROJECTIONS = (torch.nn.Linear, ColumnParallelLinear, RowParallelLinear)
 
 
-def _is_projection(module: torch.nn.Module, name: str) -> bool:
+def is_projection(module: torch.nn.Module, name: str) -> bool:
     return isinstance(module, _PROJECTIONS) and name != "output"  # an untied output head keeps its dtype
 
 
@@ -31,7 +31,7 @@ def quantize_weights(model: torch.nn.Module, method: str) -> torch.nn.Module:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as error:
         raise ImportError("--quantize int8 needs torchao (pip install --no-deps torchao==0.18.0)") from error
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=_is_projection)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=is_projection)
     return model
 
 
