@@ -20,16 +20,10 @@ import json
 import sys
 import time
 
-import torch.distributed as dist
-
 from longctx_megatron.atomic_file import atomic_write
-from longctx_megatron.checkpoint.errors import CheckpointError
-from longctx_megatron.checkpoint.hf import ConversionError
-from longctx_megatron.config import ConfigError
 from longctx_megatron.inference.generate import stream
-from longctx_megatron.inference.launch import add_model_flags, open_session
+from longctx_megatron.inference.launch import add_model_flags, open_session, tool_main
 from longctx_megatron.inference.sampling import SamplingParams
-from longctx_megatron.parallel.state import ParallelLayoutError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,17 +94,7 @@ def run(args, log=print) -> list:
 
 
 def main(argv=None, log=print) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args, log)
-    except (ValueError, ConfigError, CheckpointError, ConversionError, ParallelLayoutError, OSError,
-            ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return tool_main(build_parser().parse_args(argv), run, log)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from longctx_megatron.checkpoint.errors import CheckpointError
+from longctx_megatron.checkpoint.hf import ConversionError
+from longctx_megatron.config import ConfigError
 from longctx_megatron.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.inference.loading import LoadedModel, load_model
@@ -78,3 +83,21 @@ def open_session(args, log=print) -> Session:
     quiet(f"loaded {loaded.source}{quantized}")
     engine = InferenceEngine(loaded.model, args.prefill_chunk, "cpu" if args.history_on_host else None, ctx.tp_group)
     return Session(ctx, tokenizer, loaded, engine)
+
+
+# A user's mistake (a flag, a file, a checkpoint, a missing package): a message and exit code 2.
+USER_ERRORS = (ValueError, ConfigError, CheckpointError, ConversionError, ParallelLayoutError, OSError, ImportError)
+
+
+def tool_main(args, run: Callable, log=print) -> int:
+    """``run(args, log)`` as a command: 0 on success, 2 with ``error: ...`` on stderr for a user's
+    mistake (no traceback), the process group torn down either way."""
+    try:
+        run(args, log)
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -10,6 +10,7 @@ from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.inference.generate import generate, stream
 from longctx_megatron.inference.sampling import SamplingParams, filtered_probabilities, sample
 from longctx_megatron.model.build import build_model
+from tests.inference.oracles import greedy_by_full_forward
 
 LOGITS = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
 
@@ -58,20 +59,13 @@ def _engine():
     return InferenceEngine(build_model(config, seed=5).eval(), prefill_chunk=3)
 
 
-def _greedy_by_full_forward(model, prompt, steps):
-    tokens = list(prompt)
-    for _ in range(steps):
-        with torch.no_grad():
-            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
-    return tokens[len(prompt):]
-
 
 def test_greedy_generation_equals_repeated_full_forwards():
     engine = _engine()
     prompts = [[1, 2, 3, 4, 5, 6, 7], [9, 8]]
     results = generate(engine, prompts, 12)
     for prompt, result in zip(prompts, results, strict=True):
-        assert result.tokens == _greedy_by_full_forward(engine.model, prompt, 12)
+        assert result.tokens == greedy_by_full_forward(engine.model, prompt, 12)
         assert result.finish_reason == "length"
 
 

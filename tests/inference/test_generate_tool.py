@@ -12,34 +12,18 @@ import generate as generate_tool
 import pytest
 import torch
 
-from longctx_megatron.checkpoint import layout, state
-from longctx_megatron.checkpoint.reader import CheckpointReader
-from longctx_megatron.config.serialization import config_from_dict
 from longctx_megatron.data.tokenizers import ByteTokenizer
 from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.inference.generate import generate
 from longctx_megatron.inference.loading import load_model
-from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.state import initialize_parallel
 from tests.checkpoint.test_convert import _single_ctx, hf_model
 from tests.distributed import run_on_ranks
+from tests.inference.oracles import greedy_by_full_forward, reference_model
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog; " * 3, "Hello"]
 
 
-def _reference_model(root):
-    reader = CheckpointReader(layout.iteration_dir(root, layout.read_tracker(root)))
-    model = build_model(config_from_dict(reader.metadata["config"]), attention_backend="reference").eval()
-    state.load([model], None, _single_ctx(), torch.device("cpu"), reader, 0, False, False)
-    return model
-
-
-def _greedy_by_full_forward(model, prompt, steps):
-    tokens = list(prompt)
-    for _ in range(steps):
-        with torch.no_grad():
-            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
-    return tokens[len(prompt):]
 
 
 def _tool(rank, world_size, argv):
@@ -65,13 +49,13 @@ def test_the_tool_on_one_process_and_on_tp2_generates_what_full_forwards_do(chec
     single, tp2 = str(tmp_path / "single.jsonl"), str(tmp_path / "tp2.jsonl")
     assert run_on_ranks(_tool, 1, _argv(checkpoint, single)) == [0]
     assert run_on_ranks(_tool, 2, _argv(checkpoint, tp2, "--tensor-model-parallel-size", "2")) == [0, 0]
-    reference = _reference_model(checkpoint)
+    reference = reference_model(checkpoint)
     tokenizer = ByteTokenizer()
     for path in (single, tp2):
         lines = [json.loads(line) for line in open(path)]
         assert [line["prompt"] for line in lines] == PROMPTS
         for line, prompt in zip(lines, PROMPTS, strict=True):
-            assert line["tokens"] == _greedy_by_full_forward(reference, tokenizer.encode(prompt), 12)
+            assert line["tokens"] == greedy_by_full_forward(reference, tokenizer.encode(prompt), 12)
             assert line["text"] == tokenizer.decode(line["tokens"]) and line["finish_reason"] == "length"
 
 
@@ -94,7 +78,7 @@ def test_tp2_decoding_logits_equal_one_full_forward(checkpoint):
     steps = 30  # decoded one at a time after a prefill of 60 tokens
     ranks = run_on_ranks(_tp2_logits, 2, checkpoint, prompts, steps, timeout=300)
     assert torch.equal(ranks[0], ranks[1])  # every rank samples from the same logits
-    reference = _reference_model(checkpoint)
+    reference = reference_model(checkpoint)
     with torch.no_grad():
         full = reference(torch.tensor(prompts))[0]
     want = full[:, -steps - 1:-1].transpose(0, 1)  # logits after tokens 59 .. 88

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
+from tests.inference.oracles import reference_model
 
 pytest.importorskip("lm_eval")
 
@@ -18,18 +19,6 @@ DOCS = [{"context": "The pass key is 12345. The pass key is", "target": " 12345"
         {"context": "def f(x):\n    return", "target": " x"},
         {"context": "", "target": "Hello"}]
 
-
-def _reference(root):
-    from longctx_megatron.checkpoint import layout, state
-    from longctx_megatron.checkpoint.reader import CheckpointReader
-    from longctx_megatron.config.serialization import config_from_dict
-    from longctx_megatron.model.build import build_model
-    from tests.checkpoint.test_convert import _single_ctx
-
-    reader = CheckpointReader(layout.iteration_dir(root, layout.read_tracker(root)))
-    model = build_model(config_from_dict(reader.metadata["config"]), attention_backend="reference").eval()
-    state.load([model], None, _single_ctx(), torch.device("cpu"), reader, 0, False, False)
-    return model
 
 
 def _direct(rank, world_size, root):
@@ -49,7 +38,7 @@ def test_loglikelihoods_equal_the_models_own(checkpoint):
     from longctx_megatron.data.tokenizers import ByteTokenizer
 
     [(pairs, rolling, generated)] = run_on_ranks(_direct, 1, checkpoint)
-    model, tokenizer = _reference(checkpoint), ByteTokenizer()
+    model, tokenizer = reference_model(checkpoint), ByteTokenizer()
     for doc, (logprob, greedy) in zip(DOCS, pairs, strict=True):
         context = tokenizer.encode(doc["context"]) or [tokenizer.eod]
         target = tokenizer.encode(doc["target"])
