@@ -85,10 +85,16 @@ class LayerCache:
         positions = self.positions
         new = self._store_or_keep(k, v, positions)
         out, visible, keys = self._attend(q, positions, self.stored(positions), new)
+        out, visible = self._other_queries(q, positions, out, visible, new)
         self.last_reads = Reads(keys, visible)
         if new is not None:
             self.write(k, v, positions)
         return out
+
+    def _other_queries(self, q, positions, out, visible, new):
+        """Queries whose keys are not all among ``stored``'s: recomputed elsewhere (sliding layers'
+        global queries); by default there are none."""
+        return out, visible
 
     def _store_or_keep(self, k, v, positions):
         """A decode step (one token per sequence) stores its key first and reads it back with the rest:
@@ -149,13 +155,36 @@ class FullCache(LayerCache):
         return {"device": self.k.nbytes + self.v.nbytes, "history": 0}
 
 
-class SlidingCache(LayerCache):
+class RingCache(LayerCache):
+    """A cache of the last ``size`` keys of each sequence, in a ring: slot = position % size."""
+
+    def __init__(self, pattern, batch, n_kv, head_dim, dtype, device, size: int):
+        super().__init__(pattern, batch, n_kv, head_dim, dtype, device)
+        self.ring_k, self.ring_v = self._buffer(size), self._buffer(size)
+        self.ring_pos = torch.full((batch, size), -1, dtype=torch.long, device=self.device)  # -1: empty slot
+
+    def _write_ring(self, k, v, positions) -> torch.Tensor:
+        """Store k, v at their slots (a chunk longer than the ring keeps its last ``size`` keys) and
+        their positions in ``ring_pos``; returns each row's last position."""
+        size = self.ring_pos.shape[1]
+        last = positions.max(dim=1, keepdim=True).values
+        in_ring = (positions >= 0) & (positions > last - size)
+        slots = positions.clamp(min=0) % size
+        _scatter(self.ring_k, slots, in_ring, k)
+        _scatter(self.ring_v, slots, in_ring, v)
+        rows, cols = torch.nonzero(in_ring, as_tuple=True)
+        self.ring_pos[rows, slots[rows, cols]] = positions[rows, cols]
+        return last[:, 0]
+
+    def _ring_bytes(self) -> int:
+        return self.ring_k.nbytes + self.ring_v.nbytes + self.ring_pos.nbytes
+
+
+class SlidingCache(RingCache):
     def __init__(self, pattern: SlidingPattern, batch, n_kv, head_dim, dtype, device, history_device=None,
                  grow: int = GROW):
-        super().__init__(pattern, batch, n_kv, head_dim, dtype, device)
+        super().__init__(pattern, batch, n_kv, head_dim, dtype, device, pattern.window)
         self.window, self.every = pattern.window, pattern.global_every
-        self.ring_k, self.ring_v = self._buffer(self.window), self._buffer(self.window)
-        self.ring_pos = torch.full((batch, self.window), -1, dtype=torch.long, device=self.device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.history = None
         if self.every:
@@ -178,18 +207,12 @@ class SlidingCache(LayerCache):
                 torch.cat([self.ring_v, self.global_v[:, :, :count]], dim=2),
                 torch.cat([self.ring_pos, global_pos], dim=1)[:, None])
 
-    def attend(self, q, k, v):
-        positions = self.positions
-        new = self._store_or_keep(k, v, positions)
-        out, visible, keys = self._attend(q, positions, self.stored(positions), new)
+    def _other_queries(self, q, positions, out, visible, new):
         if self.every:
             is_global = (positions >= 0) & (positions % self.every == 0)
             if bool(is_global.any()):
-                out, visible = self._global_queries(q, positions, is_global, out, visible, new)
-        self.last_reads = Reads(keys, visible)
-        if new is not None:
-            self.write(k, v, positions)
-        return out
+                return self._global_queries(q, positions, is_global, out, visible, new)
+        return out, visible
 
     def _global_queries(self, q, positions, is_global, out, visible, new):
         """Global queries see every earlier key: they (one per G positions of the chunk at most)
@@ -216,13 +239,7 @@ class SlidingCache(LayerCache):
         return out, visible
 
     def write(self, k, v, positions):
-        last = positions.max(dim=1, keepdim=True).values
-        in_ring = (positions >= 0) & (positions > last - self.window)  # a chunk longer than W keeps its last W
-        slots = positions.clamp(min=0) % self.window
-        _scatter(self.ring_k, slots, in_ring, k)
-        _scatter(self.ring_v, slots, in_ring, v)
-        rows, cols = torch.nonzero(in_ring, as_tuple=True)
-        self.ring_pos[rows, slots[rows, cols]] = positions[rows, cols]
+        last = self._write_ring(k, v, positions)
         if self.every:
             is_global = (positions >= 0) & (positions % self.every == 0)
             if bool(is_global.any()):
@@ -232,7 +249,7 @@ class SlidingCache(LayerCache):
                 _scatter(self.global_k, slots, is_global, k)
                 _scatter(self.global_v, slots, is_global, v)
             self.history.write(k, v, positions)
-        self.lengths = torch.maximum(self.lengths, last[:, 0] + 1)
+        self.lengths = torch.maximum(self.lengths, last + 1)
 
     def reserve(self, length):
         """Room for the global keys of ``length`` tokens (grown GROW positions' worth at a time) and the history."""
@@ -245,7 +262,7 @@ class SlidingCache(LayerCache):
         self.history.reserve(length)
 
     def nbytes(self):
-        held = self.ring_k.nbytes + self.ring_v.nbytes + self.ring_pos.nbytes
+        held = self._ring_bytes()
         if not self.every:
             return {"device": held, "history": 0}
         held += self.global_k.nbytes + self.global_v.nbytes
@@ -254,12 +271,10 @@ class SlidingCache(LayerCache):
         return {"device": held + (history if on_device else 0), "history": history}
 
 
-class DilatedCache(LayerCache):
+class DilatedCache(RingCache):
     def __init__(self, pattern: DilatedPattern, batch, n_kv, head_dim, dtype, device):
-        super().__init__(pattern, batch, n_kv, head_dim, dtype, device)
         self.span = pattern.window * pattern.dilation
-        self.ring_k, self.ring_v = self._buffer(self.span), self._buffer(self.span)
-        self.ring_pos = torch.full((batch, self.span), -1, dtype=torch.long, device=self.device)
+        super().__init__(pattern, batch, n_kv, head_dim, dtype, device, self.span)
         self.shifts = torch.tensor([pattern.kv_head_shift(h) for h in range(n_kv)], device=self.device)
 
     def stored(self, positions):
@@ -275,16 +290,10 @@ class DilatedCache(LayerCache):
         return self.ring_k.gather(2, index), self.ring_v.gather(2, index), k_pos
 
     def write(self, k, v, positions):
-        last = positions.max(dim=1, keepdim=True).values
-        in_ring = (positions >= 0) & (positions > last - self.span)
-        slots = positions.clamp(min=0) % self.span
-        _scatter(self.ring_k, slots, in_ring, k)
-        _scatter(self.ring_v, slots, in_ring, v)
-        rows, cols = torch.nonzero(in_ring, as_tuple=True)
-        self.ring_pos[rows, slots[rows, cols]] = positions[rows, cols]
+        self._write_ring(k, v, positions)
 
     def nbytes(self):
-        return {"device": self.ring_k.nbytes + self.ring_v.nbytes + self.ring_pos.nbytes, "history": 0}
+        return {"device": self._ring_bytes(), "history": 0}
 
 
 def layer_cache(pattern: Pattern, batch: int, n_kv: int, head_dim: int, dtype, device,
