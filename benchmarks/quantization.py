@@ -26,6 +26,7 @@ from longctx_megatron.data.tokenizers import build_tokenizer
 from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.inference.loading import load_model
 from longctx_megatron.inference.quantize import is_projection, quantize_weights, weight_bytes
+from longctx_megatron.inference.scoring import continuation_logprob
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.state import initialize_parallel
 
@@ -46,9 +47,7 @@ def perplexity(engine: InferenceEngine, documents: list[list[int]], window: int)
             piece = tokens[start:start + window + 1]
             if len(piece) < 2:
                 continue
-            logits = engine.logits([piece[:-1]], [0])[0]
-            targets = torch.tensor(piece[1:], device=logits.device)
-            total -= float(torch.log_softmax(logits, -1).gather(1, targets[:, None]).sum())
+            total -= continuation_logprob(engine, piece[:1], piece[1:])[0]
             count += len(piece) - 1
     return math.exp(total / count)
 

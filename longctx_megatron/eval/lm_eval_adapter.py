@@ -34,6 +34,7 @@ from longctx_megatron.inference.generate import GREEDY, generate
 from longctx_megatron.inference.loading import load_model
 from longctx_megatron.inference.quantize import quantize_weights
 from longctx_megatron.inference.sampling import SamplingParams
+from longctx_megatron.inference.scoring import continuation_logprob
 from longctx_megatron.parallel.state import initialize_parallel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,15 +68,8 @@ class LongctxLM(LM):
         return self.tokenizer.encode(text)
 
     def _continuation_logprob(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        context = context or [self.tokenizer.eod]  # an empty context is the start of a document
-        if len(continuation) > self.max_length:
-            raise ValueError(f"a continuation of {len(continuation)} tokens exceeds max_length={self.max_length}")
-        tokens = (context + continuation)[-(self.max_length + 1):][:-1]  # the last token is only predicted
-        first = len(tokens) - len(continuation)
-        logits = self.engine.logits([tokens], [first])[0]
-        target = torch.tensor(continuation, device=logits.device)
-        logprob = float(torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum())
-        return logprob, bool(torch.equal(logits.argmax(dim=-1), target))
+        # An empty context is the start of a document.
+        return continuation_logprob(self.engine, context or [self.tokenizer.eod], continuation, self.max_length)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         return [self._continuation_logprob(self._encode(context), self._encode(continuation))

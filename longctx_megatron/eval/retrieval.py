@@ -16,12 +16,11 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
-import torch
-
 from longctx_megatron.data.builtin_corpus import builtin_documents
 from longctx_megatron.data.tokenizers import Tokenizer
 from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.inference.generate import GREEDY, generate
+from longctx_megatron.inference.scoring import continuation_logprob
 
 TASKS = ("passkey", "needle")
 _KEY_WORDS = ("apple", "river", "violet", "copper", "meadow", "falcon", "harbor", "lantern", "orchid", "summit")
@@ -106,10 +105,7 @@ def grid(tokenizer: Tokenizer, tasks, lengths, depths, samples: int, seed: int =
 
 def answer_logprob(engine: InferenceEngine, case: Case) -> float:
     """log p(answer | prompt), summed over the answer's tokens."""
-    tokens = case.prompt + case.answer_tokens[:-1]
-    logits = engine.logits([tokens], [len(case.prompt) - 1])[0]
-    target = torch.tensor(case.answer_tokens, device=logits.device)
-    return float(torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum())
+    return continuation_logprob(engine, case.prompt, case.answer_tokens)[0]
 
 
 def score(engine: InferenceEngine, tokenizer: Tokenizer, cases: list[Case],
