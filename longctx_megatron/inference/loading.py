@@ -13,7 +13,7 @@ import torch
 
 from longctx_megatron.checkpoint import state
 from longctx_megatron.checkpoint.errors import CheckpointError
-from longctx_megatron.checkpoint.hf import config_from_hf, layer_from_hf, outer_from_hf
+from longctx_megatron.checkpoint.hf import ConversionError, config_from_hf, layer_from_hf, outer_from_hf
 from longctx_megatron.checkpoint.hf_directory import HFCheckpoint, is_hf_directory
 from longctx_megatron.checkpoint.reader import read_json
 from longctx_megatron.checkpoint.sharded import Checkpointer
@@ -63,13 +63,19 @@ def _load_hf(path: str, ctx: ParallelContext, device, dtype, backend: str) -> Lo
     source = HFCheckpoint(path)
     model = build_parallel_model(config, ctx, "meta", attention_backend=backend)
     shards = tensor_parallel_shards(model)
-    tensors = outer_from_hf(source.get, config)
-    for index in range(config.n_layers):
-        tensors.update(layer_from_hf(index, source.get, config))
-    dtype = dtype or tensors["final_norm.weight"].dtype
-    model.to_empty(device=device)
+    outer = outer_from_hf(source.get, config)
+    model.to_empty(device=device).to(dtype or outer["final_norm.weight"].dtype)
+    params = dict(model.named_parameters())
+
+    def groups():  # the outer tensors, then one layer at a time: memory holds the model and one layer
+        yield outer
+        for index in range(config.n_layers):
+            yield layer_from_hf(index, source.get, config)
+
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            full = tensors.pop(name)
-            param.copy_(shards[name].take(full) if name in shards else full)
-    return LoadedModel(model.to(dtype).eval(), config, f"{path} (Hugging Face {config.n_layers} layers)", None)
+        for group in groups():
+            for name, full in group.items():
+                params.pop(name).copy_(shards[name].take(full) if name in shards else full)
+    if params:
+        raise ConversionError(f"{path}: no Hugging Face tensor maps to {', '.join(sorted(params)[:5])}")
+    return LoadedModel(model.eval(), config, f"{path} (Hugging Face {config.n_layers} layers)", None)
