@@ -17,16 +17,42 @@ import sys
 import torch.distributed as dist
 
 from longctx_megatron.config import ConfigError
+from longctx_megatron.eval.training_probe import ANSWER_ROOM, RetrievalProbe, probe_cases
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.recovery import TrainingStopped
-from longctx_megatron.training.setup import setup
+from longctx_megatron.training.run_config import RunConfig
+from longctx_megatron.training.setup import setup, tokenizer_and_model
+from longctx_megatron.training.trainer import Trainer
+
+
+def retrieval_cases(run_config: RunConfig):
+    """--eval-longctx-interval's (tokenizer, cases), built and checked before any process group
+    starts; None without the flag."""
+    flags = run_config.logging
+    if not flags.eval_longctx_interval:
+        return None
+    tokenizer, config = tokenizer_and_model(run_config)
+    lengths = flags.eval_longctx_lengths or (min(run_config.training.seq_length, config.max_seq_len - ANSWER_ROOM),)
+    return tokenizer, probe_cases(tokenizer, flags.eval_longctx_tasks, lengths, flags.eval_longctx_depths,
+                                  flags.eval_longctx_samples, config.max_seq_len)
+
+
+def build_trainer(argv=None, log=print) -> Trainer:
+    """The Trainer of a command line, ready to ``train()``, with its retrieval probe if asked for."""
+    run_config = parse_run_config(argv, int(os.environ.get("WORLD_SIZE", "1")))
+    retrieval = retrieval_cases(run_config)
+    trainer = setup(run_config, log=log)
+    if retrieval:
+        tokenizer, cases = retrieval
+        trainer.probes.append(RetrievalProbe(
+            run_config.logging.eval_longctx_interval, cases, tokenizer, trainer.config, trainer.ctx, trainer.device,
+            run_config.model.attention_backend, log=trainer.log, writer=trainer.metrics.writer))
+    return trainer
 
 
 def run(argv=None, log=print) -> list[float]:
     """Train as the command line says; returns every iteration's loss."""
-    run_config = parse_run_config(argv, int(os.environ.get("WORLD_SIZE", "1")))
-    trainer = setup(run_config, log=log)
-    return trainer.train()
+    return build_trainer(argv, log).train()
 
 
 def main(argv=None) -> int:

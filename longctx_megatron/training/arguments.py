@@ -142,6 +142,19 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--eval-interval", ("logging.eval_interval",),
              {"type": int, "help": "0: evaluate only after training"}),
         Flag("--eval-iters", ("logging.eval_iters",), {"type": int}),
+        Flag("--eval-longctx-interval", ("logging.eval_longctx_interval",),
+             {"type": int, "help": "score a small passkey/needle retrieval grid every N iterations and log it "
+              "(TensorBoard: retrieval/<task>/...); 0: never"}),
+        Flag("--eval-longctx-lengths", ("logging.eval_longctx_lengths",),
+             {"type": int, "nargs": "+", "help": "context lengths of the grid (default: --seq-length, or "
+              "max_seq_len - 16 if shorter)"}, convert=lambda values: tuple(values) if values else None),
+        Flag("--eval-longctx-depths", ("logging.eval_longctx_depths",),
+             {"type": float, "nargs": "+", "help": "depths of the fact, 0 (start) .. 1 (end); default 0 0.5 1"},
+             convert=lambda values: tuple(values) if values else None),
+        Flag("--eval-longctx-samples", ("logging.eval_longctx_samples",), {"type": int, "help": "cases per cell"}),
+        Flag("--eval-longctx-tasks", ("logging.eval_longctx_tasks",),
+             {"nargs": "+", "help": "passkey and/or needle (default: both)"},
+             convert=lambda values: tuple(values) if values else None),
         Flag("--tensorboard-dir", ("logging.tensorboard_dir",)),
         Flag("--peak-tflops", ("logging.peak_tflops",),
              {"type": float, "help": "device peak for MFU (default: known GPUs only)"}),
@@ -247,5 +260,9 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
     for flag, path in (("--save", ckpt.save), ("--load", ckpt.load)):
         if path and os.path.exists(path) and not os.path.isdir(path):
             fail(f"{flag} {path}: exists and is not a directory")
+    if run.logging.eval_longctx_interval < 0:
+        fail(f"--eval-longctx-interval must be >= 0 (0: never), got {run.logging.eval_longctx_interval}")
+    if run.logging.eval_longctx_samples < 1:
+        fail(f"--eval-longctx-samples must be >= 1, got {run.logging.eval_longctx_samples}")
     if run.model.config_file and not os.path.isfile(run.model.config_file):
         fail(f"--config {run.model.config_file}: no such file")

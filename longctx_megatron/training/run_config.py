@@ -137,6 +137,11 @@ class LoggingSection:
     log_interval: int = 10
     eval_interval: int = 0  # 0: evaluate only after training
     eval_iters: int = 2
+    eval_longctx_interval: int = 0  # 0: no retrieval grid during training
+    eval_longctx_lengths: tuple[int, ...] | None = None  # None: --seq-length (or max_seq_len - 16)
+    eval_longctx_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
+    eval_longctx_samples: int = 2
+    eval_longctx_tasks: tuple[str, ...] = ("passkey", "needle")
     tensorboard_dir: str | None = None
     peak_tflops: float | None = None
 

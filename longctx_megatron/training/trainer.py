@@ -64,6 +64,9 @@ class Trainer:
     consumed_samples: int = 0
     last_saved: int | None = None  # iteration of the newest checkpoint this run saved or loaded
     skips: SkipGuard = None
+    # Called after the iterations they are due at (``due(iteration)``) as ``probe(iteration, chunks)``,
+    # on every rank: e.g. eval/training_probe.py's retrieval grid (--eval-longctx-interval).
+    probes: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.skips is None:
@@ -177,6 +180,9 @@ class Trainer:
                 return reason
             if run.logging.eval_interval and done % run.logging.eval_interval == 0 and done < run.training.train_iters:
                 self.evaluate(done)
+            for probe in self.probes:
+                if probe.due(done):
+                    probe(done, self.chunks)
         return None
 
     def layout(self) -> Layout:

@@ -1,0 +1,62 @@
+"""This rank's tensor-parallel shard of the whole layer stack, assembled from the training chunks.
+
+Inference (InferenceEngine) needs every layer on each tensor rank, while training under pipeline
+parallelism holds only some stages per rank, and under sequence parallelism its layers expect
+sequence-sharded activations. ``whole_model`` builds a fresh model of all layers, TP-sharded as
+the chunks are but without sequence parallelism or recomputation, and fills it with the chunks'
+current weights: the ones this rank holds are copied, the others are broadcast over the pipeline
+group from the stage that holds them (parameters keep their global names on every stage, so
+names match). Every rank of the job calls it together. Under tensor parallelism each rank gets
+its own shard; nothing is gathered across TP. The copy costs one whole-stack TP shard of memory
+for as long as the caller keeps it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from longctx_megatron.config.model_config import ModelConfig
+from longctx_megatron.model.transformer import GPTModel
+from longctx_megatron.parallel.parallelize import build_parallel_model
+from longctx_megatron.parallel.state import ParallelContext
+
+
+@torch.no_grad()
+def whole_model(chunks: list[GPTModel], config: ModelConfig, ctx: ParallelContext, device: torch.device,
+                attention_backend: str = "auto") -> GPTModel:
+    """A whole-stack copy of the chunks' weights (in their dtype) on ``device``, in eval mode."""
+    held: dict[str, torch.Tensor] = {}
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            held.setdefault(name, param)
+    dtype = next(iter(held.values())).dtype
+    model = build_parallel_model(config, ctx, "meta", attention_backend=attention_backend).to(dtype)
+    model.to_empty(device=device)
+    owners = _owners(held, ctx)
+    for name, param in model.named_parameters():
+        owner = owners.get(name)
+        if owner is None:
+            raise RuntimeError(f"{name}: no pipeline stage holds this parameter")
+        if owner == ctx.pp_rank:
+            source = held[name]
+            if source.shape != param.shape:
+                raise RuntimeError(f"{name}: the chunk's shard {tuple(source.shape)} differs from the whole model's "
+                                   f"{tuple(param.shape)}")
+            param.copy_(source)
+        if ctx.pp_size > 1:
+            dist.broadcast(param.data, src=ctx.pp_ranks[owner], group=ctx.pp_group)
+    return model.eval()
+
+
+def _owners(held: dict[str, torch.Tensor], ctx: ParallelContext) -> dict[str, int]:
+    """Parameter name -> the lowest pipeline rank that holds it (this rank alone without PP)."""
+    if ctx.pp_size == 1:
+        return dict.fromkeys(held, 0)
+    names: list[list[str]] = [[] for _ in range(ctx.pp_size)]
+    dist.all_gather_object(names, sorted(held), group=ctx.pp_group)
+    owners: dict[str, int] = {}
+    for rank, rank_names in enumerate(names):
+        for name in rank_names:
+            owners.setdefault(name, rank)
+    return owners
