@@ -17,7 +17,8 @@ import sys
 import torch.distributed as dist
 
 from longctx_megatron.config import ConfigError
-from longctx_megatron.eval.training_probe import ANSWER_ROOM, RetrievalProbe, probe_cases
+from longctx_megatron.eval.retrieval import ANSWER_ROOM
+from longctx_megatron.eval.training_probe import RetrievalProbe, probe_cases
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.recovery import TrainingStopped
 from longctx_megatron.training.run_config import RunConfig
@@ -32,9 +33,12 @@ def retrieval_cases(run_config: RunConfig):
     if not flags.eval_longctx_interval:
         return None
     tokenizer, config = tokenizer_and_model(run_config)
-    lengths = flags.eval_longctx_lengths or (min(run_config.training.seq_length, config.max_seq_len - ANSWER_ROOM),)
+    lengths, where = flags.eval_longctx_lengths, "--eval-longctx-lengths"
+    if not lengths:
+        lengths = (min(run_config.training.seq_length, config.max_seq_len - ANSWER_ROOM),)
+        where = f"--eval-longctx-lengths (not given: {lengths[0]}, from --seq-length)"
     return tokenizer, probe_cases(tokenizer, flags.eval_longctx_tasks, lengths, flags.eval_longctx_depths,
-                                  flags.eval_longctx_samples, config.max_seq_len)
+                                  flags.eval_longctx_samples, config.max_seq_len, where)
 
 
 def build_trainer(argv=None, log=print) -> Trainer:

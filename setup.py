@@ -28,6 +28,8 @@ setup(
             # lm-evaluation-harness: the longctx model adapter (longctx_megatron/eval/lm_eval_adapter.py)
             # is tested against it offline; it needs torch but admits 2.13.
             "lm-eval==0.4.13",
+            # RULER's synthetic tasks in lm-eval draw their keys from it (lm-eval's "ruler" extra).
+            "wonderwords==3.0.1",
         ],
         "gpu": ["flash-attn"],
     },

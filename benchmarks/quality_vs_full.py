@@ -18,8 +18,8 @@ Every training row packs documents of log-uniform lengths in [8, seq_len]. Each 
 window of the built-in corpus (bytes) with one *needle* planted in it: a token drawn from
 ``--values`` reserved ids, at a random distance before the document's last position, which holds
 a reserved QUERY token whose label is the needle. The short documents give retrieval a strong
-gradient early (with one document per row, no plan learned the task in the runs of ADR 0014);
-the long ones train every distance. The loss is the mean language-model loss on the text plus the
+gradient early (with one sample per row, the hybrid never learned a passkey in the runs of ADR
+0014); the long ones train every distance. The loss is the mean language-model loss on the text plus the
 mean loss at the QUERYs, so the run trains on a mix of the two. Reported:
 
 (a) validation loss on held-out corpus text (the last tenth of the byte stream, no needles);
@@ -27,7 +27,8 @@ mean loss at the QUERYs, so the run trains on a mix of the two. Reported:
     whose needle distances cover each bucket evenly; chance is 1 / ``--values``.
 
 The table gives the median over ``--seeds`` of each cell, and every seed's row is printed as it
-finishes; the seeds differ most in validation loss (ADR 0014).
+finishes, with the validation-loss ratio to full attention per seed (the plans share each
+seed's batches and initial weights, so the pairs are comparable).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.data.builtin_corpus import builtin_token_stream
 from longctx_megatron.data.tokenizers import ByteTokenizer
 from longctx_megatron.model.build import build_model
+from longctx_megatron.packing import document_positions
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,15 @@ class Setup:
     min_document: int = 8
     eval_samples: int = 256
     val_windows: int = 64
+
+    def __post_init__(self):
+        if self.reach + 2 >= self.seq_len:
+            raise ValueError(f"the control's reach, layers x (window - 1) = {self.reach}, must end at least 2 tokens "
+                             f"before --seq-len {self.seq_len}: nothing would lie beyond it (lower --window or "
+                             "--layers, or raise --seq-len)")
+        if self.n_layers < 4:
+            raise ValueError(f"--layers {self.n_layers}: the hybrid needs 4 layers to hold every kind (sliding, "
+                             "dilated, full)")
 
     @property
     def query_id(self) -> int:
@@ -136,18 +147,16 @@ class NeedleTask:
         windows = self._windows(text, len(lengths), generator)
         ids, labels = windows[:, :-1].clone(), windows[:, 1:].clone()
         answer = torch.zeros_like(ids, dtype=torch.bool)
-        positions, documents = torch.empty_like(ids), torch.empty_like(ids)
+        documents = torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row))
+                                 for row in lengths])
         for row, row_lengths in enumerate(lengths):
             start = 0
-            for index, length in enumerate(row_lengths):
-                end = start + length - 1
+            for length in row_lengths:
                 distance = (int(torch.randint(1, length, (), generator=generator)) if distances is None
                             else distances[row])
-                self._plant(ids[row], labels[row], answer[row], start, end, distance, generator)
-                positions[row, start:end + 1] = torch.arange(length)
-                documents[row, start:end + 1] = index
+                self._plant(ids[row], labels[row], answer[row], start, start + length - 1, distance, generator)
                 start += length
-        return ids, labels, answer, positions, documents
+        return ids, labels, answer, document_positions(documents), documents
 
     def train_batch(self, generator: torch.Generator):
         """Rows of packed documents with log-uniform lengths in [min_document, seq_len]: the short
@@ -253,14 +262,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=Setup.steps)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--seq-len", type=int, default=Setup.seq_len)
-    parser.add_argument("--layers", type=int, default=Setup.n_layers)
+    parser.add_argument("--layers", type=int, default=Setup.n_layers, help="at least 4 (every layer kind)")
     parser.add_argument("--d-model", type=int, default=Setup.d_model)
     parser.add_argument("--window", type=int, default=Setup.window)
     parser.add_argument("--global-every", type=int, help="global token spacing (default: seq_len / 4)")
     parser.add_argument("--plans", nargs="+", choices=["hybrid", "hybrid-no-global", "full", "control"])
     args = parser.parse_args()
-    setup = Setup(steps=args.steps, seq_len=args.seq_len, n_layers=args.layers, d_model=args.d_model,
-                  window=args.window, global_every=args.global_every or args.seq_len // 4)
+    try:
+        setup = Setup(steps=args.steps, seq_len=args.seq_len, n_layers=args.layers, d_model=args.d_model,
+                      window=args.window,
+                      global_every=args.seq_len // 4 if args.global_every is None else args.global_every)
+    except ValueError as error:
+        parser.error(str(error))
     configs = plans(setup)
     print(f"T={setup.seq_len}, d_model {setup.d_model}, {setup.n_layers} layers, window {setup.window}, "
           f"global every {setup.global_every}, {setup.steps} steps x {setup.batch} samples, "

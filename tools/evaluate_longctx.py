@@ -22,7 +22,7 @@ import time
 
 from longctx_megatron.atomic_file import atomic_write
 from longctx_megatron.eval.heatmap import write_heatmap
-from longctx_megatron.eval.retrieval import TASKS, grid, score, summary
+from longctx_megatron.eval.retrieval import TASKS, check_fits, grid, score, summary
 from longctx_megatron.inference.launch import add_model_flags, open_session, tool_main
 
 
@@ -85,9 +85,7 @@ def run(args, log=print) -> dict:
     _check(args)
     session = open_session(args, log)
     cases = list(grid(session.tokenizer, args.tasks, args.lengths, args.depths, args.samples, args.seed))
-    limit = session.loaded.config.max_seq_len
-    if max(args.lengths) + 16 > limit:
-        raise ValueError(f"--lengths up to {max(args.lengths)} (+ the answer) exceed the model's max_seq_len={limit}")
+    check_fits(cases, session.loaded.config.max_seq_len, "--lengths")
     start = time.perf_counter()
     show = session.speaks and not args.no_progress
     results = score(session.engine, session.tokenizer, cases,

@@ -23,6 +23,8 @@ from longctx_megatron.inference.generate import GREEDY, generate
 from longctx_megatron.inference.scoring import continuation_logprob
 
 TASKS = ("passkey", "needle")
+EXTRA_TOKENS = 4  # generated beyond the answer's length, so that a longer wrong answer is seen as wrong
+ANSWER_ROOM = 16  # positions a default length leaves after the prompt: the longest answer in bytes (8) + 4 + margin
 _KEY_WORDS = ("apple", "river", "violet", "copper", "meadow", "falcon", "harbor", "lantern", "orchid", "summit")
 
 
@@ -103,6 +105,15 @@ def grid(tokenizer: Tokenizer, tasks, lengths, depths, samples: int, seed: int =
                     yield build_case(tokenizer, task, length, depth, sample, seed, filler)
 
 
+def check_fits(cases: list[Case], max_seq_len: int, flag: str) -> None:
+    """Every case's prompt and generated answer must fit the model's positions (ValueError naming ``flag``)."""
+    for case in cases:
+        need = len(case.prompt) + len(case.answer_tokens) + EXTRA_TOKENS
+        if need > max_seq_len:
+            raise ValueError(f"{flag}: a {case.task} case of length {case.length} needs {need} positions with its "
+                             f"generated answer, more than the model's max_seq_len={max_seq_len}")
+
+
 def answer_logprob(engine: InferenceEngine, case: Case) -> float:
     """log p(answer | prompt), summed over the answer's tokens."""
     return continuation_logprob(engine, case.prompt, case.answer_tokens)[0]
@@ -113,7 +124,7 @@ def score(engine: InferenceEngine, tokenizer: Tokenizer, cases: list[Case],
     """Each case: greedy generation of the answer's length plus a few tokens, and the answer's log-likelihood."""
     results = []
     for index, case in enumerate(cases):
-        generation = generate(engine, [case.prompt], len(case.answer_tokens) + 4, GREEDY)[0]
+        generation = generate(engine, [case.prompt], len(case.answer_tokens) + EXTRA_TOKENS, GREEDY)[0]
         text = tokenizer.decode(generation.tokens)
         digits = re.match(r"\s*(\d+)", text)
         exact = digits is not None and digits.group(1) == case.answer

@@ -6,8 +6,9 @@ group), so every tensor group then holds the whole model. The grid's cases are s
 those groups (data-parallel x pipeline ranks; each scores its cases with its tensor group), and
 global rank 0 logs the accuracy and mean answer log-likelihood of each cell and writes them to
 TensorBoard (``retrieval/<task>/accuracy`` and ``.../answer_logprob`` over the grid, and
-``.../accuracy@<length>`` per length). The copy is freed before training resumes. The cases are
-built, and checked against the model's length, before training starts.
+``.../accuracy@<length>`` per length). The copy is freed before training resumes; its memory
+counts in the logged peak (the job needs it), its time does not count in throughput. The cases
+are built, and checked against the model's length, before training starts.
 """
 
 from __future__ import annotations
@@ -20,33 +21,29 @@ import torch.distributed as dist
 
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.data.tokenizers import Tokenizer
-from longctx_megatron.eval.retrieval import TASKS, Case, Result, grid, score, summary
+from longctx_megatron.eval.retrieval import TASKS, Case, Result, check_fits, grid, score, summary
 from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.parallel.state import ParallelContext
 from longctx_megatron.parallel.whole_model import whole_model
 
-ANSWER_ROOM = 16  # generated tokens beyond a prompt (the answer and a few more) must fit max_seq_len
 
-
-def probe_cases(tokenizer: Tokenizer, tasks, lengths, depths, samples: int, max_seq_len: int) -> list[Case]:
-    """The grid's cases; a length the model cannot take, or too short for a task's fact and
-    question, is a ValueError naming the flag."""
+def probe_cases(tokenizer: Tokenizer, tasks, lengths, depths, samples: int, max_seq_len: int,
+                lengths_flag: str = "--eval-longctx-lengths") -> list[Case]:
+    """The grid's cases, checked: an unknown task, a depth outside [0, 1], or a length the model
+    cannot take or too short for a task's fact and question is a ValueError naming the flag
+    (``lengths_flag`` says where the lengths came from when they were not given)."""
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
         raise ValueError(f"--eval-longctx-tasks: unknown {unknown}; known: {', '.join(TASKS)}")
-    if samples < 1:
-        raise ValueError(f"--eval-longctx-samples must be >= 1, got {samples}")
-    for length in lengths:
-        if not 0 < length <= max_seq_len - ANSWER_ROOM:
-            raise ValueError(f"--eval-longctx-lengths: {length} must be in [1, max_seq_len - {ANSWER_ROOM}] = "
-                             f"[1, {max_seq_len - ANSWER_ROOM}] (room for the generated answer)")
     for depth in depths:
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"--eval-longctx-depths: {depth} must be within [0, 1]")
     try:
-        return list(grid(tokenizer, tasks, lengths, depths, samples))
+        cases = list(grid(tokenizer, tasks, lengths, depths, samples))
     except ValueError as error:
-        raise ValueError(f"--eval-longctx-lengths: {error}") from None
+        raise ValueError(f"{lengths_flag}: {error}") from None
+    check_fits(cases, max_seq_len, lengths_flag)
+    return cases
 
 
 @dataclass

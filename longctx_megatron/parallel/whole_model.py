@@ -25,38 +25,41 @@ from longctx_megatron.parallel.state import ParallelContext
 @torch.no_grad()
 def whole_model(chunks: list[GPTModel], config: ModelConfig, ctx: ParallelContext, device: torch.device,
                 attention_backend: str = "auto") -> GPTModel:
-    """A whole-stack copy of the chunks' weights (in their dtype) on ``device``, in eval mode."""
+    """A whole-stack copy of the chunks' weights (in their dtype) on ``device``, in eval mode.
+    Training's random state is left as it was (building a parallel model seeds the generators)."""
     held: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         for name, param in chunk.named_parameters():
             held.setdefault(name, param)
     dtype = next(iter(held.values())).dtype
-    model = build_parallel_model(config, ctx, "meta", attention_backend=attention_backend).to(dtype)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = build_parallel_model(config, ctx, "meta", attention_backend=attention_backend).to(dtype)
     model.to_empty(device=device)
     owners = _owners(held, ctx)
-    for name, param in model.named_parameters():
-        owner = owners.get(name)
-        if owner is None:
+    for name, param in model.named_parameters():  # checked on every rank before any broadcast
+        if name not in owners:
             raise RuntimeError(f"{name}: no pipeline stage holds this parameter")
+        if owners[name][1] != tuple(param.shape):
+            raise RuntimeError(f"{name}: the chunk's shard {owners[name][1]} differs from the whole model's "
+                               f"{tuple(param.shape)}")
+    for name, param in model.named_parameters():
+        owner = owners[name][0]
         if owner == ctx.pp_rank:
-            source = held[name]
-            if source.shape != param.shape:
-                raise RuntimeError(f"{name}: the chunk's shard {tuple(source.shape)} differs from the whole model's "
-                                   f"{tuple(param.shape)}")
-            param.copy_(source)
+            param.copy_(held[name])
         if ctx.pp_size > 1:
             dist.broadcast(param.data, src=ctx.pp_ranks[owner], group=ctx.pp_group)
     return model.eval()
 
 
-def _owners(held: dict[str, torch.Tensor], ctx: ParallelContext) -> dict[str, int]:
-    """Parameter name -> the lowest pipeline rank that holds it (this rank alone without PP)."""
+def _owners(held: dict[str, torch.Tensor], ctx: ParallelContext) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """Parameter name -> (the lowest pipeline rank that holds it, its shape there)."""
+    mine = {name: tuple(param.shape) for name, param in held.items()}
     if ctx.pp_size == 1:
-        return dict.fromkeys(held, 0)
-    names: list[list[str]] = [[] for _ in range(ctx.pp_size)]
-    dist.all_gather_object(names, sorted(held), group=ctx.pp_group)
-    owners: dict[str, int] = {}
-    for rank, rank_names in enumerate(names):
-        for name in rank_names:
-            owners.setdefault(name, rank)
+        return {name: (0, shape) for name, shape in mine.items()}
+    every: list[dict] = [{} for _ in range(ctx.pp_size)]
+    dist.all_gather_object(every, mine, group=ctx.pp_group)
+    owners: dict[str, tuple[int, tuple[int, ...]]] = {}
+    for rank, shapes in enumerate(every):
+        for name, shape in shapes.items():
+            owners.setdefault(name, (rank, shape))
     return owners

@@ -20,7 +20,7 @@ from longctx_megatron.model.attention import factory
 from longctx_megatron.parallel.parallelize import RECOMPUTE_GRANULARITIES
 from longctx_megatron.parallel.state import check_layout
 from longctx_megatron.training.lr_schedule import DECAY_STYLES
-from longctx_megatron.training.run_config import RunConfig
+from longctx_megatron.training.run_config import LoggingSection, RunConfig
 
 
 @dataclass(frozen=True)
@@ -264,5 +264,10 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
         fail(f"--eval-longctx-interval must be >= 0 (0: never), got {run.logging.eval_longctx_interval}")
     if run.logging.eval_longctx_samples < 1:
         fail(f"--eval-longctx-samples must be >= 1, got {run.logging.eval_longctx_samples}")
+    if not run.logging.eval_longctx_interval:
+        for target in ("logging.eval_longctx_lengths", "logging.eval_longctx_depths", "logging.eval_longctx_samples",
+                       "logging.eval_longctx_tasks"):
+            if value(target) != getattr(LoggingSection(), target.split(".")[1]):
+                fail(f"{_FLAG_OF[target]} needs --eval-longctx-interval (the grid runs only with it)")
     if run.model.config_file and not os.path.isfile(run.model.config_file):
         fail(f"--config {run.model.config_file}: no such file")

@@ -52,6 +52,11 @@ class Metrics:
         self.start = self.window_start = time.perf_counter()
         self.first, self.window_iters, self.window_flops = first, 0, 0.0
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` spent on something else (a retrieval grid) out of throughput and ETA."""
+        self.start += seconds
+        self.window_start += seconds
+
     def batches(self, batches: list[dict], dp_size: int) -> None:
         """Count the model FLOPs of one iteration from this DP rank's micro-batches: with packed
         documents (``document_ids``) each document is attended as a sequence of its own, so the FLOPs

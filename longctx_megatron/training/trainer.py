@@ -182,7 +182,9 @@ class Trainer:
                 self.evaluate(done)
             for probe in self.probes:
                 if probe.due(done):
+                    started = time.perf_counter()
                     probe(done, self.chunks)
+                    self.metrics.exclude(time.perf_counter() - started)
         return None
 
     def layout(self) -> Layout:

@@ -85,3 +85,42 @@ def test_a_local_task_runs_through_simple_evaluate(checkpoint, tmp_path):
     [(pairs, _, _)] = run_on_ranks(_direct, 1, checkpoint)
     assert [pytest.approx(logprob, rel=1e-5) for logprob, _ in pairs[:2]] == responses
     assert metrics["perplexity,none"] == pytest.approx(math.exp(-sum(responses) / len(responses)), rel=1e-5)
+
+
+def _hugging_face_tokenizer(path: str) -> None:
+    """A word-level Hugging Face tokenizer of the built-in corpus, saved to ``path``: RULER sizes
+    its prompts with a Hugging Face tokenizer, and none can be downloaded here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from longctx_megatron.data.builtin_corpus import builtin_documents
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(builtin_documents(), trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="</s>").save_pretrained(path)
+
+
+def _ruler(rank, world_size, root, tokenizer_dir):
+    import lm_eval
+
+    import longctx_megatron.eval.lm_eval_adapter  # noqa: F401  (registers "longctx")
+
+    results = lm_eval.simple_evaluate(
+        model="longctx", model_args=f"load={root},tokenizer_type=ByteTokenizer", tasks=["niah_single_1"],
+        metadata={"tokenizer": tokenizer_dir, "max_seq_lengths": [4096]}, limit=2, log_samples=True,
+        bootstrap_iters=0)
+    samples = results["samples"]["niah_single_1"]
+    return results["results"]["niah_single_1"], [sample["resps"][0][0] for sample in samples]
+
+
+@pytest.mark.slow
+def test_rulers_needle_task_runs_through_the_adapter(checkpoint, tmp_path):
+    """lm-eval's own RULER niah_single_1 (its synthetic "repeat" haystack: no download) at 4096,
+    the shortest length RULER reports, through the ``longctx`` model."""
+    pytest.importorskip("wonderwords")
+    tokenizer_dir = str(tmp_path / "hf-tokenizer")
+    _hugging_face_tokenizer(tokenizer_dir)
+    [(metrics, responses)] = run_on_ranks(_ruler, 1, checkpoint, tokenizer_dir, timeout=600)
+    assert len(responses) == 2 and all(isinstance(text, str) for text in responses)
+    assert 0.0 <= metrics["4096,none"] <= 100.0
