@@ -2,8 +2,9 @@
 # The README's main job on a laptop CPU: build a corpus from CPython's docs (offline), train a
 # SentencePiece tokenizer, preprocess to Megatron's indexed format, then train the built-in tiny
 # model with tensor parallel 2 x pipeline parallel 2 on 4 processes, with validation and
-# TensorBoard logs, checkpointing every 50 iterations in the background; then generate a short
-# continuation from the last checkpoint on one process (resharded from TP2 x PP2 on load).
+# TensorBoard logs, a passkey retrieval grid and a checkpoint every 50 iterations (the checkpoint
+# written in the background); then generate a short continuation from the last checkpoint on one
+# process (resharded from TP2 x PP2 on load).
 # Finishes in a few minutes on 2 cores. Override with environment variables:
 #   WORKDIR (default runs/tiny-cpu)  TRAIN_ITERS (150)  SEQ_LENGTH (512)  VOCAB (2000)  NPROC (4)
 set -euo pipefail
@@ -34,6 +35,7 @@ mkdir -p "$WORKDIR"
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$WORKDIR/tokenizer.model" \
     --data-cache-path "$WORKDIR/index-cache" \
     --log-interval 10 --eval-interval 50 --eval-iters 2 --tensorboard-dir "$WORKDIR/tensorboard" \
+    --eval-longctx-interval 50 --eval-longctx-tasks passkey \
     --save "$WORKDIR/checkpoints" --save-interval 50 --keep-last 2 --async-save
 
 "$PYTHON" tools/generate.py --load "$WORKDIR/checkpoints" \
