@@ -1,6 +1,6 @@
 """A small benchmarks/quality_vs_full.py: the hybrid plan retrieves beyond the control's reach, the control cannot.
 
-T=128, window 8 (the control sees at most 28 tokens back), 400 steps of d_model 64, seed 1: the
+T=128, window 8 (the control sees at most 28 tokens back), 300 steps of d_model 64, seed 1: the
 hybrid's full layer learns the needle beyond the control's reach, while the all-sliding control
 stays near chance (1/16) there, though it retrieves inside one window; so the task can fail.
 The needle task's batches are checked on their own first: the labels of each packed document are
@@ -15,7 +15,7 @@ import torch
 from benchmarks.quality_vs_full import NeedleTask, Setup, beyond, compare
 from longctx_megatron.data.tokenizers import ByteTokenizer
 
-SMALL = Setup(seq_len=128, d_model=64, window=8, global_every=32, steps=400, eval_samples=128, val_windows=16)
+SMALL = Setup(seq_len=128, d_model=64, window=8, global_every=32, steps=300, eval_samples=128, val_windows=16)
 
 
 def test_packed_needle_rows_hold_one_answer_per_document():

@@ -109,7 +109,7 @@ def _ruler(rank, world_size, root, tokenizer_dir):
     results = lm_eval.simple_evaluate(
         model="longctx", model_args=f"load={root},tokenizer_type=ByteTokenizer", tasks=["niah_single_1"],
         metadata={"tokenizer": tokenizer_dir, "max_seq_lengths": [4096]}, limit=2, log_samples=True,
-        bootstrap_iters=0)
+        bootstrap_iters=0, gen_kwargs={"max_gen_toks": 16})  # the task's 128 only cost time here
     samples = results["samples"]["niah_single_1"]
     return results["results"]["niah_single_1"], [sample["resps"][0][0] for sample in samples]
 
