@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from longctx_megatron.config.layer_plan import DEFAULT_LAYOUT, scale_layout
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.data.builtin_corpus import builtin_token_stream
 from longctx_megatron.data.tokenizers import ByteTokenizer
@@ -100,8 +101,6 @@ def plans(setup: Setup) -> dict[str, ModelConfig]:
                   n_kv_heads=setup.n_kv_heads, d_ff=setup.d_model * 4, max_seq_len=setup.seq_len,
                   vocab_size=setup.query_id + 1, sliding_window=setup.window, dilated_window=setup.window,
                   dilation=setup.dilation)
-    from longctx_megatron.config.layer_plan import DEFAULT_LAYOUT, scale_layout
-
     hybrid = ",".join(f"{kind}:{count}" for kind, count in scale_layout(DEFAULT_LAYOUT, setup.n_layers))
     return {
         "hybrid": ModelConfig(attention_layout=hybrid, global_every=setup.global_every, **common),
