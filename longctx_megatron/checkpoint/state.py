@@ -84,8 +84,8 @@ def writers(params: list, ctx) -> set[str]:
     sharded = [(p.numel() * p.element_size(), n) for n, p, s, copy in params if s is not None and not copy]
     replicated = [(p.numel() * p.element_size(), n) for n, p, s, copy in params if s is None and not copy]
     mine = set()
-    for items, slots, me in ((sharded, ctx.dp_size, ctx.dp_rank),
-                             (replicated, ctx.dp_size * ctx.tp_size, ctx.dp_rank * ctx.tp_size + ctx.tp_rank)):
+    for items, slots, me in ((sharded, ctx.dp_cp_size, ctx.dp_cp_rank),  # context-parallel ranks are replicas too
+                             (replicated, ctx.dp_cp_size * ctx.tp_size, ctx.dp_cp_rank * ctx.tp_size + ctx.tp_rank)):
         load = [0] * slots
         for size, name in sorted(items, key=lambda item: (-item[0], item[1])):
             slot = load.index(min(load))

@@ -8,8 +8,10 @@ backward continues on earlier layers.
 
 ``DataParallelGradients`` is the one owner of "the gradient of a parameter": ``main_grad`` is what
 every optimizer reads (for float32 parameters ``param.grad`` is the same memory; for bf16/fp16
-parameters there is no other gradient), and every reduction acts on it. ``finish()`` waits for the
-DP reductions, divides by the step's divisor (DP size, loss scale, or the global token count) and
+parameters there is no other gradient), and every reduction acts on it. The reductions run over the
+data x context parallel ranks (``ctx.dp_cp_group``: context-parallel ranks hold the same weights and
+different parts of each sample, so their gradients add up). ``finish()`` waits for the
+reductions, divides by the step's divisor (DP size, loss scale, or the global token count) and
 sums the gradients of the parameters that other ranks hold as copies fed different data: the tied
 embedding's first- and last-stage copies, and norms replicated over TP under sequence parallelism.
 
@@ -74,7 +76,7 @@ def summed_replicas(models: list[torch.nn.Module], ctx: ParallelContext
 
 
 class DataParallelGradients:
-    """Accumulates micro-batch gradients in fp32 buckets, reduces them over the DP group and sums
+    """Accumulates micro-batch gradients in fp32 buckets, reduces them over the DP x CP group and sums
     the replicas of ``summed_replicas``: the gradient every optimizer reads (``param.main_grad``)."""
 
     def __init__(self, models: list[torch.nn.Module], ctx: ParallelContext, bucket_mb: float = 25.0,
@@ -87,7 +89,7 @@ class DataParallelGradients:
         # have the same offsets and the same DP shard: summing the copies' gradients after a
         # reduce-scatter (finish() sums the copies) then adds matching rows.
         tied = set(tied_embedding_weights(models, ctx))
-        self.buckets = [_Bucket([param], ctx.dp_size, device) for param in reversed(params) if param in tied]
+        self.buckets = [_Bucket([param], ctx.dp_cp_size, device) for param in reversed(params) if param in tied]
         current, size = [], 0
         for param in reversed(params):  # roughly the order backward produces gradients
             if param in tied:
@@ -95,10 +97,10 @@ class DataParallelGradients:
             current.append(param)
             size += param.numel()
             if size >= limit:
-                self.buckets.append(_Bucket(current, ctx.dp_size, device))
+                self.buckets.append(_Bucket(current, ctx.dp_cp_size, device))
                 current, size = [], 0
         if current:
-            self.buckets.append(_Bucket(current, ctx.dp_size, device))
+            self.buckets.append(_Bucket(current, ctx.dp_cp_size, device))
         self._bucket_of = {param: bucket for bucket in self.buckets for param in bucket.params}
         for param in params:
             param.main_grad = self._bucket_of[param].views[param]  # float32, read by the optimizers
@@ -118,13 +120,13 @@ class DataParallelGradients:
         bucket.views[param].add_(param.grad)
         param.grad = None
         bucket.seen += 1
-        if bucket.seen == bucket.expected and self.ctx.dp_size > 1:
+        if bucket.seen == bucket.expected and self.ctx.dp_cp_size > 1:
             if self.distributed_optimizer:
-                shard = bucket.shard(bucket.buffer, self.ctx.dp_rank)
-                bucket.work = mappings.reduce_scatter_single(shard, bucket.buffer, group=self.ctx.dp_group,
+                shard = bucket.shard(bucket.buffer, self.ctx.dp_cp_rank)
+                bucket.work = mappings.reduce_scatter_single(shard, bucket.buffer, group=self.ctx.dp_cp_group,
                                                             async_op=True)
             else:
-                bucket.work = dist.all_reduce(bucket.buffer, group=self.ctx.dp_group, async_op=True)
+                bucket.work = dist.all_reduce(bucket.buffer, group=self.ctx.dp_cp_group, async_op=True)
 
     def finish(self, divisor: float | None = None) -> None:
         """Wait for the DP reductions, divide every gradient by ``divisor`` (default: the DP size, so
@@ -149,7 +151,7 @@ class DataParallelGradients:
 
     def shard(self, bucket: _Bucket) -> torch.Tensor:
         """This DP rank's part of a bucket's flat gradient buffer."""
-        return bucket.shard(bucket.buffer, self.ctx.dp_rank)
+        return bucket.shard(bucket.buffer, self.ctx.dp_cp_rank)
 
 
 def _sum_over_group(tensors: list[torch.Tensor], group) -> None:

@@ -44,7 +44,7 @@ class DistributedOptimizer:
                  eps: float = 1e-8, weight_decay: float = 0.0, decay=applies_weight_decay):
         self.grads, self.ctx, self.weight_decay = grads, grads.ctx, weight_decay
         self.masters, self.decay_masks, self.norm_weights = [], [], []
-        rank = self.ctx.dp_rank
+        rank = self.ctx.dp_cp_rank
         for bucket in grads.buckets:
             self.masters.append(torch.nn.Parameter(_shard_of(bucket, rank, lambda p: p.detach().float().flatten())))
             self.decay_masks.append(_shard_of(bucket, rank, lambda p: float(decay(p))))
@@ -68,7 +68,7 @@ class DistributedOptimizer:
         total = torch.zeros((), dtype=torch.float32, device=self.masters[0].device)
         for bucket, weights in zip(self.grads.buckets, self.norm_weights, strict=True):
             total += (self.grads.shard(bucket) ** 2 * weights).sum()
-        return reduce_norm_squares(total, self.ctx, groups=("dp", "tp", "pp"))
+        return reduce_norm_squares(total, self.ctx, groups=("dp_cp", "tp", "pp"))
 
     def step(self, clip: float | None = None, norm: torch.Tensor | None = None) -> torch.Tensor:
         """Clip by the global norm (``norm`` if already computed), update this rank's shards, all-gather
@@ -84,8 +84,8 @@ class DistributedOptimizer:
         with torch.no_grad():
             for bucket, master in zip(self.grads.buckets, self.masters, strict=True):
                 gathered = torch.empty(bucket.padded, dtype=torch.float32, device=master.device)
-                if self.ctx.dp_size > 1:
-                    mappings.all_gather_single(gathered, master.detach(), group=self.ctx.dp_group)
+                if self.ctx.dp_cp_size > 1:
+                    mappings.all_gather_single(gathered, master.detach(), group=self.ctx.dp_cp_group)
                 else:
                     gathered.copy_(master.detach())
                 for param, start, stop in bucket.param_ranges():
@@ -100,7 +100,7 @@ class DistributedOptimizer:
         for bucket, master in zip(self.grads.buckets, self.masters, strict=True):
             state = self.optimizer.state.get(master, {})
             flats = {kind: state[kind] for kind in MOMENTS if kind in state}
-            first, last = bucket.shard_range(self.ctx.dp_rank)
+            first, last = bucket.shard_range(self.ctx.dp_cp_rank)
             for param, start, stop in bucket.param_ranges():
                 lo, hi = max(start, first), min(stop, last)
                 if lo < hi:
@@ -111,7 +111,7 @@ class DistributedOptimizer:
         """Set this rank's shards from model-space values (whole parameters, in their shape): the float32
         masters from ``masters(param)``, always (they must follow the loaded weights); when ``steps`` > 0,
         AdamW's moments from ``moments(param, kind)`` (kind in MOMENTS) and its step count."""
-        rank = self.ctx.dp_rank
+        rank = self.ctx.dp_cp_rank
         with torch.no_grad():
             for bucket, master in zip(self.grads.buckets, self.masters, strict=True):
                 master.copy_(_shard_of(bucket, rank, lambda p: masters(p).float().flatten()))

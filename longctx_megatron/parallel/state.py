@@ -1,7 +1,11 @@
-"""Process groups for tensor, data and pipeline parallelism, in Megatron-LM's rank order.
+"""Process groups for tensor, context, data and pipeline parallelism, in Megatron-LM's rank order.
 
-Global rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank: tensor-parallel ranks are adjacent
-(same node, fastest links), then data parallel, then pipeline. The groups live in a
+Global rank = pp_rank * (dp * cp * tp) + dp_rank * (cp * tp) + cp_rank * tp + tp_rank (Megatron's
+"tp-cp-dp-pp"): tensor-parallel ranks are adjacent (same node, fastest links), then context
+parallel (the sequence split, parallel/context.py), then data parallel, then pipeline. The CP ranks
+of one data-parallel replica hold the same weights and different parts of each sample, so
+gradients are reduced (and ZeRO-1 shards) over data x context parallel ranks (``dp_cp_*``), as in
+Megatron; the data path shards samples over ``dp_*`` only. The groups live in a
 ``ParallelContext`` that is passed explicitly to whatever needs it; nothing is global.
 """
 
@@ -39,40 +43,62 @@ class ParallelContext:
     dp_ranks: tuple[int, ...]
     # First and last pipeline stage of my pipeline (both hold the tied embedding); None unless I am one.
     embedding_group: dist.ProcessGroup | None = None
+    cp_size: int = 1
+    cp_rank: int = 0
+    cp_group: dist.ProcessGroup | None = None
+    cp_ranks: tuple[int, ...] = ()
+    # The data x context parallel ranks holding my weights, in dp_cp_rank order: gradients are
+    # reduced, and ZeRO-1 shards, over this group (the DP group itself without CP).
+    dp_cp_group: dist.ProcessGroup | None = None
+    dp_cp_ranks: tuple[int, ...] = ()
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+    @property
+    def dp_cp_rank(self) -> int:
+        return self.dp_rank * self.cp_size + self.cp_rank
 
 
 Groups = list[list[int]]
 
 
-def layout_ranks(world_size: int, tensor: int, pipeline: int) -> tuple[Groups, Groups, Groups]:
-    """(tp groups, dp groups, pp groups) as lists of global ranks, Megatron order."""
-    data = world_size // (tensor * pipeline)
+def layout_ranks(world_size: int, tensor: int, pipeline: int, context: int = 1) -> dict[str, Groups]:
+    """The groups of each kind ("tp", "cp", "dp", "pp", "dp_cp") as lists of global ranks, Megatron order."""
+    data = world_size // (tensor * pipeline * context)
+    grid = [(t, c, d, p) for p in range(pipeline) for d in range(data) for c in range(context) for t in range(tensor)]
 
-    def rank(tp: int, dp: int, pp: int) -> int:
-        return pp * data * tensor + dp * tensor + tp
+    def rank(t: int, c: int, d: int, p: int) -> int:
+        return ((p * data + d) * context + c) * tensor + t
 
-    tp_groups = [[rank(t, d, p) for t in range(tensor)] for p in range(pipeline) for d in range(data)]
-    dp_groups = [[rank(t, d, p) for d in range(data)] for p in range(pipeline) for t in range(tensor)]
-    pp_groups = [[rank(t, d, p) for p in range(pipeline)] for d in range(data) for t in range(tensor)]
-    return tp_groups, dp_groups, pp_groups
+    def groups(varying: str) -> Groups:
+        """Ranks that differ only in the dimensions named in ``varying`` (of "tcdp"), one list per rest."""
+        out: dict[tuple, list[int]] = {}
+        for coords in grid:
+            fixed = tuple(x for name, x in zip("tcdp", coords, strict=True) if name not in varying)
+            out.setdefault(fixed, []).append(rank(*coords))
+        return list(out.values())
+
+    return {"tp": groups("t"), "cp": groups("c"), "dp": groups("d"), "pp": groups("p"), "dp_cp": groups("cd")}
 
 
-def check_layout(world_size: int, tensor: int, pipeline: int, data: int | None) -> int:
+def check_layout(world_size: int, tensor: int, pipeline: int, data: int | None, context: int = 1) -> int:
     """Validate sizes and return the data-parallel size."""
-    for name, value in (("tensor", tensor), ("pipeline", pipeline)):
+    for name, value in (("tensor-model", tensor), ("pipeline-model", pipeline), ("context", context)):
         if value < 1:
-            raise ParallelLayoutError(f"{name}-model-parallel size {value} must be >= 1")
-    if world_size % (tensor * pipeline):
+            raise ParallelLayoutError(f"{name}-parallel size {value} must be >= 1")
+    model = tensor * pipeline * context
+    sizes = f"tensor ({tensor}) x pipeline ({pipeline})" + (f" x context ({context})" if context > 1 else "")
+    if world_size % model:
         raise ParallelLayoutError(
-            f"world size {world_size} is not divisible by tensor ({tensor}) x pipeline ({pipeline}) = "
-            f"{tensor * pipeline}; launch a multiple of {tensor * pipeline} processes or change the sizes"
+            f"world size {world_size} is not divisible by {sizes} = {model}; launch a multiple of {model} "
+            f"processes or change the sizes"
         )
-    derived = world_size // (tensor * pipeline)
+    derived = world_size // model
     if data is not None and data != derived:
-        raise ParallelLayoutError(
-            f"data-parallel size {data} does not match world size {world_size} / (tensor {tensor} x "
-            f"pipeline {pipeline}) = {derived}"
-        )
+        raise ParallelLayoutError(f"data-parallel size {data} does not match world size {world_size} / ({sizes}) = "
+                                  f"{derived}")
     return derived
 
 
@@ -117,6 +143,7 @@ def initialize_parallel(
     data: int | None = None,
     backend: str | None = None,
     timeout_minutes: float = 10.0,
+    context: int = 1,
 ) -> ParallelContext:
     """Create the process groups (initialising torch.distributed if needed) and return the context.
 
@@ -127,11 +154,13 @@ def initialize_parallel(
     elif backend is not None and dist.get_backend() != backend:
         raise ParallelLayoutError(f"torch.distributed already uses backend {dist.get_backend()!r}, not {backend!r}")
     world_size, rank = dist.get_world_size(), dist.get_rank()
-    data = check_layout(world_size, tensor, pipeline, data)
-    tp_groups, dp_groups, pp_groups = layout_ranks(world_size, tensor, pipeline)
-    embedding_groups = [[ranks[0], ranks[-1]] for ranks in pp_groups] if pipeline > 1 else []
-    mine = {"embedding": (None, ())}
-    for kind, groups in (("tp", tp_groups), ("dp", dp_groups), ("pp", pp_groups), ("embedding", embedding_groups)):
+    data = check_layout(world_size, tensor, pipeline, data, context)
+    layout = layout_ranks(world_size, tensor, pipeline, context)
+    layout["embedding"] = [[ranks[0], ranks[-1]] for ranks in layout["pp"]] if pipeline > 1 else []
+    if context == 1:
+        del layout["cp"], layout["dp_cp"]  # trivial: no groups to create (and none in older layouts)
+    mine = {"embedding": (None, ()), "cp": (None, (rank,)), "dp_cp": (None, ())}
+    for kind, groups in layout.items():
         for ranks in groups:
             group = dist.new_group(ranks)  # collective: every rank creates every group
             if rank in ranks:
@@ -141,6 +170,9 @@ def initialize_parallel(
         tp_rank=mine["tp"][1].index(rank), pp_rank=mine["pp"][1].index(rank), dp_rank=mine["dp"][1].index(rank),
         tp_group=mine["tp"][0], pp_group=mine["pp"][0], dp_group=mine["dp"][0],
         tp_ranks=mine["tp"][1], pp_ranks=mine["pp"][1], dp_ranks=mine["dp"][1], embedding_group=mine["embedding"][0],
+        cp_size=context, cp_rank=mine["cp"][1].index(rank), cp_group=mine["cp"][0], cp_ranks=mine["cp"][1],
+        dp_cp_group=mine["dp_cp"][0] if context > 1 else mine["dp"][0],
+        dp_cp_ranks=mine["dp_cp"][1] if context > 1 else mine["dp"][1],
     )
 
 

@@ -14,12 +14,24 @@ from tests.distributed import run_on_ranks
 
 
 def test_megatron_rank_order():
-    tp, dp, pp = layout_ranks(8, tensor=2, pipeline=2)
-    assert tp == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert dp == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert pp == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    tp, dp, pp = layout_ranks(8, tensor=8, pipeline=1)
-    assert tp == [list(range(8))] and dp == [[r] for r in range(8)] and pp == [[r] for r in range(8)]
+    layout = layout_ranks(8, tensor=2, pipeline=2)
+    assert layout["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout["dp"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layout["pp"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout["cp"] == [[r] for r in range(8)] and layout["dp_cp"] == layout["dp"]
+    layout = layout_ranks(8, tensor=8, pipeline=1)
+    assert layout["tp"] == [list(range(8))] and layout["dp"] == [[r] for r in range(8)]
+    assert layout["pp"] == [[r] for r in range(8)]
+
+
+def test_megatron_rank_order_with_context_parallel():
+    """tp-cp-dp-pp, as Megatron's RankGenerator orders them: 16 ranks = TP2 x CP2 x DP2 x PP2."""
+    layout = layout_ranks(16, tensor=2, pipeline=2, context=2)
+    assert layout["tp"][:2] == [[0, 1], [2, 3]]
+    assert layout["cp"][:3] == [[0, 2], [1, 3], [4, 6]]
+    assert layout["dp"][:3] == [[0, 4], [1, 5], [2, 6]]
+    assert layout["pp"][:2] == [[0, 8], [1, 9]]
+    assert layout["dp_cp"][:2] == [[0, 2, 4, 6], [1, 3, 5, 7]]
 
 
 @pytest.mark.parametrize(
@@ -27,6 +39,7 @@ def test_megatron_rank_order():
     [
         (6, 4, 1, None, "world size 6 is not divisible by tensor (4) x pipeline (1) = 4"),
         (8, 2, 3, None, "world size 8 is not divisible by tensor (2) x pipeline (3) = 6"),
+        (4, 1, 1, None, "context-parallel size 0 must be >= 1"),
         (8, 2, 2, 4, "data-parallel size 4 does not match world size 8 / (tensor 2 x pipeline 2) = 2"),
         (4, 0, 1, None, "tensor-model-parallel size 0 must be >= 1"),
     ],

@@ -35,6 +35,7 @@ from longctx_megatron.packing import document_lengths, document_positions
 @dataclass(frozen=True)
 class FullPattern:
     kind = "full"
+    reach = None  # the largest i - j + 1 the rule allows outside global tokens: unbounded
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
@@ -48,6 +49,11 @@ class SlidingPattern:
     window: int
     global_every: int = 0
     kind = "sliding"
+
+    @property
+    def reach(self) -> int:
+        """The largest i - j + 1 the rule allows between a query and a key that are not global tokens."""
+        return self.window
 
     def is_global(self, idx):
         return (idx % self.global_every) == 0
@@ -74,6 +80,11 @@ class DilatedPattern:
     group_size: int = 1  # query heads per KV head
     first_kv_head: int = 0  # global index of this module's first KV head (tensor parallelism)
     kind = "dilated"
+
+    @property
+    def reach(self) -> int:
+        """The largest i - j + 1 the rule allows for any head: i - j = d + s with d <= (W - 1) r, s < r."""
+        return self.window * self.dilation
 
     def kv_head_shift(self, kv_head):
         """Offset of a local KV head: its global index modulo the dilation."""

@@ -1,0 +1,81 @@
+"""Attention of queries at given sequence positions over keys at given positions, under a pattern.
+
+Context parallelism (parallel/context.py) holds a part of every sample: its queries sit at known
+global positions, and the keys it has (its own, a received halo, global tokens, a ring step's
+block) at others. This computes the exact attention of such queries over such keys with the
+pattern's own rule (``mask_mod`` on global positions; with packed documents the document rule on
+the whole sample's ``Documents``), and returns the log-sum-exp, so that attentions over disjoint
+key sets can be merged (``softmax.merge_by_lse``). No collectives: plain tensors in and out.
+
+Queries are cut into blocks of ``block``; with a finite ``reach`` (the largest i - j + 1 a pattern
+allows outside its global tokens, ``Pattern.reach``) a block scores only the keys in
+[first - reach + 1, last] of its positions plus the ``always`` keys older than that (global
+tokens), gathered per block: O(T * (reach + block)) work. Without a reach every block scores every
+key (one shared key set, masked). Scores are recomputed in backward (recompute.block_attention),
+so memory is O(T * D) plus the masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from longctx_megatron.model.attention.backends.recompute import block_attention
+from longctx_megatron.model.attention.patterns import DilatedPattern, Documents, Pattern, document_mask_mod
+
+BLOCK = 128  # queries per block
+
+
+def attend_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, q_pos: torch.Tensor,
+                        k_pos: torch.Tensor, documents: Documents | None = None, reach: int | None = None,
+                        always: torch.Tensor | None = None, dropout_p: float = 0.0, block: int = BLOCK
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, Tq, D) at positions ``q_pos`` (Tq,), ascending, over k, v (B, Hkv, Tk, D) at ``k_pos``
+    (Tk,), ascending, where ``pattern`` (within ``documents``, indexed by these positions) allows.
+    The caller guarantees that a key the rule shows a query lies within ``reach`` of it or is
+    marked in ``always`` (Tk,) bool. Returns (out (B, H, Tq, D), lse (B, H, Tq) float32, float64 for float64 inputs); a query
+    that sees no key gets 0 and -inf."""
+    batch, n_heads, rows, head_dim = q.shape
+    n_kv = k.shape[1]
+    group = n_heads // n_kv
+    if rows == 0 or k.shape[2] == 0:
+        compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.zeros_like(q), torch.full((batch, n_heads, rows), float("-inf"), dtype=compute, device=q.device)
+    block = min(block, rows)
+    n_blocks = -(-rows // block)
+    pad = n_blocks * block - rows
+    q_blocks = F.pad(q, (0, 0, 0, pad)).view(batch, n_kv, group, n_blocks, block, head_dim)
+    padded_pos = F.pad(q_pos, (0, pad), value=-1).view(n_blocks, block)  # padding queries: position -1 sees nothing
+    if reach is None:
+        key_pos = k_pos.expand(n_blocks, -1)
+        valid = torch.ones_like(key_pos, dtype=torch.bool)
+        k_blocks, v_blocks = k[:, :, None, None], v[:, :, None, None]  # shared by every block
+    else:
+        lo = padded_pos[:, :1] - reach + 1  # a block's first query is its earliest (padding only trails)
+        hi = padded_pos.amax(-1, keepdim=True)
+        selected = (k_pos >= lo) & (k_pos <= hi)
+        if always is not None:
+            selected |= always & (k_pos < lo)
+        width = max(int(selected.sum(-1).max()), 1)
+        index = torch.argsort((~selected).to(torch.int8), dim=1, stable=True)[:, :width]  # (n, S), selected first
+        valid = selected.gather(1, index)
+        key_pos = k_pos[index]
+        flat = index.flatten()
+        k_blocks = k[:, :, flat].view(batch, n_kv, 1, n_blocks, width, head_dim)
+        v_blocks = v[:, :, flat].view(batch, n_kv, 1, n_blocks, width, head_dim)
+    mask = _visible(pattern, documents, padded_pos, key_pos, n_kv, group, batch) & valid[:, None, :]
+    out, lse = block_attention(q_blocks, k_blocks, v_blocks, mask[:, :, None], dropout_p)
+    out = out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :rows]
+    return out, lse.reshape(batch, n_heads, n_blocks * block)[:, :, :rows]
+
+
+def _visible(pattern: Pattern, documents: Documents | None, q_pos: torch.Tensor, key_pos: torch.Tensor,
+             n_kv: int, group: int, batch: int) -> torch.Tensor:
+    """The rule for query blocks at q_pos (n, C) (-1: padding) and their keys at key_pos (n, S):
+    (B or 1, Hkv or 1, n, C, S) bool."""
+    qi, kj = q_pos[:, :, None].clamp_min(0), key_pos[:, None, :]
+    rule = pattern.mask_mod if documents is None else document_mask_mod(pattern, documents)
+    b = torch.arange(batch, device=q_pos.device).view(batch, 1, 1, 1) if documents is not None else 0
+    heads = range(n_kv) if isinstance(pattern, DilatedPattern) else range(1)  # only dilation depends on the head
+    masks = [rule(b, kv_head * group, qi, kj) & (q_pos[:, :, None] >= 0) for kv_head in heads]
+    return torch.stack([m if m.dim() == 4 else m[None] for m in masks], dim=1)  # (B or 1, heads, n, C, S)
