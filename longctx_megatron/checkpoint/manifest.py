@@ -255,16 +255,22 @@ class Layout:
     stage_layers: tuple[int, ...]  # layers of every (virtual) pipeline stage
     sequence_parallel: bool
     distributed_optimizer: bool
+    context: int = 1  # context-parallel size; written only when > 1, so layouts without CP read as before
 
     def to_json(self) -> dict:
-        return {**asdict(self), "stage_layers": list(self.stage_layers)}
+        out = {**asdict(self), "stage_layers": list(self.stage_layers)}
+        if self.context == 1:
+            del out["context"]
+        return out
 
     @classmethod
     def from_json(cls, data, where: str) -> Layout:
         data = check.json_object(data, where)
+        context = check.positive(data, "context", where) if "context" in data else 1
         return cls(check.positive(data, "tensor", where), check.positive(data, "pipeline", where),
                    check.positive(data, "data", where), check.non_negative_ints(data, "stage_layers", where),
-                   check.boolean(data, "sequence_parallel", where), check.boolean(data, "distributed_optimizer", where))
+                   check.boolean(data, "sequence_parallel", where), check.boolean(data, "distributed_optimizer", where),
+                   context)
 
 
 _LOSS_SCALER = {"scale": check.number, "clean_steps": check.non_negative}

@@ -5,7 +5,9 @@
 1. tensor parallelism, with sequence parallelism when asked (parallel/tensor.py): projections,
    embedding, output and head become Megatron's parallel layers; core attention is rebuilt for
    this rank's heads; modules drawing dropout in sharded regions get the per-rank RNG stream;
-2. activation recomputation (``apply_recompute``), outermost, so a recomputed block re-runs its
+2. context parallelism (parallel/context.py): with a CP group, every core attention becomes its
+   context-parallel version (for the heads tensor parallelism left this rank);
+3. activation recomputation (``apply_recompute``), outermost, so a recomputed block re-runs its
    collectives too;
 
 then materialises it: every rank fills its slices from the global tensors (model/init.py), so any
@@ -21,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.model.build import build_model, materialize
 from longctx_megatron.model.transformer import GPTModel
+from longctx_megatron.parallel.context import apply_context_parallel
 from longctx_megatron.parallel.random import model_parallel_rng
 from longctx_megatron.parallel.state import ParallelContext
 from longctx_megatron.parallel.tensor import apply_tensor_parallel, tensor_parallel_shards
@@ -76,14 +79,17 @@ def build_parallel_model(
     layers: range | None = None,
     pre_process: bool = True,
     post_process: bool = True,
+    cp_comm_type: str = "p2p",
 ) -> GPTModel:
     """This rank's part of the model: the stage ``layers`` / ``pre_process`` / ``post_process``,
-    sharded over ``ctx``'s TP group. Its RNG tracker (dropout in sharded regions, saved with
+    sharded over ``ctx``'s TP group (and its sequence over the CP group, exchanging by
+    ``cp_comm_type``). Its RNG tracker (dropout in sharded regions, saved with
     checkpoints) is ``model.rng_tracker``, seeded from ``seed`` as Megatron seeds it."""
     model = build_model(config, "meta", attention_backend=attention_backend, layers=layers, pre_process=pre_process,
                         post_process=post_process)
     model.rng_tracker = model_parallel_rng(seed, ctx.tp_rank, ctx.pp_rank, torch.device(device).type)
     apply_tensor_parallel(model, ctx, model.rng_tracker, sequence_parallel)
+    apply_context_parallel(model, ctx, cp_comm_type)
     apply_recompute(model, recompute_granularity)
     if torch.device(device).type == "meta":
         return model

@@ -59,7 +59,8 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
     One chunk is plain 1F1B; several are the interleaved schedule (chunk c is virtual stage
     c * p + pp_rank). ``microbatches`` are dicts with ``tokens``, ``labels`` and optionally
     ``loss_mask``, ``position_ids`` and ``document_ids`` (every stage needs the positions and the
-    documents; only the first reads tokens, only the last labels). ``hidden_shape`` is one
+    documents; only the first reads tokens, only the last labels), and under context parallelism
+    ``loss_tokens``, the token count of the whole micro-batch of which this rank holds a part. ``hidden_shape`` is one
     micro-batch's activation between stages: (b, s, d), with s divided by the TP size under
     sequence parallelism.
 
@@ -113,7 +114,10 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
                 total = result[1]
                 losses.append(total.detach())
                 if not per_token_loss:  # the token mean, as the head's "mean" reduction forms it
-                    total = token_mean(total, loss_weights(batch["labels"], batch.get("loss_mask"))) / count
+                    weights = batch.get("loss_tokens")  # context parallelism: the whole micro-batch's count
+                    if weights is None:
+                        weights = loss_weights(batch["labels"], batch.get("loss_mask"))
+                    total = token_mean(total, weights) / count
                 result = total * loss_scale
             else:
                 sends.append(dist.isend(result.detach().contiguous(), next_rank,

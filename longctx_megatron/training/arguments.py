@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from longctx_megatron.data.tokenizers import TOKENIZER_TYPES
 from longctx_megatron.model.attention import factory
+from longctx_megatron.parallel.context import check_comm_type
 from longctx_megatron.parallel.parallelize import RECOMPUTE_GRANULARITIES
 from longctx_megatron.parallel.state import check_layout
 from longctx_megatron.training.lr_schedule import DECAY_STYLES
@@ -60,6 +61,12 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--tensor-model-parallel-size", ("parallel.tensor",), {"type": int}),
         Flag("--pipeline-model-parallel-size", ("parallel.pipeline",), {"type": int}),
         Flag("--sequence-parallel", ("parallel.sequence_parallel",), {"action": "store_true"}),
+        Flag("--context-parallel-size", ("parallel.context",), {
+            "type": int, "help": "split every sample's sequence over this many ranks (zigzag; ring attention for "
+            "full layers, a window halo for local ones)"}),
+        Flag("--cp-comm-type", ("parallel.cp_comm_type",), {
+            "help": "p2p (ring for full layers, halo for local ones; default) or allgather (every layer gathers "
+            "all K/V)"}),
         Flag("--pipeline-layer-split", ("parallel.pipeline_layer_split",),
              {"help": "layers per stage, e.g. 10,8,7,7 (default: by cost)"}),
         Flag("--num-layers-per-virtual-pipeline-stage", ("parallel.layers_per_virtual_stage",),
@@ -217,8 +224,8 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
         return getattr(getattr(run, section), name)
 
     parallel, training, data, ckpt = run.parallel, run.training, run.data, run.checkpointing
-    for target in ("parallel.tensor", "parallel.pipeline", "training.seq_length", "training.micro_batch_size",
-                   "training.train_iters", "logging.log_interval", "logging.eval_iters"):
+    for target in ("parallel.tensor", "parallel.pipeline", "parallel.context", "training.seq_length",
+                   "training.micro_batch_size", "training.train_iters", "logging.log_interval", "logging.eval_iters"):
         if value(target) <= 0:
             fail(f"{_FLAG_OF[target]} must be positive, got {value(target)}")
     if training.clip_grad < 0:
@@ -227,13 +234,19 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
         fail("--bf16 and --fp16 are exclusive")
     if parallel.sequence_parallel and parallel.tensor == 1:
         fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
-    check_layout(run.world_size, parallel.tensor, parallel.pipeline, None)
+    check_layout(run.world_size, parallel.tensor, parallel.pipeline, None, parallel.context)
+    if parallel.context > 1:
+        check_comm_type(parallel.cp_comm_type)
+        if training.seq_length % (2 * parallel.context):
+            fail(f"--context-parallel-size {parallel.context} needs --seq-length ({training.seq_length}) divisible "
+                 f"by 2 x {parallel.context} (the zigzag split's chunks)")
     if run.global_batch % (training.micro_batch_size * run.data_parallel):
         fail(f"--global-batch-size {run.global_batch} must be a multiple of --micro-batch-size x data-parallel size "
              f"= {training.micro_batch_size} x {run.data_parallel}")
-    if parallel.sequence_parallel and training.seq_length % parallel.tensor:
-        fail(f"--sequence-parallel needs --seq-length ({training.seq_length}) divisible by "
-             f"--tensor-model-parallel-size ({parallel.tensor})")
+    if parallel.sequence_parallel and (training.seq_length // parallel.context) % parallel.tensor:
+        fail(f"--sequence-parallel needs --seq-length ({training.seq_length})"
+             + (f" / --context-parallel-size ({parallel.context})" if parallel.context > 1 else "")
+             + f" divisible by --tensor-model-parallel-size ({parallel.tensor})")
     if parallel.layers_per_virtual_stage is not None:
         if parallel.pipeline == 1:
             fail("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")

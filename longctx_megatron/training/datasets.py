@@ -1,4 +1,5 @@
-"""The run's tokenizer and datasets, and the micro-batches of each global batch on this DP rank."""
+"""The run's tokenizer and datasets, and the micro-batches of each global batch on this DP rank (this
+CP rank's part of each sample under context parallelism)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from longctx_megatron.data.builders import build_gpt_datasets
 from longctx_megatron.data.builtin_corpus import BuiltinDataset
 from longctx_megatron.data.gpt_dataset import GPTDatasetConfig
 from longctx_megatron.data.sampler import PretrainingSampler
+from longctx_megatron.parallel.context import shard_batch
 from longctx_megatron.parallel.state import ParallelContext
 from longctx_megatron.training.run_config import RunConfig
 
@@ -30,11 +32,13 @@ def build_datasets(run: RunConfig, tokenizer) -> tuple[torch.utils.data.Dataset,
 
 
 def micro_batches(dataset, consumed: int, run: RunConfig, ctx: ParallelContext, device: torch.device) -> list[dict]:
-    """This DP rank's micro-batches of the global batch that starts at sample ``consumed``."""
+    """This DP rank's micro-batches of the global batch that starts at sample ``consumed``: every CP
+    rank of a DP replica reads the same samples and keeps its part (parallel/context.shard_batch)."""
     size = run.training.micro_batch_size
     sampler = PretrainingSampler(len(dataset), consumed, size, ctx.dp_rank, ctx.dp_size)
     batches = []
     for indices, _ in zip(sampler, range(run.microbatches), strict=False):
         samples = [dataset[i] for i in indices]
-        batches.append({key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]})
+        batches.append(shard_batch({key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]},
+                                   ctx))
     return batches

@@ -58,9 +58,10 @@ class Metrics:
         self.window_start += seconds
 
     def batches(self, batches: list[dict], dp_size: int) -> None:
-        """Count the model FLOPs of one iteration from this DP rank's micro-batches: with packed
-        documents (``document_ids``) each document is attended as a sequence of its own, so the FLOPs
-        follow the batch; the other DP ranks are taken to be alike."""
+        """Count the model FLOPs of one iteration from this rank's micro-batches: with packed
+        documents (``document_ids``, the whole samples' even under context parallelism) each document
+        is attended as a sequence of its own, so the FLOPs follow the batch; the other ``dp_size``
+        data (x context) parallel ranks are taken to be alike."""
         for batch in batches:
             tokens = batch["tokens"].numel()
             ids = batch.get("document_ids")

@@ -58,6 +58,8 @@ class ParallelSection:
     backend: str | None = None  # None: nccl on CUDA, gloo otherwise (see backend_for)
     timeout_minutes: float = 10.0
     recompute_granularity: str = "none"
+    context: int = 1  # --context-parallel-size: ranks sharing every sample's sequence (parallel/context.py)
+    cp_comm_type: str = "p2p"
 
     def backend_for(self, device: torch.device) -> str:
         """The process-group backend: the one asked for, else the device's (parallel/state.default_backend)."""
@@ -158,7 +160,7 @@ class RunConfig:
 
     @property
     def data_parallel(self) -> int:
-        return self.world_size // (self.parallel.tensor * self.parallel.pipeline)
+        return self.world_size // (self.parallel.tensor * self.parallel.pipeline * self.parallel.context)
 
     @property
     def global_batch(self) -> int:

@@ -84,7 +84,7 @@ def setup(run: RunConfig, log=print) -> Trainer:
     parallel, training = run.parallel, run.training
     device = torch.device(training.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = initialize_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline, backend=parallel.backend_for(device),
-                              timeout_minutes=parallel.timeout_minutes)
+                              timeout_minutes=parallel.timeout_minutes, context=parallel.context)
     if ctx.world_size != run.world_size:
         raise ValueError(f"the run is configured for {run.world_size} processes but {ctx.world_size} were launched")
     if device.type == "cuda":
@@ -92,13 +92,15 @@ def setup(run: RunConfig, log=print) -> Trainer:
     if ctx.rank != 0:
         log = _silent
     log(f"model: {estimate_params(config):,} parameters; layout: tensor {ctx.tp_size} x pipeline {ctx.pp_size} x "
-        f"data {ctx.dp_size}" + (" with sequence parallelism" if parallel.sequence_parallel else ""))
+        f"data {ctx.dp_size}" + (f" x context {ctx.cp_size} ({parallel.cp_comm_type})" if ctx.cp_size > 1 else "")
+        + (" with sequence parallelism" if parallel.sequence_parallel else ""))
     if costs is not None and parallel.pipeline > 1:
         log(describe_split(config, sizes, costs, head))
     chunks = build_pipeline_chunks(config, ctx, sizes, device=device, seed=training.seed,
                                    attention_backend=run.model.attention_backend, dtype=training.dtype,
                                    sequence_parallel=parallel.sequence_parallel,
-                                   recompute_granularity=parallel.recompute_granularity)
+                                   recompute_granularity=parallel.recompute_granularity,
+                                   cp_comm_type=parallel.cp_comm_type)
     grads = DataParallelGradients(chunks, ctx, distributed_optimizer=parallel.distributed_optimizer)
     optimizer = build_optimizer(run, chunks, grads, ctx, device)
     train_data, valid_data = build_datasets(run, tokenizer)

@@ -77,26 +77,27 @@ class Trainer:
         return self.skips.total
 
     def _hidden_shape(self) -> tuple[int, int, int]:
-        seq = self.run.training.seq_length // (self.ctx.tp_size if self.run.parallel.sequence_parallel else 1)
+        seq = self.run.training.seq_length // self.ctx.cp_size
+        seq //= self.ctx.tp_size if self.run.parallel.sequence_parallel else 1
         return (self.run.training.micro_batch_size, seq, self.config.d_model)
 
     def _token_count(self, batches: list[dict]) -> float:
         """The number of tokens in the loss (label not ignored, loss mask 1) over the whole global
-        batch: this DP rank's micro-batches, summed over DP. Every rank computes it from the data."""
+        batch: this DP rank's micro-batches (this CP rank's part of them), summed over DP x CP."""
         count = sum(loss_weights(b["labels"], b.get("loss_mask")).double().sum() for b in batches).to(self.device)
-        if self.ctx.dp_size > 1:
-            dist.all_reduce(count, group=self.ctx.dp_group)
+        if self.ctx.dp_cp_size > 1:
+            dist.all_reduce(count, group=self.ctx.dp_cp_group)
         return max(count.item(), 1.0)
 
     def _loss_sum(self, losses: list[torch.Tensor]) -> float:
         """The global batch's sum of token losses on every rank: the last stage's micro-batch sums,
-        summed over the micro-batches and DP ranks."""
+        summed over the micro-batches and DP x CP ranks."""
         value = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         value = value.to(self.device, torch.float64)
         if self.ctx.pp_size > 1:
             dist.all_reduce(value, group=self.ctx.pp_group)  # only the last stage holds a loss
-        if self.ctx.dp_size > 1:
-            dist.all_reduce(value, group=self.ctx.dp_group)
+        if self.ctx.dp_cp_size > 1:
+            dist.all_reduce(value, group=self.ctx.dp_cp_group)
         return value.item()
 
     def step(self, iteration: int) -> tuple[float, float, bool]:
@@ -107,14 +108,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batches = micro_batches(self.train_data, self.consumed_samples, self.run, self.ctx, self.device)
-        self.metrics.batches(batches, self.ctx.dp_size)
+        self.metrics.batches(batches, self.ctx.dp_cp_size)
         tokens = self._token_count(batches)
         per_token = training.calculate_per_token_loss
         self.grads.start(len(batches))
         scale = self.scaler.scale if self.scaler else 1.0
         losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), training.dtype,
                                             loss_scale=scale, per_token_loss=per_token)
-        # DP mean (or per-token mean) and fp16 unscaling in one division of the fp32 gradients.
+        # DP mean (or per-token mean) and fp16 unscaling in one division of the fp32 gradients (summed
+        # over DP x CP: the CP ranks' parts of a sample add up to its gradient).
         self.grads.finish(divisor=(tokens if per_token else self.ctx.dp_size) * scale)
         loss = self._loss_sum(losses) / tokens  # reported as Megatron does in either mode
         norm = self.optimizer.grad_norm()
@@ -191,7 +193,7 @@ class Trainer:
         """The parallel layout; RNG states are only restored under an identical one."""
         return Layout(tensor=self.ctx.tp_size, pipeline=self.ctx.pp_size, data=self.ctx.dp_size,
                       stage_layers=tuple(self.stage_sizes), sequence_parallel=self.run.parallel.sequence_parallel,
-                      distributed_optimizer=self.run.parallel.distributed_optimizer)
+                      distributed_optimizer=self.run.parallel.distributed_optimizer, context=self.ctx.cp_size)
 
     def state_dict(self) -> TrainingMetadata:
         """What a checkpoint records of the training: progress, schedule, config, tokenizer and layout."""
@@ -244,4 +246,4 @@ class Trainer:
         self.load_state_dict(checkpoint.iteration, state)
         self.log(f"resumed from {reader.directory}: iteration {self.iteration}, consumed samples "
                  f"{self.consumed_samples} (saved under tensor {saved.tensor} x pipeline {saved.pipeline} x "
-                 f"data {saved.data})")
+                 f"data {saved.data}" + (f" x context {saved.context}" if saved.context > 1 else "") + ")")

@@ -33,7 +33,8 @@ DOCUMENTS = torch.tensor([[0] * 10 + [1] * 25 + [2] * 13, [0] * 3 + [1] * 45])
 
 def _inputs():
     generator = torch.Generator().manual_seed(7)
-    shapes = [(BATCH, HEADS, SEQ, DIM), (BATCH, KV_HEADS, SEQ, DIM), (BATCH, KV_HEADS, SEQ, DIM), (BATCH, HEADS, SEQ, DIM)]
+    shapes = [(BATCH, HEADS, SEQ, DIM), (BATCH, KV_HEADS, SEQ, DIM), (BATCH, KV_HEADS, SEQ, DIM),
+              (BATCH, HEADS, SEQ, DIM)]
     return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in shapes]
 
 

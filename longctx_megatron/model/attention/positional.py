@@ -33,8 +33,8 @@ def attend_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     """q (B, H, Tq, D) at positions ``q_pos`` (Tq,), ascending, over k, v (B, Hkv, Tk, D) at ``k_pos``
     (Tk,), ascending, where ``pattern`` (within ``documents``, indexed by these positions) allows.
     The caller guarantees that a key the rule shows a query lies within ``reach`` of it or is
-    marked in ``always`` (Tk,) bool. Returns (out (B, H, Tq, D), lse (B, H, Tq) float32, float64 for float64 inputs); a query
-    that sees no key gets 0 and -inf."""
+    marked in ``always`` (Tk,) bool. Returns (out (B, H, Tq, D), lse (B, H, Tq) float32, float64 for
+    float64 inputs); a query that sees no key gets 0 and -inf."""
     batch, n_heads, rows, head_dim = q.shape
     n_kv = k.shape[1]
     group = n_heads // n_kv
