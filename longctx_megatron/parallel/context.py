@@ -87,7 +87,8 @@ _recorders: list[Counter] = []
 
 @contextlib.contextmanager
 def record_traffic():
-    """Count the bytes this rank sends in context-parallel exchanges, by (layer kind, direction)."""
+    """Count the bytes this rank sends in context-parallel exchanges, by (layer kind, message, direction):
+    message "kv", "queries" or "answers" (see ``rows_sent``), direction "forward" or "backward"."""
     counter = Counter()
     _recorders.append(counter)
     try:
@@ -96,13 +97,13 @@ def record_traffic():
         _recorders.remove(counter)
 
 
-def _count(label: tuple[str, str], nbytes: int) -> None:
+def _count(label: tuple[str, ...], nbytes: int) -> None:
     for counter in _recorders:
         counter[label] += nbytes
 
 
 def _send_receive(sends: list[tuple[int, torch.Tensor]], receives: list[tuple[int, torch.Tensor]], group,
-                  label: tuple[str, str]) -> None:
+                  label: tuple[str, ...]) -> None:
     """Post every send and receive (global peer ranks), then wait for all."""
     ops = [dist.P2POp(dist.isend, tensor.contiguous(), peer, group) for peer, tensor in sends]
     ops += [dist.P2POp(dist.irecv, tensor, peer, group) for peer, tensor in receives]
@@ -126,7 +127,7 @@ class _Exchange(torch.autograd.Function):
             shape[2] = count
             buffers.append(x.new_empty(shape))
         _send_receive([(peer, x[:, :, index]) for peer, index in sends],
-                      list(zip([peer for peer, _ in receives], buffers, strict=True)), group, (label, "forward"))
+                      list(zip([peer for peer, _ in receives], buffers, strict=True)), group, (*label, "forward"))
         if not buffers:
             shape[2] = 0
             return x.new_empty(shape)
@@ -141,7 +142,7 @@ class _Exchange(torch.autograd.Function):
             shape[2] = index.numel()
             back.append((peer, grad.new_empty(shape)))
         _send_receive([(peer, g) for (peer, _), g in zip(ctx.receives, grads, strict=True)], back, ctx.group,
-                      (ctx.label, "backward"))
+                      (*ctx.label, "backward"))
         out = grad.new_zeros(ctx.shape)
         for (_, index), (_, g) in zip(ctx.sends, back, strict=True):
             out.index_add_(2, index, g)
@@ -177,36 +178,24 @@ class ContextParallelAttention(torch.nn.Module):
             return self._halo(q, k, v, mine, documents, dropout_p)
 
     def _plan(self, needs: list[torch.Tensor], mine: list[torch.Tensor]):
-        """What to send so that every rank gets the rows at the positions it ``needs`` (per CP rank)
-        that I hold: (sends [(peer, my row index)], receives [(peer, count)], the positions I receive
-        in order). Every rank derives every plan from the same positions, so the plans match."""
-        sends, receives, positions = [], [], []
-        for rank in range(self.size):
-            if rank == self.rank:
-                continue
-            wanted = needs[rank][torch.isin(needs[rank], mine[self.rank])]
-            if wanted.numel():
-                sends.append((self.ranks[rank], torch.searchsorted(mine[self.rank], wanted)))
-            mine_from = needs[self.rank][torch.isin(needs[self.rank], mine[rank])]
-            if mine_from.numel():
-                receives.append((self.ranks[rank], mine_from.numel()))
-                positions.append(mine_from)
-        return sends, receives, torch.cat(positions) if positions else mine[self.rank][:0]
+        """``plan`` for this rank, with peers as global ranks."""
+        sends, receives, positions = plan(needs, mine, self.rank)
+        return ([(self.ranks[peer], index) for peer, index in sends],
+                [(self.ranks[peer], count) for peer, count in receives], positions)
 
     def _with_received(self, k, v, needs, mine):
         """My keys and values together with the ones at the ``needs`` positions, sorted by position."""
         sends, receives, positions = self._plan(needs, mine)
         local = torch.cat([k, v], dim=1)
-        keys = torch.cat([local, _Exchange.apply(local, sends, receives, self.group, self.pattern.kind)], dim=2)
+        keys = torch.cat([local, _Exchange.apply(local, sends, receives, self.group, (self.pattern.kind, "kv"))],
+                         dim=2)
         positions = torch.cat([mine[self.rank], positions])
         order = torch.argsort(positions)
         keys = keys[:, :, order]
         return keys[:, :k.shape[1]], keys[:, k.shape[1]:], positions[order]
 
     def _all_gathered(self, q, k, v, mine, documents, dropout_p):
-        everything = [torch.cat([positions for rank, positions in enumerate(mine) if rank != me]) for me in
-                      range(self.size)]
-        keys, values, positions = self._with_received(k, v, everything, mine)
+        keys, values, positions = self._with_received(k, v, everything_else(mine), mine)
         return attend_at_positions(q, keys, values, self.pattern, mine[self.rank], positions, documents,
                                    dropout_p=dropout_p)[0]
 
@@ -220,7 +209,7 @@ class ContextParallelAttention(torch.nn.Module):
             if step:
                 everything = torch.arange(block.shape[2], device=q.device)
                 block = _Exchange.apply(block, [(ahead, everything)], [(behind, block.shape[2])], self.group,
-                                        self.pattern.kind)
+                                        (self.pattern.kind, "kv"))
             source = mine[(self.rank - step) % self.size]
             part, part_lse = attend_at_positions(q, block[:, :n_kv], block[:, n_kv:], self.pattern, mine[self.rank],
                                                  source, documents, dropout_p=dropout_p, block=512)
@@ -229,9 +218,8 @@ class ContextParallelAttention(torch.nn.Module):
 
     def _halo(self, q, k, v, mine, documents, dropout_p):
         pattern, reach = self.pattern, self.pattern.reach
-        is_global = _global_positions(pattern, documents, q.shape[2] * self.size, q.device)
-        needs = [_halo_positions(positions, reach, is_global) for positions in mine]
-        keys, values, positions = self._with_received(k, v, needs, mine)
+        is_global = global_positions(pattern, documents, q.shape[2] * self.size, q.device)
+        keys, values, positions = self._with_received(k, v, halo_needs(mine, reach, is_global), mine)
         always = is_global[positions] if is_global is not None else None
         half = q.shape[2] // 2  # each chunk on its own: a block never spans the gap between them
         out = torch.cat([attend_at_positions(q[:, :, part], keys, values, pattern, mine[self.rank][part], positions,
@@ -245,39 +233,37 @@ class ContextParallelAttention(torch.nn.Module):
         """Global queries see every earlier key: each rank attends the others' global queries over its
         own keys and sends (out, lse) back; the owner merges them with its own part by log-sum-exp and
         writes the result over those rows."""
-        here, kind = mine[self.rank], "global queries"
+        here = mine[self.rank]
         rows = torch.nonzero(is_global[here]).flatten()  # my global queries, as local indices
         own, own_lse = attend_at_positions(q[:, :, rows], k, v, self.pattern, here[rows], here, documents,
                                            dropout_p=dropout_p)
-        # Rank s is sent the global queries later than its first key.
-        queries_at = [positions[is_global[positions]] for positions in mine]
-        needs = [torch.cat([at[at > mine[rank][0]] for other, at in enumerate(queries_at) if other != rank])
-                 for rank in range(self.size)]
-        sends, receives, positions = self._plan(needs, mine)
+        sends, receives, positions = self._plan(global_query_needs(mine, is_global), mine)
         # The exchanges of a layer are chained (_Tie) so that their backward passes, which talk to the
-        # peers', run in one order on every rank: answers, then queries, then the halo.
-        queries = _Exchange.apply(_Tie.apply(q, keys), sends, receives, self.group, kind)
+        # peers', run in one order on every rank: answers' lse, answers, queries, then the halo.
+        queries = _Exchange.apply(_Tie.apply(q, keys), sends, receives, self.group, (self.pattern.kind, "queries"))
         answer, answer_lse = attend_at_positions(queries, k, v, self.pattern, positions, here, documents,
                                                  dropout_p=dropout_p)
-        # The answers (out and lse, in one float message) go back the way the queries came.
+        # The answers (out in the activations' dtype, then lse in float32) go back the way the queries came.
         back_sends, start = [], 0
         for peer, count in receives:
             back_sends.append((peer, torch.arange(start, start + count, device=q.device)))
             start += count
         back_receives = [(peer, index.numel()) for peer, index in sends]
-        message = torch.cat([answer.to(answer_lse.dtype), answer_lse[..., None]], dim=-1)
-        answers = _Exchange.apply(_Tie.apply(message, queries), back_sends, back_receives, self.group, kind)
+        label = (self.pattern.kind, "answers")
+        answers = _Exchange.apply(_Tie.apply(answer, queries), back_sends, back_receives, self.group, label)
+        answers_lse = _Exchange.apply(_Tie.apply(answer_lse[..., None], answers), back_sends, back_receives,
+                                      self.group, label)[..., 0]
         start = 0
         for _, index in sends:  # the rows I sent that peer, answered over its keys
             at = torch.searchsorted(rows, index)
-            piece = answers[:, :, start:start + index.numel()]
+            piece = slice(start, start + index.numel())
             start += index.numel()
-            part = own.new_zeros(own.shape).index_copy(2, at, piece[..., :-1].to(own.dtype))
-            part_lse = torch.full_like(own_lse, float("-inf")).index_copy(2, at, piece[..., -1])
+            part = own.new_zeros(own.shape).index_copy(2, at, answers[:, :, piece])
+            part_lse = torch.full_like(own_lse, float("-inf")).index_copy(2, at, answers_lse[:, :, piece])
             own, own_lse = merge_by_lse(own, own_lse, part, part_lse)
         # Every exchange takes part in the graph on every rank, even where its rows are empty: its
         # backward sends to and receives from peers, which wait for it.
-        return _Tie.apply(out.index_copy(2, rows, own), answers)
+        return _Tie.apply(out.index_copy(2, rows, own), answers_lse)
 
 
 class _Tie(torch.autograd.Function):
@@ -294,7 +280,7 @@ class _Tie(torch.autograd.Function):
         return (grad, *[torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.shapes])
 
 
-def _global_positions(pattern: Pattern, documents: Documents | None, seq_len: int, device) -> torch.Tensor | None:
+def global_positions(pattern: Pattern, documents: Documents | None, seq_len: int, device=None) -> torch.Tensor | None:
     """(T,) bool: the positions that are a global token in some sample; None without global tokens."""
     if not isinstance(pattern, SlidingPattern) or not pattern.global_every:
         return None
@@ -303,16 +289,69 @@ def _global_positions(pattern: Pattern, documents: Documents | None, seq_len: in
     return pattern.is_global(documents.positions).any(dim=0)
 
 
-def _halo_positions(positions: torch.Tensor, reach: int, is_global: torch.Tensor | None) -> torch.Tensor:
-    """The positions a rank holding ``positions`` (two contiguous chunks) needs from others: the
-    ``reach - 1`` before each chunk and every earlier global token."""
-    chunk = positions.numel() // 2
-    needed = [torch.arange(max(0, int(start) - reach + 1), int(start), device=positions.device)
-              for start in (positions[0], positions[chunk])]
+def halo_needs(mine: list[torch.Tensor], reach: int, is_global: torch.Tensor | None) -> list[torch.Tensor]:
+    """The positions each rank (holding ``mine[rank]``: two contiguous chunks) needs from others for a
+    local layer: the ``reach - 1`` before each chunk, and every earlier global token."""
+    needs = []
+    for positions in mine:
+        chunk = positions.numel() // 2
+        needed = [torch.arange(max(0, int(start) - reach + 1), int(start), device=positions.device)
+                  for start in (positions[0], positions[chunk])]
+        if is_global is not None:
+            needed.append(torch.nonzero(is_global[:int(positions[-1])]).flatten())
+        needed = torch.unique(torch.cat(needed))
+        needs.append(needed[~torch.isin(needed, positions)])
+    return needs
+
+
+def global_query_needs(mine: list[torch.Tensor], is_global: torch.Tensor) -> list[torch.Tensor]:
+    """The global queries each rank is sent to answer: the others' that are later than its first key."""
+    queries_at = [positions[is_global[positions]] for positions in mine]
+    return [torch.cat([at[at > mine[rank][0]] for other, at in enumerate(queries_at) if other != rank])
+            for rank in range(len(mine))]
+
+
+def everything_else(mine: list[torch.Tensor]) -> list[torch.Tensor]:
+    """All-gather's needs: every position the rank does not hold."""
+    return [torch.cat([positions for rank, positions in enumerate(mine) if rank != me]) for me in range(len(mine))]
+
+
+def plan(needs: list[torch.Tensor], mine: list[torch.Tensor], rank: int):
+    """What CP rank ``rank`` sends so that every rank gets the rows at the positions it ``needs`` that
+    ``rank`` holds: (sends [(CP rank, my row index)], receives [(CP rank, count)], the positions
+    received, in order). Every rank derives every plan from the same positions, so plans match."""
+    sends, receives, positions = [], [], []
+    for other in range(len(mine)):
+        if other == rank:
+            continue
+        wanted = needs[other][torch.isin(needs[other], mine[rank])]
+        if wanted.numel():
+            sends.append((other, torch.searchsorted(mine[rank], wanted)))
+        mine_from = needs[rank][torch.isin(needs[rank], mine[other])]
+        if mine_from.numel():
+            receives.append((other, mine_from.numel()))
+            positions.append(mine_from)
+    return sends, receives, torch.cat(positions) if positions else mine[rank][:0]
+
+
+def rows_sent(pattern: Pattern, seq_len: int, cp_size: int, comm_type: str = "p2p",
+              documents: Documents | None = None) -> list[dict[str, int]]:
+    """Per CP rank, the rows one forward of a layer with ``pattern`` sends, by message: "kv" (a row is
+    one position's K and V), "queries" (one global query, all heads) and "answers" (one global
+    query's out, all heads, and its lse). From the same plans the layer runs; nothing is sent."""
+    mine = [zigzag_positions(seq_len, cp_size, rank) for rank in range(cp_size)]
+    if comm_type == "allgather" or pattern.reach is None:  # all-gather, or the ring's N - 1 steps
+        return [{"kv": (cp_size - 1) * (seq_len // cp_size)} for _ in range(cp_size)]
+    is_global = global_positions(pattern, documents, seq_len)
+    halo = halo_needs(mine, pattern.reach, is_global)
+    out = [{"kv": sum(index.numel() for _, index in plan(halo, mine, rank)[0])} for rank in range(cp_size)]
     if is_global is not None:
-        needed.append(torch.nonzero(is_global[:int(positions[-1])]).flatten())
-    needed = torch.unique(torch.cat(needed))
-    return needed[~torch.isin(needed, positions)]
+        asked = global_query_needs(mine, is_global)
+        for rank in range(cp_size):
+            sends, receives, _ = plan(asked, mine, rank)
+            out[rank]["queries"] = sum(index.numel() for _, index in sends)
+            out[rank]["answers"] = sum(count for _, count in receives)
+    return out
 
 
 def apply_context_parallel(model: torch.nn.Module, ctx: ParallelContext, comm_type: str = "p2p") -> torch.nn.Module:

@@ -17,7 +17,7 @@ from longctx_megatron.model.attention.patterns import (
     dense_mask,
 )
 from longctx_megatron.model.attention.positional import attend_at_positions
-from longctx_megatron.parallel.context import check_comm_type, shard_batch, zigzag_positions
+from longctx_megatron.parallel.context import check_comm_type, rows_sent, shard_batch, zigzag_positions
 from longctx_megatron.parallel.state import ParallelContext
 from tests.distributed import run_on_ranks
 
@@ -54,7 +54,7 @@ def _cp_attention(rank, world, comm_types):
                 with record_traffic() as sent:
                     out = attention(q, k, v, Documents(DOCUMENTS) if with_documents else None)
                     out.backward(grad[:, :, here])
-                results[comm, name, with_documents] = (out.detach(), q.grad, k.grad, v.grad, sum(sent.values()))
+                results[comm, name, with_documents] = (out.detach(), q.grad, k.grad, v.grad, dict(sent))
     return here, results
 
 
@@ -73,10 +73,21 @@ def test_context_parallel_attention_equals_one_process(world):
                 got[:, :, here] += results[key][index]
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10, msg=lambda m, key=key, i=index:
                                        f"{key}, {'out q k v'.split()[i]}: {m}")
+    # What went into the exchanges is what the plans say (rows_sent, the traffic benchmark's numbers).
+    row_bytes = {"kv": BATCH * 2 * KV_HEADS * DIM * 8, "queries": BATCH * HEADS * DIM * 8,
+                 "answers": BATCH * HEADS * (DIM + 1) * 8}  # float64; an answer is out and its lse
+    for (comm, name, with_documents), _ in outcomes[0][1].items():
+        documents = Documents(DOCUMENTS) if with_documents else None
+        planned = rows_sent(PATTERNS[name], SEQ, world, comm, documents)
+        for rank, (_, results) in enumerate(outcomes):
+            sent = {part: nbytes for (kind, part, direction), nbytes in results[comm, name, with_documents][4].items()
+                    if direction == "forward" and nbytes}
+            expected = {part: rows * row_bytes[part] for part, rows in planned[rank].items() if rows}
+            assert sent == expected, (comm, name, with_documents, rank, sent, expected)
     # The halo moves less than gathering everything, for every local kind.
     for name in ("sliding", "dilated"):
-        halo = sum(results["p2p", name, False][4] for _, results in outcomes)
-        gathered = sum(results["allgather", name, False][4] for _, results in outcomes)
+        halo = sum(sum(results["p2p", name, False][4].values()) for _, results in outcomes)
+        gathered = sum(sum(results["allgather", name, False][4].values()) for _, results in outcomes)
         assert 0 < halo < gathered, (name, halo, gathered)
 
 
