@@ -197,7 +197,7 @@ class ContextParallelAttention(torch.nn.Module):
     def _all_gathered(self, q, k, v, mine, documents, dropout_p):
         keys, values, positions = self._with_received(k, v, everything_else(mine), mine)
         return attend_at_positions(q, keys, values, self.pattern, mine[self.rank], positions, documents,
-                                   dropout_p=dropout_p)[0]
+                                   dropout_p=dropout_p, need_lse=False)[0]
 
     def _ring(self, q, k, v, mine, documents, dropout_p):
         """N - 1 steps: pass the block I hold to the next rank and take the previous rank's. Under the
@@ -223,7 +223,7 @@ class ContextParallelAttention(torch.nn.Module):
         always = is_global[positions] if is_global is not None else None
         half = q.shape[2] // 2  # each chunk on its own: a block never spans the gap between them
         out = torch.cat([attend_at_positions(q[:, :, part], keys, values, pattern, mine[self.rank][part], positions,
-                                             documents, reach, always, dropout_p)[0]
+                                             documents, reach, always, dropout_p, need_lse=False)[0]
                          for part in (slice(0, half), slice(half, None))], dim=2)
         if is_global is None:
             return out

@@ -106,9 +106,11 @@ def test_reach_bounds_every_non_global_pair(name):
         assert span == pattern.reach  # attained: the bound is tight
 
 
+@pytest.mark.parametrize("need_lse", [True, False], ids=["recomputed", "fused"])
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_positional_kernel_equals_the_oracle(name):
-    """Any query subset at its positions over all keys (reach-limited where the rule allows)."""
+def test_positional_kernel_equals_the_oracle(name, need_lse):
+    """Any query subset at its positions over all keys (reach-limited where the rule allows), forward
+    and backward, by both block kernels."""
     pattern = PATTERNS[name]
     q, k, v, _ = (x.requires_grad_() for x in _inputs())
     documents = Documents(DOCUMENTS)
@@ -117,9 +119,14 @@ def test_positional_kernel_equals_the_oracle(name):
     positions = torch.arange(SEQ)
     local = pattern.reach is not None and not getattr(pattern, "global_every", 0)
     out, lse = attend_at_positions(q[:, :, rows], k, v, pattern, rows, positions, documents,
-                                   reach=pattern.reach if local else None, block=3)
+                                   reach=pattern.reach if local else None, block=3, need_lse=need_lse)
     torch.testing.assert_close(out, reference[:, :, rows], rtol=1e-12, atol=1e-12)
-    assert torch.isfinite(lse).all()
+    assert (lse is not None) == need_lse and (lse is None or torch.isfinite(lse).all())
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad((out * grad).sum(), (q, k, v))
+    expected = torch.autograd.grad((reference[:, :, rows] * grad).sum(), (q, k, v))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_zigzag_split_and_shard_batch():

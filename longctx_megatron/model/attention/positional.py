@@ -11,8 +11,9 @@ Queries are cut into blocks of ``block``; with a finite ``reach`` (the largest i
 allows outside its global tokens, ``Pattern.reach``) a block scores only the keys in
 [first - reach + 1, last] of its positions plus the ``always`` keys older than that (global
 tokens), gathered per block: O(T * (reach + block)) work. Without a reach every block scores every
-key (one shared key set, masked). Scores are recomputed in backward (recompute.block_attention),
-so memory is O(T * D) plus the masks.
+key (one shared key set, masked). With the log-sum-exp, scores are recomputed in backward
+(recompute.block_attention), so memory is O(T * D) plus the masks; without it (``need_lse=False``)
+the blocks go to SDPA's fused kernel on CPU (``masked_sdpa``, several times faster there).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from longctx_megatron.model.attention.backends.recompute import block_attention
+from longctx_megatron.model.attention.backends.recompute import block_attention, masked_sdpa
 from longctx_megatron.model.attention.patterns import DilatedPattern, Documents, Pattern, document_mask_mod
 
 BLOCK = 128  # queries per block
@@ -28,13 +29,13 @@ BLOCK = 128  # queries per block
 
 def attend_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, q_pos: torch.Tensor,
                         k_pos: torch.Tensor, documents: Documents | None = None, reach: int | None = None,
-                        always: torch.Tensor | None = None, dropout_p: float = 0.0, block: int = BLOCK
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+                        always: torch.Tensor | None = None, dropout_p: float = 0.0, block: int = BLOCK,
+                        need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q (B, H, Tq, D) at positions ``q_pos`` (Tq,), ascending, over k, v (B, Hkv, Tk, D) at ``k_pos``
     (Tk,), ascending, where ``pattern`` (within ``documents``, indexed by these positions) allows.
     The caller guarantees that a key the rule shows a query lies within ``reach`` of it or is
     marked in ``always`` (Tk,) bool. Returns (out (B, H, Tq, D), lse (B, H, Tq) float32, float64 for
-    float64 inputs); a query that sees no key gets 0 and -inf."""
+    float64 inputs, or None unless ``need_lse``); a query that sees no key gets 0 and -inf."""
     batch, n_heads, rows, head_dim = q.shape
     n_kv = k.shape[1]
     group = n_heads // n_kv
@@ -64,9 +65,36 @@ def attend_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
         k_blocks = k[:, :, flat].view(batch, n_kv, 1, n_blocks, width, head_dim)
         v_blocks = v[:, :, flat].view(batch, n_kv, 1, n_blocks, width, head_dim)
     mask = _visible(pattern, documents, padded_pos, key_pos, n_kv, group, batch) & valid[:, None, :]
+    if not need_lse:
+        return _fused(q_blocks, k_blocks, v_blocks, mask, dropout_p)[:, :, :rows], None
     out, lse = block_attention(q_blocks, k_blocks, v_blocks, mask[:, :, None], dropout_p)
     out = out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :rows]
     return out, lse.reshape(batch, n_heads, n_blocks * block)[:, :, :rows]
+
+
+def _fused(q_blocks, k_blocks, v_blocks, mask, dropout_p) -> torch.Tensor:
+    """The blocks by ``masked_sdpa``: (B, Hkv, g, n, C, D) queries over (B, Hkv, 1, n or 1, S, D) keys
+    under mask (B or 1, Hkv or 1, n, C, S) -> (B, H, n * C, D). A row with no visible key gets 0."""
+    batch, n_kv, group, n_blocks, block, head_dim = q_blocks.shape
+    width = k_blocks.shape[-2]
+    q = q_blocks.permute(0, 3, 1, 2, 4, 5).reshape(batch * n_blocks, n_kv * group, block, head_dim)
+    k, v = (x.expand(-1, -1, -1, n_blocks, -1, -1)[:, :, 0].transpose(1, 2).reshape(batch * n_blocks, n_kv, width,
+                                                                                      head_dim)
+            for x in (k_blocks, v_blocks))
+    mask = mask.expand(batch, -1, -1, -1, -1).transpose(1, 2)  # (B, n, Hkv or 1, C, S)
+    if mask.shape[2] > 1:
+        mask = mask.repeat_interleave(group, dim=2)  # per KV head -> per query head
+    mask = mask.reshape(batch * n_blocks, mask.shape[2], block, width)
+    has_key = mask.any(-1, keepdim=True)
+    empty = not bool(has_key.all())
+    if empty:  # give empty rows one key (SDPA's result for a fully masked row varies by kernel), then zero them
+        mask = mask.clone()
+        mask[..., 0] |= ~has_key[..., 0]
+    out = masked_sdpa(q, k, v, mask, dropout_p)
+    if empty:
+        out = out * has_key
+    return out.view(batch, n_blocks, n_kv * group, block, head_dim).transpose(1, 2).reshape(
+        batch, n_kv * group, n_blocks * block, head_dim)
 
 
 def _visible(pattern: Pattern, documents: Documents | None, q_pos: torch.Tensor, key_pos: torch.Tensor,
