@@ -7,6 +7,13 @@ each prompt's last token only; ``logits`` keeps those of a range of positions in
 ``decode`` appends one token per sequence and returns the next logits. Logits come back as
 full-vocabulary float32 on every rank: under tensor parallelism each rank's vocabulary shard is
 gathered, so every rank samples the same token.
+
+With a context-parallel group (``context``, CP > 1), a prefill first runs the longest prefix that
+splits into 2 x CP chunks and needs no logits over the group: each rank takes its zigzag part
+through the model with context-parallel attention (parallel/context.py: a halo for local layers,
+the ring for full ones), and every layer's keys and values are gathered over the group into the
+caches; the rest of the prompts (at least their last token) and decoding run as without CP, on
+every rank alike.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ import torch
 import torch.distributed as dist
 
 from longctx_megatron.inference.cache import KVCache
+from longctx_megatron.parallel.context import apply_context_parallel, zigzag_positions
+from longctx_megatron.parallel.state import ParallelContext
 
 
 class InferenceEngine:
-    def __init__(self, model, prefill_chunk: int = 512, history_device=None, tp_group=None):
+    def __init__(self, model, prefill_chunk: int = 512, history_device=None, tp_group=None,
+                 context: ParallelContext | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 1")
         if not (model.pre_process and model.post_process):
@@ -28,6 +38,9 @@ class InferenceEngine:
         weight = model.embedding.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.vocab_size = model.config.vocab_size
+        self.context = context if context is not None and context.cp_size > 1 else None
+        if self.context is not None:
+            apply_context_parallel(self.model, self.context)  # used by uncached forwards only: the CP prefill
 
     def new_cache(self, batch: int, capacity: int = 0) -> KVCache:
         return KVCache(self.model, batch, self.device, self.dtype, capacity, self.history_device)
@@ -57,7 +70,8 @@ class InferenceEngine:
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         kept: list[list[torch.Tensor]] = [[] for _ in prompts]
-        for start in range(0, longest, self.prefill_chunk):
+        done = self._context_parallel_prefix(cache, tokens, int(first.min())) if self.context is not None else 0
+        for start in range(done, longest, self.prefill_chunk):
             stop = min(start + self.prefill_chunk, longest)
             positions = torch.arange(start, stop)[None].expand(len(prompts), -1)
             positions = torch.where(positions < lengths[:, None], positions, -1)
@@ -72,6 +86,36 @@ class InferenceEngine:
                 if count:
                     kept[row].append(logits[row, :count])
         return cache, [torch.cat(row) for row in kept]
+
+    def _context_parallel_prefix(self, cache: KVCache, tokens: torch.Tensor, first: int) -> int:
+        """Prefill positions [0, L) of every sequence over the CP group, L the largest multiple of
+        2 x CP up to ``first`` (the first position whose logits are wanted); returns L."""
+        ctx, batch = self.context, tokens.shape[0]
+        length = first // (2 * ctx.cp_size) * 2 * ctx.cp_size
+        if length == 0:
+            return 0
+        here = zigzag_positions(length, ctx.cp_size, ctx.cp_rank, self.device)
+        captured = {}
+        hooks = [block.attention.core_attention.register_forward_hook(
+            lambda _module, inputs, _out, index=int(index): captured.__setitem__(index, inputs[1:3]))
+            for index, block in self.model.layers.items()]
+        try:
+            self.model(tokens[:, here.cpu()].to(self.device), here.expand(batch, -1),
+                       logits_at=torch.zeros(batch, 1, dtype=torch.long, device=self.device))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        order = torch.argsort(torch.cat([zigzag_positions(length, ctx.cp_size, rank, self.device)
+                                         for rank in range(ctx.cp_size)]))
+        positions = torch.arange(length, device=self.device).expand(batch, -1)
+        for index, (k, v) in captured.items():
+            local = torch.cat([k, v], dim=1).contiguous()
+            parts = [torch.empty_like(local) for _ in range(ctx.cp_size)]
+            dist.all_gather(parts, local, group=ctx.cp_group)
+            whole = torch.cat(parts, dim=2)[:, :, order]
+            cache.layer(index).write(whole[:, :k.shape[1]], whole[:, k.shape[1]:], positions)
+        cache.begin(positions)
+        return length
 
     @torch.no_grad()
     def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:

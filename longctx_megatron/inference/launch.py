@@ -1,5 +1,5 @@
 """What the inference tools share: Megatron-style flags for the model and tokenizer, the process
-group (one process per tensor rank, under torchrun or alone), the checkpoint loaded onto this
+group (one process per tensor x context-parallel rank, under torchrun or alone), the checkpoint loaded onto this
 rank's shard, the tokenizer checked against the checkpoint's, and the engine."""
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-model")
     parser.add_argument("--vocab-size", type=int, help="NullTokenizer: ids before eod")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parser.add_argument("--context-parallel-size", type=int, default=1,
+                        help="prefill long prompts split over this many ranks (parallel/context.py), then decode")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill forward")
     parser.add_argument("--history-on-host", action="store_true",
                         help="keep the sliding layers' global-query history in host memory (ADR 0013)")
@@ -60,15 +62,18 @@ class Session:
 
 def open_session(args, log=print) -> Session:
     """The engine for ``args`` (add_model_flags); every rank calls this together."""
-    if args.tensor_model_parallel_size < 1:
-        raise ValueError("--tensor-model-parallel-size must be >= 1")
+    for flag in ("tensor_model_parallel_size", "context_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != args.tensor_model_parallel_size:
+    if world != args.tensor_model_parallel_size * args.context_parallel_size:
         raise ParallelLayoutError(f"{world} processes for --tensor-model-parallel-size "
-                                  f"{args.tensor_model_parallel_size}: launch one process per tensor rank")
+                                  f"{args.tensor_model_parallel_size} x --context-parallel-size "
+                                  f"{args.context_parallel_size}: launch one process per tensor x context rank")
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    ctx = initialize_parallel(tensor=args.tensor_model_parallel_size, backend=default_backend(device))
+    ctx = initialize_parallel(tensor=args.tensor_model_parallel_size, backend=default_backend(device),
+                              context=args.context_parallel_size)
     quiet = log if ctx.rank == 0 else (lambda *_: None)
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
     loaded = load_model(args.load, ctx, device, dtype, step=args.ckpt_step, log=quiet)
@@ -81,7 +86,8 @@ def open_session(args, log=print) -> Session:
     quantize_weights(loaded.model, args.quantize)
     quantized = f", projections quantized to {args.quantize}" if args.quantize != "none" else ""
     quiet(f"loaded {loaded.source}{quantized}")
-    engine = InferenceEngine(loaded.model, args.prefill_chunk, "cpu" if args.history_on_host else None, ctx.tp_group)
+    engine = InferenceEngine(loaded.model, args.prefill_chunk, "cpu" if args.history_on_host else None, ctx.tp_group,
+                             ctx)
     return Session(ctx, tokenizer, loaded, engine)
 
 

@@ -59,6 +59,19 @@ def test_the_tool_on_one_process_and_on_tp2_generates_what_full_forwards_do(chec
             assert line["text"] == tokenizer.decode(line["tokens"]) and line["finish_reason"] == "length"
 
 
+def test_the_tool_under_context_parallelism_generates_what_full_forwards_do(checkpoint, tmp_path):
+    """--context-parallel-size 2: the 405-token prompt's first 404 tokens are prefilled over the CP
+    group (the checkpoint is the TP2 x PP2 one, loaded whole on each rank)."""
+    output = str(tmp_path / "cp2.jsonl")
+    argv = ["--load", checkpoint, "--tokenizer-type", "ByteTokenizer", "--prompt", PROMPTS[0] * 3, "--greedy",
+            "--max-new-tokens", "12", "--ignore-eod", "--prefill-chunk", "16", "--output-file", output,
+            "--context-parallel-size", "2"]
+    assert run_on_ranks(_tool, 2, argv) == [0, 0]
+    tokenizer = ByteTokenizer()
+    [line] = [json.loads(line) for line in open(output)]
+    assert line["tokens"] == greedy_by_full_forward(reference_model(checkpoint), tokenizer.encode(PROMPTS[0] * 3), 12)
+
+
 def _tp2_logits(rank, world_size, root, prompts, steps):
     ctx = initialize_parallel(tensor=2)
     engine = InferenceEngine(load_model(root, ctx, torch.device("cpu"), torch.float32, "chunked",
