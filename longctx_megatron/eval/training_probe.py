@@ -70,8 +70,10 @@ class RetrievalProbe:
         model = whole_model(chunks, self.config, self.ctx, self.device, self.attention_backend)
         engine = InferenceEngine(model, self.prefill_chunk, tp_group=self.ctx.tp_group if self.ctx.tp_size > 1
                                  else None)
-        groups = self.ctx.dp_size * self.ctx.pp_size  # tensor groups, each now holding the whole model
-        mine = self.cases[self.ctx.pp_rank * self.ctx.dp_size + self.ctx.dp_rank::groups]
+        # Tensor groups, each now holding the whole model (CP ranks too: each scores cases of its own).
+        groups = self.ctx.dp_size * self.ctx.pp_size * self.ctx.cp_size
+        group = (self.ctx.pp_rank * self.ctx.dp_size + self.ctx.dp_rank) * self.ctx.cp_size + self.ctx.cp_rank
+        mine = self.cases[group::groups]
         results = score(engine, self.tokenizer, mine) if mine else []
         del engine, model
         if groups > 1:  # every group's results, once (from its tensor rank 0), on every rank

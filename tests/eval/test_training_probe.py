@@ -45,6 +45,8 @@ def _tool_cells(checkpoint: str, step: int, tmp_path, flags: list[str]) -> dict:
     (1, [], ["--bf16"], 2),
     # 6 cases over 2 tensor groups (data 1 x pipeline 2)
     (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2", "--sequence-parallel"], [], 3),
+    # 6 cases over 2 context-parallel ranks, each with the whole model
+    (2, ["--context-parallel-size", "2"], [], 3),
     # 2 cases over 4 groups (data 2 x pipeline 2): two groups score none
     (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"], ["--bf16"], 1),
 ])

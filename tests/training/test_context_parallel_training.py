@@ -1,6 +1,6 @@
 """pretrain_longctx.py under context parallelism against one process: packed documents (so the
 document rule crosses chunk boundaries), every layer kind, CP chunks equal to and shorter than the
-window; CP2, CP4, CP2 x TP2 with sequence parallelism, CP2 x PP2 with ZeRO-1 and selective
+window; CP2, CP4, CP2 x TP2 with sequence parallelism and full recomputation, CP2 x PP2 with ZeRO-1 and selective
 recomputation, both comm types; bf16 as close to one bf16 process as bf16 is to fp32; and a
 checkpoint saved under CP2 resumed under CP1 (nothing lost, the same losses)."""
 
@@ -54,7 +54,8 @@ LAYOUTS = {
     "cp2": (2, CP2),
     "cp2-allgather": (2, CP2 + ["--cp-comm-type", "allgather"]),
     "cp4": (4, ["--context-parallel-size", "4"]),
-    "cp2xtp2-sp": (4, CP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "cp2xtp2-sp-recompute": (4, CP2 + ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                       "--recompute-granularity", "full"]),
     "cp2xpp2-zero1-recompute": (4, CP2 + ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
                                           "--recompute-granularity", "selective"]),
 }
