@@ -9,11 +9,14 @@ rules need at every position.
 
 What each layer kind receives (``--cp-comm-type p2p``, the default):
 
-* full: ring attention. K/V blocks travel around the CP ring (N - 1 steps); each step's partial
-  attention of the local queries over the block it holds is merged by log-sum-exp. Backward is the
-  reverse ring (autograd through the point-to-point steps).
+* full: the causal prefix. A rank receives, in one exchange, the K/V of every earlier position it
+  lacks (under the zigzag split 3/4 of all-gather's rows on average, all of them on rank 0), and
+  each of its chunks attends over a contiguous prefix of positions. A ring (N - 1 steps, partial
+  attentions merged by log-sum-exp) moves all-gather's bytes; built over autograd it keeps every
+  block for backward anyway and its LSE path ran 4-5x slower on CPU than one fused attention
+  (ADR 0015), so it is not used.
 * sliding / dilated: a halo. Each chunk needs the keys within the pattern's reach before it
-  (``Pattern.reach``: W, or W * r + r - 1 dilated), fetched from whichever ranks hold them (several
+  (``Pattern.reach``: W, or W * r dilated), fetched from whichever ranks hold them (several
   when a chunk is shorter than the reach). Global tokens: the global keys before a rank's chunks are
   fetched too (T / G of them); a global *query* sees every earlier key, so it is sent to the other
   ranks, which attend it over their own keys and send back (out, lse), merged by log-sum-exp.
@@ -171,11 +174,7 @@ class ContextParallelAttention(torch.nn.Module):
         mine = [zigzag_positions(seq_len, self.size, rank, q.device) for rank in range(self.size)]
         dropout_p = self.dropout if self.training else 0.0
         with self.dropout_rng():
-            if self.comm_type == "allgather":
-                return self._all_gathered(q, k, v, mine, documents, dropout_p)
-            if self.pattern.reach is None:
-                return self._ring(q, k, v, mine, documents, dropout_p)
-            return self._halo(q, k, v, mine, documents, dropout_p)
+            return self._attend(q, k, v, mine, documents, dropout_p)
 
     def _plan(self, needs: list[torch.Tensor], mine: list[torch.Tensor]):
         """``plan`` for this rank, with peers as global ranks."""
@@ -194,38 +193,24 @@ class ContextParallelAttention(torch.nn.Module):
         keys = keys[:, :, order]
         return keys[:, :k.shape[1]], keys[:, k.shape[1]:], positions[order]
 
-    def _all_gathered(self, q, k, v, mine, documents, dropout_p):
-        keys, values, positions = self._with_received(k, v, everything_else(mine), mine)
-        return attend_at_positions(q, keys, values, self.pattern, mine[self.rank], positions, documents,
-                                   dropout_p=dropout_p, need_lse=False)[0]
-
-    def _ring(self, q, k, v, mine, documents, dropout_p):
-        """N - 1 steps: pass the block I hold to the next rank and take the previous rank's. Under the
-        zigzag split every block holds keys earlier than some query here, so every step computes."""
-        block, out, lse = torch.cat([k, v], dim=1), None, None
-        n_kv = k.shape[1]
-        ahead, behind = self.ranks[(self.rank + 1) % self.size], self.ranks[(self.rank - 1) % self.size]
-        for step in range(self.size):
-            if step:
-                everything = torch.arange(block.shape[2], device=q.device)
-                block = _Exchange.apply(block, [(ahead, everything)], [(behind, block.shape[2])], self.group,
-                                        (self.pattern.kind, "kv"))
-            source = mine[(self.rank - step) % self.size]
-            part, part_lse = attend_at_positions(q, block[:, :n_kv], block[:, n_kv:], self.pattern, mine[self.rank],
-                                                 source, documents, dropout_p=dropout_p, block=512)
-            out, lse = (part, part_lse) if out is None else merge_by_lse(out, lse, part, part_lse)
-        return out
-
-    def _halo(self, q, k, v, mine, documents, dropout_p):
-        pattern, reach = self.pattern, self.pattern.reach
-        is_global = global_positions(pattern, documents, q.shape[2] * self.size, q.device)
-        keys, values, positions = self._with_received(k, v, halo_needs(mine, reach, is_global), mine)
-        always = is_global[positions] if is_global is not None else None
+    def _attend(self, q, k, v, mine, documents, dropout_p):
+        """Receive the keys this rank's queries can see (all of them under allgather), attend each
+        chunk over them; with global tokens under p2p, the global queries are answered by every rank."""
+        pattern, seq_len = self.pattern, q.shape[2] * self.size
+        is_global = global_positions(pattern, documents, seq_len, q.device)
+        exchange_globals = is_global is not None and self.comm_type == "p2p"
+        # A full layer's reach is the whole sequence: its halo is every earlier position.
+        needs = everything_else(mine) if self.comm_type == "allgather" else halo_needs(mine, pattern.reach or seq_len,
+                                                                                       is_global)
+        keys, values, positions = self._with_received(k, v, needs, mine)
+        # Gathered whole, global queries are answered here: every key is, and no reach limits them.
+        reach = pattern.reach if is_global is None or exchange_globals else None
+        always = is_global[positions] if exchange_globals else None
         half = q.shape[2] // 2  # each chunk on its own: a block never spans the gap between them
         out = torch.cat([attend_at_positions(q[:, :, part], keys, values, pattern, mine[self.rank][part], positions,
                                              documents, reach, always, dropout_p, need_lse=False)[0]
                          for part in (slice(0, half), slice(half, None))], dim=2)
-        if is_global is None:
+        if not exchange_globals:
             return out
         return self._global_queries(q, k, v, keys, out, mine, is_global, documents, dropout_p)
 
@@ -340,10 +325,10 @@ def rows_sent(pattern: Pattern, seq_len: int, cp_size: int, comm_type: str = "p2
     one position's K and V), "queries" (one global query, all heads) and "answers" (one global
     query's out, all heads, and its lse). From the same plans the layer runs; nothing is sent."""
     mine = [zigzag_positions(seq_len, cp_size, rank) for rank in range(cp_size)]
-    if comm_type == "allgather" or pattern.reach is None:  # all-gather, or the ring's N - 1 steps
+    if comm_type == "allgather":
         return [{"kv": (cp_size - 1) * (seq_len // cp_size)} for _ in range(cp_size)]
     is_global = global_positions(pattern, documents, seq_len)
-    halo = halo_needs(mine, pattern.reach, is_global)
+    halo = halo_needs(mine, pattern.reach or seq_len, is_global)
     out = [{"kv": sum(index.numel() for _, index in plan(halo, mine, rank)[0])} for rank in range(cp_size)]
     if is_global is not None:
         asked = global_query_needs(mine, is_global)
