@@ -6,6 +6,8 @@ import numpy as np
 
 from longctx_megatron.data.indexed_dataset import building_dataset
 
+PACKED_VOCAB = 96  # the packed corpus' NullTokenizer ids; its EOD is id 96
+
 
 def write_eod_corpus(prefix: str, vocab: int, count: int, max_length: int, seed: int) -> str:
     """``count`` documents of 2 .. max_length - 1 random NullTokenizer ids below ``vocab``, each ending

@@ -1,7 +1,7 @@
 """pretrain_longctx.py under context parallelism against one process: packed documents (so the
 document rule crosses chunk boundaries), every layer kind, CP chunks equal to and shorter than the
-window; CP2, CP4, CP2 x TP2 with sequence parallelism and full recomputation, CP2 x PP2 with ZeRO-1 and selective
-recomputation, both comm types; bf16 as close to one bf16 process as bf16 is to fp32; and a
+window; CP2, CP4, CP2 x TP2 with sequence parallelism and full recomputation, CP2 x PP2 with
+ZeRO-1 and selective recomputation, both comm types; bf16 as close to one bf16 process as bf16 is to fp32; and a
 checkpoint saved under CP2 resumed under CP1 (nothing lost, the same losses)."""
 
 from __future__ import annotations
@@ -13,39 +13,20 @@ from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.setup import setup
 from tests.checkpoint.helpers import assert_same_tensors, tensors
 from tests.distributed import run_on_ranks
-from tests.training.corpora import write_eod_corpus
-
-VOCAB = 96  # NullTokenizer ids; its EOD is id 96
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """Documents of 2-40 tokens, each ending in EOD: every 64-token sample packs several."""
-    return write_eod_corpus(str(tmp_path_factory.mktemp("packed") / "docs"), VOCAB, count=300, max_length=40, seed=1)
+from tests.training.test_packed_documents_parallel import _flags as _packed_flags
+from tests.training.test_packed_documents_parallel import _gap, _losses
 
 
 def _flags(prefix: str, *extra: str) -> list[str]:
-    # Window 16 and dilated reach 8 x 2 = 16: CP2's chunks (16) equal them, CP4's (8) are shorter.
-    return ["--data-path", prefix, "--tokenizer-type", "NullTokenizer", "--vocab-size", str(VOCAB),
-            "--split", "90,10,0", "--seq-length", "64", "--num-layers", "4", "--hidden-size", "64",
-            "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "128",
-            "--sliding-window", "16", "--global-every", "8", "--dilated-window", "8", "--dilation", "2",
-            "--attention-layout", "sliding:2,dilated:1,full:1", "--attention-backend", "chunked",
-            "--reset-attention-mask", "--reset-position-ids", "--micro-batch-size", "1", "--global-batch-size",
-            "4", "--train-iters", "5", "--eval-iters", "1", "--log-interval", "5", *extra]
-
-
-def _losses(rank, world_size, flags) -> list[float]:
-    return setup(parse_run_config(flags, world_size), log=lambda *_: None).train()
-
-
-def _gap(losses, reference) -> float:
-    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference, strict=True))
+    # The packed-documents test's model: window 16 and dilated reach 8 x 2 = 16, so CP2's chunks (16)
+    # equal them and CP4's (8) are shorter; with document masks and 5 iterations.
+    return _packed_flags(prefix, "--reset-attention-mask", "--reset-position-ids", "--train-iters", "5",
+                         "--log-interval", "5", *extra)
 
 
 @pytest.fixture(scope="module")
-def one_process(corpus):
-    return {precision: _losses(0, 1, _flags(corpus, *flags)) for precision, flags in (("fp32", []),
+def one_process(packed_corpus):
+    return {precision: _losses(0, 1, _flags(packed_corpus, *flags)) for precision, flags in (("fp32", []),
                                                                                         ("bf16", ["--bf16"]))}
 
 
@@ -62,15 +43,15 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_losses_equal_one_process(corpus, one_process, name):
+def test_losses_equal_one_process(packed_corpus, one_process, name):
     world, flags = LAYOUTS[name]
-    losses = run_on_ranks(_losses, world, _flags(corpus, *flags), timeout=300)
+    losses = run_on_ranks(_losses, world, _flags(packed_corpus, *flags), timeout=300)
     assert _gap(losses[-1], one_process["fp32"]) < 1e-5, (losses[-1], one_process["fp32"])
 
 
-def test_bf16_is_as_close_as_bf16_allows(corpus, one_process):
+def test_bf16_is_as_close_as_bf16_allows(packed_corpus, one_process):
     spread = _gap(one_process["bf16"], one_process["fp32"])
-    losses = run_on_ranks(_losses, 2, _flags(corpus, "--bf16", *CP2), timeout=300)
+    losses = run_on_ranks(_losses, 2, _flags(packed_corpus, "--bf16", *CP2), timeout=300)
     assert _gap(losses[0], one_process["bf16"]) <= max(spread, 1e-3), (losses[0], one_process["bf16"], spread)
 
 
@@ -84,11 +65,11 @@ def _load_save_step(rank, world_size, flags, source, target):
     return trainer.train()
 
 
-def test_resume_under_another_context_parallel_size(corpus, tmp_path):
+def test_resume_under_another_context_parallel_size(packed_corpus, tmp_path):
     source, again = str(tmp_path / "cp2"), str(tmp_path / "cp1")
-    straight = run_on_ranks(_losses, 2, _flags(corpus, *CP2, "--use-distributed-optimizer", "--save", source,
+    straight = run_on_ranks(_losses, 2, _flags(packed_corpus, *CP2, "--use-distributed-optimizer", "--save", source,
                                                "--save-interval", "3"), timeout=300)[0]
-    resumed = run_on_ranks(_load_save_step, 1, _flags(corpus, "--use-distributed-optimizer"), source, again,
+    resumed = run_on_ranks(_load_save_step, 1, _flags(packed_corpus, "--use-distributed-optimizer"), source, again,
                            timeout=300)[0]
     # Nothing lost or moved: CP1 writes back exactly what CP2 saved (weights, masters, Adam moments).
     for prefix in ("model/", "optimizer/"):

@@ -8,15 +8,7 @@ import pytest
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.setup import setup
 from tests.distributed import run_on_ranks
-from tests.training.corpora import write_eod_corpus
-
-VOCAB = 96  # NullTokenizer ids; its EOD is id 96
-
-
-@pytest.fixture(scope="module")
-def packed_corpus(tmp_path_factory) -> str:
-    """Documents of 2-40 tokens, each ending in EOD: every 64-token sample packs several."""
-    return write_eod_corpus(str(tmp_path_factory.mktemp("packed") / "docs"), VOCAB, count=300, max_length=40, seed=1)
+from tests.training.corpora import PACKED_VOCAB as VOCAB
 
 
 def _flags(prefix: str, *extra: str) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from longctx_megatron.model.attention.backends.recompute import block_attention, masked_sdpa
+from longctx_megatron.model.attention.backends.recompute import block_attention, masked_sdpa_zero_empty
 from longctx_megatron.model.attention.patterns import DilatedPattern, Documents, Pattern, document_mask_mod
 
 BLOCK = 128  # queries per block
@@ -84,15 +84,7 @@ def _fused(q_blocks, k_blocks, v_blocks, mask, dropout_p) -> torch.Tensor:
     mask = mask.expand(batch, -1, -1, -1, -1).transpose(1, 2)  # (B, n, Hkv or 1, C, S)
     if mask.shape[2] > 1:
         mask = mask.repeat_interleave(group, dim=2)  # per KV head -> per query head
-    mask = mask.reshape(batch * n_blocks, mask.shape[2], block, width)
-    has_key = mask.any(-1, keepdim=True)
-    empty = not bool(has_key.all())
-    if empty:  # give empty rows one key (SDPA's result for a fully masked row varies by kernel), then zero them
-        mask = mask.clone()
-        mask[..., 0] |= ~has_key[..., 0]
-    out = masked_sdpa(q, k, v, mask, dropout_p)
-    if empty:
-        out = out * has_key
+    out = masked_sdpa_zero_empty(q, k, v, mask.reshape(batch * n_blocks, mask.shape[2], block, width), dropout_p)
     return out.view(batch, n_blocks, n_kv * group, block, head_dim).transpose(1, 2).reshape(
         batch, n_kv * group, n_blocks * block, head_dim)
 

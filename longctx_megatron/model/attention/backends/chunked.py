@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from longctx_megatron.model.attention.backends.base import BackendUnavailable, DecomposedBackend
-from longctx_megatron.model.attention.backends.recompute import masked_sdpa
+from longctx_megatron.model.attention.backends.recompute import masked_sdpa, masked_sdpa_zero_empty
 
 
 def sdpa_window_attention(
@@ -86,15 +86,7 @@ def sdpa_window_attention(
             extra_mask = F.pad(extra_mask, (0, 0, 0, tail), value=False).view(extra_mask.shape[0], n_blocks, block, -1)
             mask = torch.cat([mask, extra_mask.transpose(0, 1).expand(n_blocks, batch, block, -1)], dim=-1)
             k_all, v_all = torch.cat([k_all, per_block(k_extra)], dim=2), torch.cat([v_all, per_block(v_extra)], dim=2)
-        has_key = mask.any(-1, keepdim=True).reshape(rows, 1, block, 1)
-        mask = mask.reshape(rows, 1, block, -1)
-        empty = not bool(has_key.all())
-        if empty:  # give empty rows one key (SDPA's result for a fully masked row varies by kernel), then zero them
-            mask = mask.clone()
-            mask[..., 0] |= ~has_key[..., 0]
-        out = masked_sdpa(q_blocks, k_all, v_all, mask, dropout_p)
-        if empty:
-            out = out * has_key
+        out = masked_sdpa_zero_empty(q_blocks, k_all, v_all, mask.reshape(rows, 1, block, -1), dropout_p)
     out = out.view(n_blocks, batch, n_heads, block, head_dim).permute(1, 2, 0, 3, 4)
     return out.reshape(batch, n_heads, n_blocks * block, head_dim)[:, :, :seq_len]
 

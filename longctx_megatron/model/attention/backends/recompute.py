@@ -111,6 +111,17 @@ def shared_key_attention(q, k, v, mask, dropout_p: float = 0.0, rows_per_block: 
     return out.flatten(-3, -2)[..., :rows, :], lse.flatten(-2)[..., :rows]
 
 
+def masked_sdpa_zero_empty(q, k, v, mask, dropout_p: float = 0.0) -> torch.Tensor:
+    """``masked_sdpa`` where a row may have no visible key: it gets output 0 (SDPA's result for a fully
+    masked row varies by kernel, so such a row is given one key, then zeroed)."""
+    has_key = mask.any(-1, keepdim=True)
+    if bool(has_key.all()):
+        return masked_sdpa(q, k, v, mask, dropout_p)
+    mask = mask.clone()
+    mask[..., 0] |= ~has_key[..., 0]
+    return masked_sdpa(q, k, v, mask, dropout_p) * has_key
+
+
 def masked_sdpa(q, k, v, mask, dropout_p: float = 0.0, fused: bool | None = None) -> torch.Tensor:
     """softmax attention of q (N, H, R, D) over k, v (N, Hkv, K, D) where ``mask`` (broadcast to
     (N, 1, R, K)) is True; every row must have a visible key.
