@@ -89,10 +89,10 @@ def check_layout(world_size: int, tensor: int, pipeline: int, data: int | None, 
         if value < 1:
             raise ParallelLayoutError(f"{name}-parallel size {value} must be >= 1")
     model = tensor * pipeline * context
-    sizes = f"tensor ({tensor}) x pipeline ({pipeline})" + (f" x context ({context})" if context > 1 else "")
+    sizes = f"tensor {tensor} x pipeline {pipeline}" + (f" x context {context}" if context > 1 else "")
     if world_size % model:
         raise ParallelLayoutError(
-            f"world size {world_size} is not divisible by {sizes} = {model}; launch a multiple of {model} "
+            f"world size {world_size} is not divisible by ({sizes}) = {model}; launch a multiple of {model} "
             f"processes or change the sizes"
         )
     derived = world_size // model

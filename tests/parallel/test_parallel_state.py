@@ -35,18 +35,20 @@ def test_megatron_rank_order_with_context_parallel():
 
 
 @pytest.mark.parametrize(
-    "world,tensor,pipeline,data,message",
+    "world,tensor,pipeline,data,context,message",
     [
-        (6, 4, 1, None, "world size 6 is not divisible by tensor (4) x pipeline (1) = 4"),
-        (8, 2, 3, None, "world size 8 is not divisible by tensor (2) x pipeline (3) = 6"),
-        (4, 1, 1, None, "context-parallel size 0 must be >= 1"),
-        (8, 2, 2, 4, "data-parallel size 4 does not match world size 8 / (tensor 2 x pipeline 2) = 2"),
-        (4, 0, 1, None, "tensor-model-parallel size 0 must be >= 1"),
+        (6, 4, 1, None, 1, "world size 6 is not divisible by (tensor 4 x pipeline 1) = 4"),
+        (8, 2, 3, None, 1, "world size 8 is not divisible by (tensor 2 x pipeline 3) = 6"),
+        (8, 2, 1, None, 3, "world size 8 is not divisible by (tensor 2 x pipeline 1 x context 3) = 6"),
+        (4, 1, 1, None, 0, "context-parallel size 0 must be >= 1"),
+        (8, 2, 2, 4, 1, "data-parallel size 4 does not match world size 8 / (tensor 2 x pipeline 2) = 2"),
+        (8, 2, 1, 4, 2, "data-parallel size 4 does not match world size 8 / (tensor 2 x pipeline 1 x context 2) = 2"),
+        (4, 0, 1, None, 1, "tensor-model-parallel size 0 must be >= 1"),
     ],
 )
-def test_bad_sizes_fail_before_any_group(world, tensor, pipeline, data, message):
+def test_bad_sizes_fail_before_any_group(world, tensor, pipeline, data, context, message):
     with pytest.raises(ParallelLayoutError, match=re.escape(message)):
-        check_layout(world, tensor, pipeline, data)
+        check_layout(world, tensor, pipeline, data, context)
 
 
 @pytest.mark.parametrize(

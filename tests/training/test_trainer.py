@@ -40,7 +40,7 @@ def test_loss_scaler():
 @pytest.mark.parametrize("flags,world,message", [
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
     (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
-    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by tensor (2) x pipeline (1) = 2"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by (tensor 2 x pipeline 1) = 2"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6 must be a multiple"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "7"], 2, "divisible by"),
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size > 1"),
