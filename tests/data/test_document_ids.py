@@ -150,7 +150,8 @@ def test_flag_parses_and_reaches_both_data_paths(tmp_path):
     assert run.data.reset_attention_mask is True and run.data.reset_position_ids is False
     train, valid = build_datasets(run, ByteTokenizer())
     assert isinstance(train, BuiltinDataset) and "document_ids" in train[0] and "document_ids" in valid[0]
-    (batch,) = micro_batches(train, 0, run, SimpleNamespace(dp_rank=0, dp_size=1, cp_rank=0, cp_size=1), torch.device("cpu"))
+    ranks = SimpleNamespace(dp_rank=0, dp_size=1, cp_rank=0, cp_size=1)
+    (batch,) = micro_batches(train, 0, run, ranks, torch.device("cpu"))
     assert batch["document_ids"].shape == batch["tokens"].shape == (2, 2048)
     assert batch["document_ids"].dtype == torch.int64
 
