@@ -1,4 +1,4 @@
-"""Context-parallel traffic per layer kind: the window halo and the ring against all-gather.
+"""Context-parallel traffic per layer kind: the window halo and the causal prefix against all-gather and the ring.
 
     python benchmarks/cp_traffic.py [--repeats 3] [--steps 3]
 
@@ -9,10 +9,17 @@
 2. Computed from the same plans for the design's 7B (32 query heads, 8 KV heads of 128, bf16, one
    sample, TP 1; sliding W 4096 with a global token every 128, dilated W 1024 r 4) at 102,400 and
    1,048,576 tokens for CP 2, 4, 8, 16. All-gather and the ring move the same K/V bytes per rank,
-   (N - 1) T / N rows; the ring overlaps them with compute and keeps one block in flight.
+   (N - 1) T / N rows; the ring overlaps them with compute and keeps one block in flight. Ours for
+   full layers is the causal prefix: only the positions before a rank's last query.
 3. Balance of the zigzag split: the visible query-key pairs each rank computes, max / mean over
    ranks, per layer kind, against a contiguous split (at 100K, CP 8).
-4. Tokens/s of CP2 (2 ranks) against CP1 (1 rank) on this machine: medians of alternating repeats;
+4. Full-layer compute on one thread, per CP rank's queries (T = 2048, CP 2 and 4, fp32, the
+   design's heads, forward and backward): a ring (one block attention with log-sum-exp per ring
+   step over that step's K/V block, merged by ``merge_by_lse``: the ring's arithmetic without its
+   messages) against one fused attention over the gathered causal prefix (what the layer runs):
+   medians of alternating repeats. CPU kernels: SDPA's fused kernel returns no log-sum-exp here,
+   so the ring runs the recomputing kernel; on GPUs flash attention returns it at no cost.
+5. Tokens/s of CP2 (2 ranks) against CP1 (1 rank) on this machine: medians of alternating repeats;
    informational, the ranks share the cores.
 """
 
@@ -29,6 +36,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from longctx_megatron.model.attention.patterns import DilatedPattern, FullPattern, SlidingPattern  # noqa: E402
+from longctx_megatron.model.attention.positional import attend_at_positions  # noqa: E402
+from longctx_megatron.model.attention.softmax import merge_by_lse  # noqa: E402
 from longctx_megatron.parallel.context import record_traffic, rows_sent, zigzag_positions  # noqa: E402
 from longctx_megatron.training.arguments import parse_run_config  # noqa: E402
 from longctx_megatron.training.setup import setup  # noqa: E402
@@ -113,6 +122,50 @@ def balance_table(seq_len: int = 102_400, cp: int = 8) -> None:
         print(f"{kind:>8} {ratio[0]:>7.3f} {ratio[1]:>11.3f}")
 
 
+def _ring(q, k, v, q_pos, blocks):
+    """The ring's arithmetic for one rank: attention over each step's block, merged by log-sum-exp."""
+    out = lse = None
+    for k_pos in blocks:
+        part, part_lse = attend_at_positions(q, k[:, :, k_pos], v[:, :, k_pos], FullPattern(), q_pos, k_pos)
+        out, lse = (part, part_lse) if out is None else merge_by_lse(out, lse, part, part_lse)
+    return out
+
+
+def _prefix(q, k, v, q_pos, blocks):
+    """What the layer runs: one fused attention over the causal prefix (every position up to the last query)."""
+    k_pos = torch.arange(int(q_pos[-1]) + 1)
+    return attend_at_positions(q, k[:, :, k_pos], v[:, :, k_pos], FullPattern(), q_pos, k_pos, need_lse=False)[0]
+
+
+def full_layer_compute_table(repeats: int, seq_len: int = 2048) -> None:
+    print(f"\n4. full-layer attention per CP rank, forward + backward, ms on one thread (T = {seq_len:,}, fp32, "
+          f"the design's {DESIGN_HEADS} heads / {DESIGN_KV} KV of {DESIGN_DIM}), medians of {repeats} alternating "
+          f"repeats, summed over ranks")
+    print(f"{'CP':>3} {'ring (LSE merge)':>17} {'fused prefix':>13} {'ring/prefix':>12}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, DESIGN_HEADS, seq_len, DESIGN_DIM, generator=generator)
+    k, v = (torch.randn(1, DESIGN_KV, seq_len, DESIGN_DIM, generator=generator) for _ in range(2))
+    for cp in (2, 4):
+        mine = [zigzag_positions(seq_len, cp, rank) for rank in range(cp)]
+        times = {"ring": [], "prefix": []}
+        for _ in range(repeats):
+            for name, attend in (("ring", _ring), ("prefix", _prefix)):  # alternating
+                total = 0.0
+                for rank in range(cp):
+                    blocks = [mine[(rank - step) % cp] for step in range(cp)]
+                    q_rank = q[:, :, mine[rank]].clone().requires_grad_(True)
+                    k_leaf, v_leaf = k.clone().requires_grad_(True), v.clone().requires_grad_(True)
+                    started = time.perf_counter()
+                    attend(q_rank, k_leaf, v_leaf, mine[rank], blocks).sum().backward()
+                    total += time.perf_counter() - started
+                times[name].append(total * 1e3)
+        ring, prefix = (statistics.median(times[name]) for name in ("ring", "prefix"))
+        print(f"{cp:>3} {ring:>17.1f} {prefix:>13.1f} {ring / prefix:>12.2f}")
+    torch.set_num_threads(threads)
+
+
 def _time_steps(rank, world, flags, steps):
     trainer = setup(parse_run_config(SMALL + flags + ["--train-iters", str(steps + 1)], world), log=lambda *_: None)
     trainer.step(0)  # warm-up
@@ -130,7 +183,7 @@ def throughput_table(repeats: int, steps: int) -> None:
                                               timeout=900)))
     tokens = steps * 2048
     rates = {cp: tokens / statistics.median(values) for cp, values in times.items()}
-    print(f"\n4. tokens/s on this machine ({os.cpu_count()} cores shared), T = 2048, medians of {repeats} alternating "
+    print(f"\n5. tokens/s on this machine ({os.cpu_count()} cores shared), T = 2048, medians of {repeats} alternating "
           f"repeats of {steps} steps")
     print(f"{'CP1':>8} {'CP2':>8} {'CP2/CP1':>8}\n{rates[1]:>8.0f} {rates[2]:>8.0f} {rates[2] / rates[1]:>8.2f}")
 
@@ -143,6 +196,7 @@ def main() -> None:
     measured_table()
     computed_table()
     balance_table()
+    full_layer_compute_table(args.repeats)
     throughput_table(args.repeats, args.steps)
 
 
