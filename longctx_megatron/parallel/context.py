@@ -13,8 +13,8 @@ What each layer kind receives (``--cp-comm-type p2p``, the default):
   lacks (under the zigzag split 3/4 of all-gather's rows on average, all of them on rank 0), and
   each of its chunks attends over a contiguous prefix of positions. A ring (N - 1 steps, partial
   attentions merged by log-sum-exp) moves all-gather's bytes; built over autograd it keeps every
-  block for backward anyway and its LSE path ran 4-5x slower on CPU than one fused attention
-  (ADR 0015), so it is not used.
+  block for backward anyway, and its LSE arithmetic costs 2.2-2.3x one fused attention on CPU
+  (ADR 0015, table 4), so it is not used.
 * sliding / dilated: a halo. Each chunk needs the keys within the pattern's reach before it
   (``Pattern.reach``: W, or W * r dilated), fetched from whichever ranks hold them (several
   when a chunk is shorter than the reach). Global tokens: the global keys before a rank's chunks are
