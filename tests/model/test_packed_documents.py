@@ -260,15 +260,17 @@ def test_flex_builds_one_block_mask_per_batch_and_window(monkeypatch):
     assert len(built) == 3
 
 
+@pytest.mark.parametrize("mask_heads", [1, 4], ids=["shared-mask", "mask-per-head"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_masked_sdpa_off_cpu_path_equals_the_fused_one(dtype, tol):
-    """masked_sdpa's recomputing branch (what CUDA runs) against SDPA's fused one, forward and backward."""
+def test_masked_sdpa_off_cpu_path_equals_the_fused_one(dtype, tol, mask_heads):
+    """masked_sdpa's recomputing branch (what CUDA runs) against SDPA's fused one, forward and backward,
+    with one mask for every head and with a mask per query head (dilated layers' heads differ)."""
     from longctx_megatron.model.attention.backends.recompute import masked_sdpa
 
     generator = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(3, heads, rows, 8, generator=generator).to(dtype).requires_grad_()
                for heads, rows in ((4, 9), (2, 13), (2, 13)))
-    mask = torch.rand(3, 1, 9, 13, generator=generator) < 0.5
+    mask = torch.rand(3, mask_heads, 9, 13, generator=generator) < 0.5
     mask[..., 0] = True  # every row has a key
     grad = torch.randn(3, 4, 9, 8, generator=generator).to(dtype)
     results = []

@@ -124,7 +124,7 @@ def masked_sdpa_zero_empty(q, k, v, mask, dropout_p: float = 0.0) -> torch.Tenso
 
 def masked_sdpa(q, k, v, mask, dropout_p: float = 0.0, fused: bool | None = None) -> torch.Tensor:
     """softmax attention of q (N, H, R, D) over k, v (N, Hkv, K, D) where ``mask`` (broadcast to
-    (N, 1, R, K)) is True; every row must have a visible key.
+    (N, 1, R, K), or per query head (N, H, R, K)) is True; every row must have a visible key.
 
     On CPU this is SDPA with ``enable_gqa`` (its fused kernel takes a mask and grouped heads: the
     measured fast path, ADR 0002). On CUDA SDPA runs a masked grouped call in its math kernel, which
@@ -135,7 +135,10 @@ def masked_sdpa(q, k, v, mask, dropout_p: float = 0.0, fused: bool | None = None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
     n, heads, rows, dim = q.shape
     n_kv = k.shape[1]
-    mask = mask.expand(n, 1, rows, k.shape[2])
+    per_head = mask.dim() == 4 and mask.shape[1] > 1
+    mask = mask.expand(n, heads if per_head else 1, rows, k.shape[2])
+    # (N, Hkv, g, 1, R, K) per query head, else (N, 1, 1, 1, R, K): one block of every row
+    mask = mask.unflatten(1, (n_kv, heads // n_kv))[:, :, :, None] if per_head else mask[:, None, :, None]
     q_blocks = q.unflatten(1, (n_kv, heads // n_kv))[:, :, :, None]  # (N, Hkv, g, 1, R, D): one block
-    out, _ = block_attention(q_blocks, k[:, :, None, None], v[:, :, None, None], mask[:, None, :, None], dropout_p)
+    out, _ = block_attention(q_blocks, k[:, :, None, None], v[:, :, None, None], mask, dropout_p)
     return out[:, :, :, 0].flatten(1, 2)
