@@ -11,7 +11,7 @@ gathered, so every rank samples the same token.
 With a context-parallel group (``context``, CP > 1), a prefill first runs the longest prefix that
 splits into 2 x CP chunks and needs no logits over the group: each rank takes its zigzag part
 through the model with context-parallel attention (parallel/context.py: a halo for local layers,
-the ring for full ones), and every layer's keys and values are gathered over the group into the
+the causal prefix for full ones), and every layer's keys and values are gathered over the group into the
 caches; the rest of the prompts (at least their last token) and decoding run as without CP, on
 every rank alike.
 """

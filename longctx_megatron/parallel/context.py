@@ -18,8 +18,10 @@ What each layer kind receives (``--cp-comm-type p2p``, the default):
 * sliding / dilated: a halo. Each chunk needs the keys within the pattern's reach before it
   (``Pattern.reach``: W, or W * r dilated), fetched from whichever ranks hold them (several
   when a chunk is shorter than the reach). Global tokens: the global keys before a rank's chunks are
-  fetched too (T / G of them); a global *query* sees every earlier key, so it is sent to the other
-  ranks, which attend it over their own keys and send back (out, lse), merged by log-sum-exp.
+  fetched too (T / G of them; with packed documents each document restarts the count, and a position
+  that is global in any sample of the micro-batch is fetched); a global *query* sees every earlier
+  key, so it is sent to the other ranks, which attend it over their own keys and send back
+  (out, lse), merged by log-sum-exp.
 
 ``--cp-comm-type allgather`` gathers every rank's K/V for every layer (Megatron's all-gather
 mode; the baseline the traffic benchmark compares with). Every exchange is one autograd function
@@ -50,10 +52,11 @@ _REFUSED_COMM_TYPES = {
 SEQUENCE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")  # what shard_batch cuts along the sequence
 
 
-def check_comm_type(comm_type: str) -> None:
-    if comm_type in _REFUSED_COMM_TYPES:
+def check_comm_type(comm_type: str, cp_size: int) -> None:
+    """A named error for a comm type that is not Megatron's, or (with CP > 1) one not built here."""
+    if comm_type in _REFUSED_COMM_TYPES and cp_size > 1:
         raise ConfigError(f"--cp-comm-type {comm_type}: {_REFUSED_COMM_TYPES[comm_type]}; use one of {CP_COMM_TYPES}")
-    if comm_type not in CP_COMM_TYPES:
+    if comm_type not in CP_COMM_TYPES and comm_type not in _REFUSED_COMM_TYPES:
         raise ConfigError(f"--cp-comm-type {comm_type!r} is not one of {CP_COMM_TYPES}")
 
 
@@ -159,7 +162,7 @@ class ContextParallelAttention(torch.nn.Module):
     def __init__(self, pattern: Pattern, ctx: ParallelContext, comm_type: str = "p2p", dropout: float = 0.0,
                  dropout_rng=contextlib.nullcontext):
         super().__init__()
-        check_comm_type(comm_type)
+        check_comm_type(comm_type, ctx.cp_size)
         self.pattern, self.comm_type, self.dropout, self.dropout_rng = pattern, comm_type, dropout, dropout_rng
         self.group, self.ranks, self.size, self.rank = ctx.cp_group, ctx.cp_ranks, ctx.cp_size, ctx.cp_rank
 
@@ -206,10 +209,17 @@ class ContextParallelAttention(torch.nn.Module):
         # Gathered whole, global queries are answered here: every key is, and no reach limits them.
         reach = pattern.reach if is_global is None or exchange_globals else None
         always = is_global[positions] if exchange_globals else None
-        half = q.shape[2] // 2  # each chunk on its own: a block never spans the gap between them
-        out = torch.cat([attend_at_positions(q[:, :, part], keys, values, pattern, mine[self.rank][part], positions,
-                                             documents, reach, always, dropout_p, need_lse=False)[0]
-                         for part in (slice(0, half), slice(half, None))], dim=2)
+        here, half = mine[self.rank], q.shape[2] // 2
+        parts = []
+        for part in (slice(0, half), slice(half, None)):  # each chunk on its own: no block spans the gap
+            # Keys after a chunk's last query are never visible to it (causal): the first chunk of a
+            # full layer scores its own prefix only, not the second chunk's.
+            seen = int(torch.searchsorted(positions, here[part][-1], right=True))
+            parts.append(attend_at_positions(q[:, :, part], keys[:, :, :seen], values[:, :, :seen], pattern,
+                                             here[part], positions[:seen], documents, reach,
+                                             None if always is None else always[:seen], dropout_p,
+                                             need_lse=False)[0])
+        out = torch.cat(parts, dim=2)
         if not exchange_globals:
             return out
         return self._global_queries(q, k, v, keys, out, mine, is_global, documents, dropout_p)

@@ -62,11 +62,11 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--pipeline-model-parallel-size", ("parallel.pipeline",), {"type": int}),
         Flag("--sequence-parallel", ("parallel.sequence_parallel",), {"action": "store_true"}),
         Flag("--context-parallel-size", ("parallel.context",), {
-            "type": int, "help": "split every sample's sequence over this many ranks (zigzag; ring attention for "
-            "full layers, a window halo for local ones)"}),
+            "type": int, "help": "split every sample's sequence over this many ranks (zigzag; full layers receive "
+            "their causal prefix's K/V, local ones a window halo)"}),
         Flag("--cp-comm-type", ("parallel.cp_comm_type",), {
-            "help": "p2p (ring for full layers, halo for local ones; default) or allgather (every layer gathers "
-            "all K/V)"}),
+            "help": "p2p (the causal prefix for full layers, a halo for local ones; default) or allgather "
+            "(every layer gathers all K/V)"}),
         Flag("--pipeline-layer-split", ("parallel.pipeline_layer_split",),
              {"help": "layers per stage, e.g. 10,8,7,7 (default: by cost)"}),
         Flag("--num-layers-per-virtual-pipeline-stage", ("parallel.layers_per_virtual_stage",),
@@ -235,8 +235,8 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
     if parallel.sequence_parallel and parallel.tensor == 1:
         fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
     check_layout(run.world_size, parallel.tensor, parallel.pipeline, None, parallel.context)
+    check_comm_type(parallel.cp_comm_type, parallel.context)
     if parallel.context > 1:
-        check_comm_type(parallel.cp_comm_type)
         if training.seq_length % (2 * parallel.context):
             fail(f"--context-parallel-size {parallel.context} needs --seq-length ({training.seq_length}) divisible "
                  f"by 2 x {parallel.context} (the zigzag split's chunks)")

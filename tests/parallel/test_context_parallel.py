@@ -4,10 +4,13 @@ gloo). Also the split, the patterns' reach and the positional kernel against the
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from longctx_megatron.config.errors import ConfigError
+from longctx_megatron.model.attention.backends import recompute
 from longctx_megatron.model.attention.backends.reference import ReferenceBackend
 from longctx_megatron.model.attention.patterns import (
     DilatedPattern,
@@ -106,11 +109,15 @@ def test_reach_bounds_every_non_global_pair(name):
         assert span == pattern.reach  # attained: the bound is tight
 
 
-@pytest.mark.parametrize("need_lse", [True, False], ids=["recomputed", "fused"])
+@pytest.mark.parametrize("need_lse,off_cpu", [(True, False), (False, False), (False, True)],
+                         ids=["recomputed", "fused", "fused-as-off-cpu"])
 @pytest.mark.parametrize("name", list(PATTERNS))
-def test_positional_kernel_equals_the_oracle(name, need_lse):
+def test_positional_kernel_equals_the_oracle(name, need_lse, off_cpu, monkeypatch):
     """Any query subset at its positions over all keys (reach-limited where the rule allows), forward
-    and backward, by both block kernels."""
+    and backward, by both block kernels; the fused one also through masked_sdpa's off-CPU branch
+    (what CUDA runs)."""
+    if off_cpu:
+        monkeypatch.setattr(recompute, "masked_sdpa", functools.partial(recompute.masked_sdpa, fused=False))
     pattern = PATTERNS[name]
     q, k, v, _ = (x.requires_grad_() for x in _inputs())
     documents = Documents(DOCUMENTS)
@@ -148,6 +155,7 @@ def test_zigzag_split_and_shard_batch():
 
 def test_refused_comm_types_say_why():
     with pytest.raises(ConfigError, match="a2a.*use one of"):
-        check_comm_type("a2a")
+        check_comm_type("a2a", 2)
+    check_comm_type("a2a", 1)  # Megatron's value; nothing is exchanged at CP 1
     with pytest.raises(ConfigError, match="not one of"):
-        check_comm_type("ring")
+        check_comm_type("ring", 1)
