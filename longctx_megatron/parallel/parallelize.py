@@ -87,7 +87,7 @@ def build_parallel_model(
     checkpoints) is ``model.rng_tracker``, seeded from ``seed`` as Megatron seeds it."""
     model = build_model(config, "meta", attention_backend=attention_backend, layers=layers, pre_process=pre_process,
                         post_process=post_process)
-    model.rng_tracker = model_parallel_rng(seed, ctx.tp_rank, ctx.pp_rank, torch.device(device).type)
+    model.rng_tracker = model_parallel_rng(seed, ctx.tp_rank, ctx.pp_rank, torch.device(device).type, ctx.cp_rank)
     apply_tensor_parallel(model, ctx, model.rng_tracker, sequence_parallel)
     apply_context_parallel(model, ctx, cp_comm_type)
     apply_recompute(model, recompute_granularity)

@@ -5,6 +5,11 @@ activations get identical dropout masks); a tracked "model-parallel" state, seed
 offset, is swapped in for the sharded regions (attention heads, sequence-parallel shards). All seeds
 derive from one user seed, as in Megatron-LM (offset 2718, plus 100 per pipeline stage), and the
 states can be saved and restored for exact resume.
+
+Context-parallel ranks hold different positions of the same samples, so both streams are offset per
+CP rank too (``CP_SEED_STRIDE``): otherwise every CP rank would draw the same dropout mask for its
+part, a pattern that repeats within each sample. (Megatron-LM seeds CP ranks alike.) CP rank 0 keeps
+the seeds of a run without CP.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import torch
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
+CP_SEED_STRIDE = 1_000_003  # per CP rank; far beyond the pipeline (100 per stage) and TP (2718 + rank) offsets
 
 
 def _get_state(device: str) -> torch.Tensor:
@@ -60,9 +66,10 @@ class RNGStatesTracker:
         self.states = {name: state.clone() for name, state in states.items()}
 
 
-def model_parallel_rng(seed: int, tp_rank: int = 0, pp_rank: int = 0, device: str = "cpu") -> RNGStatesTracker:
+def model_parallel_rng(seed: int, tp_rank: int = 0, pp_rank: int = 0, device: str = "cpu",
+                       cp_rank: int = 0) -> RNGStatesTracker:
     """Seed the default generator (shared by TP ranks) and return a tracker with the per-TP-rank state."""
-    default_seed = seed + 100 * pp_rank
+    default_seed = seed + 100 * pp_rank + CP_SEED_STRIDE * cp_rank
     torch.manual_seed(default_seed)  # seeds CUDA generators too when present
     tracker = RNGStatesTracker(device)
     tracker.add(MODEL_PARALLEL_RNG, default_seed + 2718 + tp_rank)
