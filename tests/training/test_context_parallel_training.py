@@ -1,8 +1,9 @@
 """pretrain_longctx.py under context parallelism against one process: packed documents (so the
 document rule crosses chunk boundaries), every layer kind, CP chunks equal to and shorter than the
 window; CP2, CP4, CP2 x TP2 with sequence parallelism and full recomputation, CP2 x PP2 with
-ZeRO-1 and selective recomputation, both comm types; bf16 as close to one bf16 process as bf16 is to fp32; and a
-checkpoint saved under CP2 resumed under CP1 (nothing lost, the same losses)."""
+ZeRO-1 and selective recomputation, CP2 x interleaved PP2, CP2 x DP2 with ZeRO-1, both comm types;
+bf16 within bf16's own spread of one bf16 process (or 1e-3); and a checkpoint saved under CP2
+resumed under CP1 and the reverse (nothing lost, the same losses)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ LAYOUTS = {
                                        "--recompute-granularity", "full"]),
     "cp2xpp2-zero1-recompute": (4, CP2 + ["--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
                                           "--recompute-granularity", "selective"]),
+    "cp2xpp2-interleaved": (4, CP2 + ["--pipeline-model-parallel-size", "2",
+                                      "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "cp2xdp2-zero1": (4, CP2 + ["--use-distributed-optimizer"]),
 }
 
 
@@ -65,13 +69,15 @@ def _load_save_step(rank, world_size, flags, source, target):
     return trainer.train()
 
 
-def test_resume_under_another_context_parallel_size(packed_corpus, tmp_path):
-    source, again = str(tmp_path / "cp2"), str(tmp_path / "cp1")
-    straight = run_on_ranks(_losses, 2, _flags(packed_corpus, *CP2, "--use-distributed-optimizer", "--save", source,
-                                               "--save-interval", "3"), timeout=300)[0]
-    resumed = run_on_ranks(_load_save_step, 1, _flags(packed_corpus, "--use-distributed-optimizer"), source, again,
-                           timeout=300)[0]
-    # Nothing lost or moved: CP1 writes back exactly what CP2 saved (weights, masters, Adam moments).
+@pytest.mark.parametrize("saved,loaded", [(2, 1), (1, 2)], ids=["cp2-to-cp1", "cp1-to-cp2"])
+def test_resume_under_another_context_parallel_size(packed_corpus, tmp_path, saved, loaded):
+    source, again = str(tmp_path / f"cp{saved}"), str(tmp_path / f"cp{loaded}")
+    cp = {size: ["--context-parallel-size", str(size)] for size in (1, 2)}
+    straight = run_on_ranks(_losses, saved, _flags(packed_corpus, *cp[saved], "--use-distributed-optimizer", "--save",
+                                                   source, "--save-interval", "3"), timeout=300)[0]
+    resumed = run_on_ranks(_load_save_step, loaded, _flags(packed_corpus, *cp[loaded], "--use-distributed-optimizer"),
+                           source, again, timeout=300)[0]
+    # Nothing lost or moved: the other CP size writes back exactly what was saved (weights, Adam moments).
     for prefix in ("model/", "optimizer/"):
         assert_same_tensors(tensors(layout.iteration_dir(source, 3), prefix),
                             tensors(layout.iteration_dir(again, 3), prefix))
