@@ -14,11 +14,12 @@
 3. Balance of the zigzag split: the visible query-key pairs each rank computes, max / mean over
    ranks, per layer kind, against a contiguous split (at 100K, CP 8).
 4. Full-layer compute on one thread, per CP rank's queries (T = 2048, CP 2 and 4, fp32, the
-   design's heads, forward and backward): a ring (one block attention with log-sum-exp per ring
-   step over that step's K/V block, merged by ``merge_by_lse``: the ring's arithmetic without its
-   messages) against one fused attention over the gathered causal prefix (what the layer runs):
-   medians of alternating repeats. CPU kernels: SDPA's fused kernel returns no log-sum-exp here,
-   so the ring runs the recomputing kernel; on GPUs flash attention returns it at no cost.
+   design's heads, forward and backward): a zigzag ring's arithmetic without its messages (per
+   step, each of my chunks over each visible chunk of that step's block, with log-sum-exp, merged
+   by ``merge_by_lse``; invisible chunks skipped) against what the layer runs (each chunk in one
+   fused attention over its causal prefix): medians of alternating repeats. Both compute the same
+   visible pairs; what differs is the kernel. On CPU SDPA's fused kernel returns no log-sum-exp,
+   so the ring needs the recomputing kernel; on GPUs flash attention returns it at no cost.
 5. Tokens/s of CP2 (2 ranks) against CP1 (1 rank) on this machine: medians of alternating repeats;
    informational, the ranks share the cores.
 """
@@ -54,6 +55,7 @@ SMALL_HEADS, SMALL_KV, SMALL_DIM = 8, 4, 16  # fp32
 
 DESIGN_PATTERNS = {"sliding": SlidingPattern(4096, 128), "dilated": DilatedPattern(1024, 4, 4), "full": FullPattern()}
 DESIGN_HEADS, DESIGN_KV, DESIGN_DIM = 32, 8, 128  # bf16
+DESIGN_LOCAL_LAYERS = {"sliding": 16, "dilated": 12}  # the design's 28 local layers (and 4 full)
 
 
 def row_bytes(heads: int, kv_heads: int, dim: int, element: int) -> dict[str, int]:
@@ -102,11 +104,16 @@ def computed_table() -> None:
     for seq_len in (102_400, 1_048_576):
         for cp in (2, 4, 8, 16):
             gathered = planned_bytes(FullPattern(), seq_len, cp, "allgather", sizes)[0] / 1e6
+            local = 0.0
             for kind, pattern in DESIGN_PATTERNS.items():
                 ours = planned_bytes(pattern, seq_len, cp, "p2p", sizes)
                 mean, peak = statistics.mean(ours) / 1e6, max(ours) / 1e6
+                local += DESIGN_LOCAL_LAYERS.get(kind, 0) * mean
                 print(f"{seq_len:>9,} {cp:>3} {kind:>8} {mean:>10.1f} {peak:>9.1f} {gathered:>10.1f} {gathered:>8.1f} "
                       f"{mean / gathered:>15.3f}")
+            local /= sum(DESIGN_LOCAL_LAYERS.values())
+            print(f"{seq_len:>9,} {cp:>3} {'local':>8} {local:>10.1f} {'':>9} {gathered:>10.1f} {gathered:>8.1f} "
+                  f"{local / gathered:>15.3f}   (mean of the {sum(DESIGN_LOCAL_LAYERS.values())} local layers)")
 
 
 def balance_table(seq_len: int = 102_400, cp: int = 8) -> None:
@@ -122,19 +129,40 @@ def balance_table(seq_len: int = 102_400, cp: int = 8) -> None:
         print(f"{kind:>8} {ratio[0]:>7.3f} {ratio[1]:>11.3f}")
 
 
+def _chunks(positions):
+    half = positions.numel() // 2
+    return positions[:half], positions[half:]
+
+
 def _ring(q, k, v, q_pos, blocks):
-    """The ring's arithmetic for one rank: attention over each step's block, merged by log-sum-exp."""
-    out = lse = None
-    for k_pos in blocks:
-        part, part_lse = attend_at_positions(q, k[:, :, k_pos], v[:, :, k_pos], FullPattern(), q_pos, k_pos)
-        out, lse = (part, part_lse) if out is None else merge_by_lse(out, lse, part, part_lse)
-    return out
+    """The ring's arithmetic for one rank: at each step, each of my chunks attends over each chunk of that
+    step's block that it can see (causal inside its own chunk, unmasked where the block's chunk lies
+    wholly before it; a chunk wholly after is skipped, as a zigzag ring skips it), merged by log-sum-exp."""
+    half = q_pos.numel() // 2
+    outs = []
+    for rows, mine in zip((slice(0, half), slice(half, None)), _chunks(q_pos), strict=True):
+        out = lse = None
+        for k_pos in blocks:
+            for keys in _chunks(k_pos):
+                if keys[0] > mine[-1]:
+                    continue
+                part, part_lse = attend_at_positions(q[:, :, rows], k[:, :, keys], v[:, :, keys], FullPattern(), mine,
+                                                      keys)
+                out, lse = (part, part_lse) if out is None else merge_by_lse(out, lse, part, part_lse)
+        outs.append(out)
+    return torch.cat(outs, dim=2)
 
 
 def _prefix(q, k, v, q_pos, blocks):
-    """What the layer runs: one fused attention over the causal prefix (every position up to the last query)."""
-    k_pos = torch.arange(int(q_pos[-1]) + 1)
-    return attend_at_positions(q, k[:, :, k_pos], v[:, :, k_pos], FullPattern(), q_pos, k_pos, need_lse=False)[0]
+    """What the layer runs: each chunk in one fused attention over its causal prefix (every position up to
+    its last query)."""
+    half = q_pos.numel() // 2
+    outs = []
+    for rows, mine in zip((slice(0, half), slice(half, None)), _chunks(q_pos), strict=True):
+        k_pos = torch.arange(int(mine[-1]) + 1)
+        outs.append(attend_at_positions(q[:, :, rows], k[:, :, k_pos], v[:, :, k_pos], FullPattern(), mine, k_pos,
+                                        need_lse=False)[0])
+    return torch.cat(outs, dim=2)
 
 
 def full_layer_compute_table(repeats: int, seq_len: int = 2048) -> None:

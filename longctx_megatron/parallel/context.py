@@ -11,9 +11,9 @@ What each layer kind receives (``--cp-comm-type p2p``, the default):
 
 * full: the causal prefix. A rank receives, in one exchange, the K/V of every earlier position it
   lacks (under the zigzag split 3/4 of all-gather's rows on average, all of them on rank 0), and
-  each of its chunks attends over a contiguous prefix of positions. A ring (N - 1 steps, partial
+  each of its chunks attends over its own causal prefix (no later key). A ring (N - 1 steps, partial
   attentions merged by log-sum-exp) moves all-gather's bytes; built over autograd it keeps every
-  block for backward anyway, and its LSE arithmetic costs 2.2-2.3x one fused attention on CPU
+  block for backward anyway, and on CPU its LSE needs the recomputing kernel, 1.7-1.9x the fused one
   (ADR 0015, table 4), so it is not used.
 * sliding / dilated: a halo. Each chunk needs the keys within the pattern's reach before it
   (``Pattern.reach``: W, or W * r dilated), fetched from whichever ranks hold them (several
