@@ -209,17 +209,11 @@ class ContextParallelAttention(torch.nn.Module):
         # Gathered whole, global queries are answered here: every key is, and no reach limits them.
         reach = pattern.reach if is_global is None or exchange_globals else None
         always = is_global[positions] if exchange_globals else None
-        here, half = mine[self.rank], q.shape[2] // 2
-        parts = []
-        for part in (slice(0, half), slice(half, None)):  # each chunk on its own: no block spans the gap
-            # Keys after a chunk's last query are never visible to it (causal): the first chunk of a
-            # full layer scores its own prefix only, not the second chunk's.
-            seen = int(torch.searchsorted(positions, here[part][-1], right=True))
-            parts.append(attend_at_positions(q[:, :, part], keys[:, :, :seen], values[:, :, :seen], pattern,
-                                             here[part], positions[:seen], documents, reach,
-                                             None if always is None else always[:seen], dropout_p,
-                                             need_lse=False)[0])
-        out = torch.cat(parts, dim=2)
+        half = q.shape[2] // 2  # each chunk on its own: a block never spans the gap between them, and
+        # the first chunk of a full layer scores its own causal prefix, not the second chunk's
+        out = torch.cat([attend_at_positions(q[:, :, part], keys, values, pattern, mine[self.rank][part], positions,
+                                             documents, reach, always, dropout_p, need_lse=False)[0]
+                         for part in (slice(0, half), slice(half, None))], dim=2)
         if not exchange_globals:
             return out
         return self._global_queries(q, k, v, keys, out, mine, is_global, documents, dropout_p)

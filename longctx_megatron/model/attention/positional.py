@@ -11,7 +11,7 @@ Queries are cut into blocks of ``block``; with a finite ``reach`` (the largest i
 allows outside its global tokens, ``Pattern.reach``) a block scores only the keys in
 [first - reach + 1, last] of its positions plus the ``always`` keys older than that (global
 tokens), gathered per block: O(T * (reach + block)) work. Without a reach every block scores every
-key (one shared key set, masked). With the log-sum-exp, scores are recomputed in backward
+key up to the last query (one shared key set, masked). With the log-sum-exp, scores are recomputed in backward
 (recompute.block_attention), so memory is O(T * D) plus the masks; without it (``need_lse=False``)
 the blocks go to SDPA's fused kernel on CPU (``masked_sdpa``, several times faster there).
 """
@@ -31,7 +31,8 @@ def attend_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
                         k_pos: torch.Tensor, documents: Documents | None = None, reach: int | None = None,
                         always: torch.Tensor | None = None, dropout_p: float = 0.0, block: int = BLOCK,
                         need_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """q (B, H, Tq, D) at positions ``q_pos`` (Tq,), ascending, over k, v (B, Hkv, Tk, D) at ``k_pos``
+    """q (B, H, Tq, D) at positions ``q_pos`` (Tq,), ascending when ``reach`` is given (in any order
+    otherwise: the global queries a rank answers arrive peer by peer), over k, v (B, Hkv, Tk, D) at ``k_pos``
     (Tk,), ascending, where ``pattern`` (within ``documents``, indexed by these positions) allows.
     The caller guarantees that a key the rule shows a query lies within ``reach`` of it or is
     marked in ``always`` (Tk,) bool. Returns (out (B, H, Tq, D), lse (B, H, Tq) float32, float64 for
@@ -39,6 +40,9 @@ def attend_at_positions(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     batch, n_heads, rows, head_dim = q.shape
     n_kv = k.shape[1]
     group = n_heads // n_kv
+    if reach is None and rows:  # every pattern is causal: no key after the last query is visible to any
+        seen = int(torch.searchsorted(k_pos, q_pos.max(), right=True))
+        k, v, k_pos = k[:, :, :seen], v[:, :, :seen], k_pos[:seen]
     if rows == 0 or k.shape[2] == 0:
         compute = torch.float64 if q.dtype == torch.float64 else torch.float32
         return torch.zeros_like(q), torch.full((batch, n_heads, rows), float("-inf"), dtype=compute, device=q.device)
