@@ -130,20 +130,20 @@ def balance_table(seq_len: int = 102_400, cp: int = 8) -> None:
 
 
 def _chunks(positions):
+    """A rank's two zigzag chunks: (rows of its part, their positions) each."""
     half = positions.numel() // 2
-    return positions[:half], positions[half:]
+    return [(rows, positions[rows]) for rows in (slice(0, half), slice(half, None))]
 
 
 def _ring(q, k, v, q_pos, blocks):
     """The ring's arithmetic for one rank: at each step, each of my chunks attends over each chunk of that
     step's block that it can see (causal inside its own chunk, unmasked where the block's chunk lies
     wholly before it; a chunk wholly after is skipped, as a zigzag ring skips it), merged by log-sum-exp."""
-    half = q_pos.numel() // 2
     outs = []
-    for rows, mine in zip((slice(0, half), slice(half, None)), _chunks(q_pos), strict=True):
+    for rows, mine in _chunks(q_pos):
         out = lse = None
         for k_pos in blocks:
-            for keys in _chunks(k_pos):
+            for _, keys in _chunks(k_pos):
                 if keys[0] > mine[-1]:
                     continue
                 part, part_lse = attend_at_positions(q[:, :, rows], k[:, :, keys], v[:, :, keys], FullPattern(), mine,
@@ -156,9 +156,8 @@ def _ring(q, k, v, q_pos, blocks):
 def _prefix(q, k, v, q_pos, blocks):
     """What the layer runs: each chunk in one fused attention over its causal prefix (every position up to
     its last query)."""
-    half = q_pos.numel() // 2
     outs = []
-    for rows, mine in zip((slice(0, half), slice(half, None)), _chunks(q_pos), strict=True):
+    for rows, mine in _chunks(q_pos):
         k_pos = torch.arange(int(mine[-1]) + 1)
         outs.append(attend_at_positions(q[:, :, rows], k[:, :, k_pos], v[:, :, k_pos], FullPattern(), mine, k_pos,
                                         need_lse=False)[0])
