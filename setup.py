@@ -30,6 +30,9 @@ setup(
             "lm-eval==0.4.13",
             # RULER's synthetic tasks in lm-eval draw their keys from it (lm-eval's "ruler" extra).
             "wonderwords==3.0.1",
+            # --tokenizer-type TikTokenizer is tested against megatron-core with it; optional at run
+            # time (a clear error names it). It needs only regex and requests.
+            "tiktoken==0.14.0",
         ],
         "gpu": ["flash-attn"],
     },

@@ -19,6 +19,10 @@ End-of-document ids (compare ``megatron/training/tokenizer/tokenizer.py`` in NVI
   model lacks it. ``encode`` never produces that extra id and ``decode`` drops it.
 - ``HuggingFaceTokenizer``: ``eos_token_id`` (Megatron's ``_HuggingFaceTokenizer``); a tokenizer without
   an EOS token is refused, since preprocessing needs an end-of-document id.
+
+Megatron's other GPT tokenizers live in their own modules (imported by ``build_tokenizer`` on use):
+``GPT2BPETokenizer`` (data/gpt2_bpe_tokenizer.py), ``GPTSentencePieceTokenizer`` and ``Llama2Tokenizer``
+(data/megatron_sentencepiece.py), ``TikTokenizer`` (data/tiktoken_tokenizer.py, optional ``tiktoken``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from abc import ABC, abstractmethod
 
 from longctx_megatron.config.vocab import padded_vocab_size
 
-TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer", "NullTokenizer")
+TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer", "NullTokenizer",
+                   "GPT2BPETokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "TikTokenizer")
 
 
 def _sha256(data: bytes) -> str:
@@ -253,23 +258,44 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 def build_tokenizer(
-    tokenizer_type: str, tokenizer_model: str | None = None, vocab_size: int | None = None
+    tokenizer_type: str, tokenizer_model: str | None = None, vocab_size: int | None = None, *,
+    vocab_file: str | None = None, merge_file: str | None = None, tiktoken_pattern: str | None = None,
+    tiktoken_num_special_tokens: int | None = None, tiktoken_special_tokens: list[str] | None = None,
 ) -> Tokenizer:
-    """The tokenizer of ``--tokenizer-type`` (with ``--tokenizer-model`` / ``--vocab-size`` where it needs them)."""
+    """The tokenizer of ``--tokenizer-type`` with the flags it needs: ``--tokenizer-model`` (SentencePiece,
+    HuggingFace, GPTSentencePiece, Llama2, TikToken), ``--vocab-size`` (NullTokenizer; TikTokenizer's
+    size, default 2**17), ``--vocab-file`` and ``--merge-file`` (GPT2BPETokenizer), the ``--tiktoken-*``
+    options (TikTokenizer)."""
     if tokenizer_type == "ByteTokenizer":
         return ByteTokenizer()
     if tokenizer_type == "NullTokenizer":
         if vocab_size is None:
             raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size (number of ids before eod)")
         return NullTokenizer(vocab_size)
-    if tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer"):
-        if not tokenizer_model:
-            what = "a SentencePiece .model file" if tokenizer_type == "SentencePieceTokenizer" else (
-                "a directory written by save_pretrained, or a cached model name")
-            raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model ({what})")
-        if tokenizer_type == "SentencePieceTokenizer":
-            return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "GPT2BPETokenizer":
+        if not vocab_file or not merge_file:
+            raise ValueError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file "
+                             "(gpt2-vocab.json and gpt2-merges.txt)")
+        from longctx_megatron.data.gpt2_bpe_tokenizer import GPT2BPETokenizer
+
+        return GPT2BPETokenizer(vocab_file, merge_file)
+    if tokenizer_type in TOKENIZER_TYPES and not tokenizer_model:
+        what = {"HuggingFaceTokenizer": "a directory written by save_pretrained, or a cached model name",
+                "TikTokenizer": "a tiktoken .json vocabulary"}.get(tokenizer_type, "a SentencePiece .model file")
+        raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model ({what})")
+    if tokenizer_type == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model)
+    if tokenizer_type in ("GPTSentencePieceTokenizer", "Llama2Tokenizer"):
+        from longctx_megatron.data import megatron_sentencepiece
+
+        return getattr(megatron_sentencepiece, tokenizer_type)(tokenizer_model)
+    if tokenizer_type == "TikTokenizer":
+        from longctx_megatron.data.tiktoken_tokenizer import TikTokenizer
+
+        return TikTokenizer(tokenizer_model, pattern=tiktoken_pattern, vocab_size=vocab_size,
+                            num_special_tokens=tiktoken_num_special_tokens, special_tokens=tiktoken_special_tokens)
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; known types: {', '.join(TOKENIZER_TYPES)}")
 
 

@@ -269,9 +269,9 @@ def test_null_tokenizer():
 
 def test_build_tokenizer_errors():
     with pytest.raises(ValueError) as info:
-        build_tokenizer("GPT2BPETokenizer")
+        build_tokenizer("BertWordPieceLowerCase")
     message = str(info.value)
-    assert "'GPT2BPETokenizer'" in message
+    assert "'BertWordPieceLowerCase'" in message
     for name in ("SentencePieceTokenizer", "HuggingFaceTokenizer", "ByteTokenizer", "NullTokenizer"):
         assert name in message
     with pytest.raises(ValueError, match="SentencePieceTokenizer needs --tokenizer-model"):
