@@ -225,6 +225,11 @@ def layer_from_hf(index: int, get, config: ModelConfig) -> dict[str, torch.Tenso
     }
 
 
+def _norm_gain(weight: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """A norm's gain as Hugging Face stores it: ours holds gain - 1 under ``norm_zero_centered_gamma``."""
+    return weight + 1 if config.norm_zero_centered_gamma else weight
+
+
 def layer_to_hf(index: int, get, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face tensors of layer ``index``; ``get(native_name)`` reads one global native tensor."""
     heads, kv, head_dim, d = _dims(config)
@@ -232,12 +237,12 @@ def layer_to_hf(index: int, get, config: ModelConfig) -> dict[str, torch.Tensor]
     q, k, v = GroupedQKV(heads // kv, head_dim).unpack(get(ours + "attention.qkv.weight"))
     gate, up = GATE_UP.unpack(get(ours + "mlp.gate_up.weight"))
     return {
-        hf + "input_layernorm.weight": get(ours + "attention_norm.weight"),
+        hf + "input_layernorm.weight": _norm_gain(get(ours + "attention_norm.weight"), config),
         hf + "self_attn.q_proj.weight": q,
         hf + "self_attn.k_proj.weight": k,
         hf + "self_attn.v_proj.weight": v,
         hf + "self_attn.o_proj.weight": get(ours + "attention.out.weight"),
-        hf + "post_attention_layernorm.weight": get(ours + "mlp_norm.weight"),
+        hf + "post_attention_layernorm.weight": _norm_gain(get(ours + "mlp_norm.weight"), config),
         hf + "mlp.gate_proj.weight": gate,
         hf + "mlp.up_proj.weight": up,
         hf + "mlp.down_proj.weight": get(ours + "mlp.down.weight"),
@@ -254,7 +259,8 @@ def outer_from_hf(get, config: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def outer_to_hf(get, config: ModelConfig) -> dict[str, torch.Tensor]:
-    out = {"model.embed_tokens.weight": get("embedding.weight"), "model.norm.weight": get("final_norm.weight")}
+    out = {"model.embed_tokens.weight": get("embedding.weight"),
+           "model.norm.weight": _norm_gain(get("final_norm.weight"), config)}
     if not config.tie_embeddings:
         out["lm_head.weight"] = get("output.weight")
     return out

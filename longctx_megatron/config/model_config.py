@@ -50,6 +50,9 @@ class ModelConfig:
     rope_by_kind: dict[str, RopeConfig] = field(default_factory=dict)
 
     norm_eps: float = 1e-5
+    # Megatron's --apply-layernorm-1p: norm weights hold gamma - 1 (initialised to 0, the output is
+    # x_normed * (1 + weight)), so bf16 weights keep their precision near a gain of 1.
+    norm_zero_centered_gamma: bool = False
     init_method: str = "normal"
     init_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -187,3 +190,21 @@ class ModelConfig:
                 f"cover every residue mod {spec.dilation} (n_kv_heads={self.n_kv_heads}); lower dilation "
                 "or raise n_kv_heads"
             )
+
+
+def describe_plan(config: ModelConfig) -> str:
+    """One line naming the architecture and its attention plan, runs of equal layers merged, as the start-up
+    log prints it (``layers 0-15 sliding(window=4096, global every 128); 16-27 ...``)."""
+    runs: list[tuple[int, int, str]] = []
+    for index, spec in enumerate(config.layer_plan()):
+        text = spec.describe() + (f" rope theta {spec.rope.theta:g}" if spec.rope.theta != 10000 else "")
+        if runs and runs[-1][2] == text:
+            runs[-1] = (runs[-1][0], index, text)
+        else:
+            runs.append((index, index, text))
+    plan = "; ".join(f"layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''} {text}" for a, b, text in runs)
+    return (f"architecture: {config.n_layers} layers, hidden {config.d_model}, {config.n_heads} heads / "
+            f"{config.n_kv_heads} KV heads, SwiGLU {config.d_ff}, RMSNorm"
+            + (" (1p)" if config.norm_zero_centered_gamma else "") + f", RoPE, vocab {config.vocab_size}, "
+            + ("tied" if config.tie_embeddings else "untied") + " embeddings, dropout "
+            f"{config.hidden_dropout:g}/{config.attention_dropout:g}; attention: {plan}")

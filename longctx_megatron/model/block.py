@@ -16,12 +16,12 @@ from longctx_megatron.model.norm import RMSNorm
 class TransformerBlock(torch.nn.Module):
     def __init__(self, config: ModelConfig, spec: LayerSpec, attention_backend: str = "auto"):
         super().__init__()
-        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_zero_centered_gamma)
         self.attention = SelfAttention(
             config.d_model, config.n_heads, config.n_kv_heads, spec, config.attention_dropout, attention_backend
         )
         self.attention_out_dropout = Dropout(config.hidden_dropout)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_zero_centered_gamma)
         self.mlp = SwiGLU(config.d_model, config.d_ff)
         self.mlp_out_dropout = Dropout(config.hidden_dropout)
 

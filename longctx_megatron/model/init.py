@@ -27,7 +27,7 @@ def parameter_seed(seed: int, name: str) -> int:
 
 def init_std(name: str, shape: torch.Size, config: ModelConfig, parts: int = 1) -> float | None:
     """Standard deviation of parameter ``name``'s normal init (``parts`` stacked matrices of equal
-    height); None for norm weights (ones)."""
+    height); None for norm weights (ones; zeros when they hold gamma - 1)."""
     if len(shape) == 1:
         return None
     fan_out, fan_in = shape
@@ -47,7 +47,7 @@ def init_global_tensor(name: str, shape: torch.Size, config: ModelConfig, seed: 
     """The float32 CPU value of global parameter ``name`` (``parts`` as its fused layout declares)."""
     std = init_std(name, shape, config, parts)
     if std is None:
-        return torch.ones(shape)
+        return torch.zeros(shape) if config.norm_zero_centered_gamma else torch.ones(shape)
     generator = torch.Generator().manual_seed(parameter_seed(seed, name))
     return torch.randn(shape, generator=generator) * std
 

@@ -1,4 +1,8 @@
-"""RMSNorm: apex's fused kernel on CUDA when apex is importable, else torch's ``F.rms_norm``."""
+"""RMSNorm: apex's fused kernel on CUDA when apex is importable, else torch's ``F.rms_norm``.
+
+With ``zero_centered_gamma`` (Megatron's ``--apply-layernorm-1p``) the stored weight is gamma - 1: it
+starts at 0 and the gain applied is 1 + weight.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,17 @@ except ImportError:
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, zero_centered_gamma: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(dim))
+        self.zero_centered_gamma = zero_centered_gamma
+        self.weight = torch.nn.Parameter(torch.zeros(dim) if zero_centered_gamma else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gain = self.weight + 1 if self.zero_centered_gamma else self.weight
         if fused_rms_norm_affine is not None and x.is_cuda:
-            return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return fused_rms_norm_affine(x, gain, gain.shape, self.eps)
+        return F.rms_norm(x, gain.shape, gain, self.eps)
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", zero_centered_gamma" if self.zero_centered_gamma else "")

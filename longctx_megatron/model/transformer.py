@@ -48,7 +48,8 @@ class GPTModel(torch.nn.Module):
         self.embedding = torch.nn.Embedding(config.vocab_size, config.d_model) if has_embedding else None
         self.embedding_dropout = Dropout(config.hidden_dropout) if pre_process else None
         self.layers = LayerStack({str(i): TransformerBlock(config, plan[i], attention_backend) for i in layers})
-        self.final_norm = RMSNorm(config.d_model, config.norm_eps) if post_process else None
+        self.final_norm = (RMSNorm(config.d_model, config.norm_eps, config.norm_zero_centered_gamma) if post_process
+                           else None)
         untied = post_process and not config.tie_embeddings
         self.output = torch.nn.Linear(config.d_model, config.vocab_size, bias=False) if untied else None
         self.head = LanguageModelHead() if post_process else None
