@@ -75,6 +75,11 @@ def summed_replicas(models: list[torch.nn.Module], ctx: ParallelContext
     return out
 
 
+def is_embedding_or_output(name: str) -> bool:
+    """Whether parameter ``name`` is the input embedding or the output layer (Megatron's decoupled-lr set)."""
+    return name in ("embedding.weight", "output.weight")
+
+
 class DataParallelGradients:
     """Accumulates micro-batch gradients in fp32 buckets, reduces them over the DP x CP group and sums
     the replicas of ``summed_replicas``: the gradient every optimizer reads (``param.main_grad``)."""
@@ -88,11 +93,14 @@ class DataParallelGradients:
         # The tied embedding's first- and last-stage copies get a bucket each of their own, so both
         # have the same offsets and the same DP shard: summing the copies' gradients after a
         # reduce-scatter (finish() sums the copies) then adds matching rows.
+        # The embedding and output weights get a bucket each as well, so that an optimizer can give
+        # them a learning rate of their own (--decoupled-lr) bucket by bucket.
         tied = set(tied_embedding_weights(models, ctx))
-        self.buckets = [_Bucket([param], ctx.dp_cp_size, device) for param in reversed(params) if param in tied]
+        alone = tied | {p for model in models for name, p in model.named_parameters() if is_embedding_or_output(name)}
+        self.buckets = [_Bucket([param], ctx.dp_cp_size, device) for param in reversed(params) if param in alone]
         current, size = [], 0
         for param in reversed(params):  # roughly the order backward produces gradients
-            if param in tied:
+            if param in alone:
                 continue
             current.append(param)
             size += param.numel()

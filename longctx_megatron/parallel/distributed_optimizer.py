@@ -38,10 +38,12 @@ class DistributedOptimizer:
 
     ``norm_weights`` maps each parameter to how much its squared gradient counts in the global
     norm on this rank (grad_norm.norm_weights). ``decay(param)`` says whether weight decay applies.
+    The masters of buckets whose parameters are all in ``decoupled`` form a second parameter group,
+    marked ``"decoupled": True``, whose learning rate the schedule sets apart (--decoupled-lr).
     """
 
     def __init__(self, grads: DataParallelGradients, norm_weights: dict, lr: float, betas=(0.9, 0.95),
-                 eps: float = 1e-8, weight_decay: float = 0.0, decay=applies_weight_decay):
+                 eps: float = 1e-8, weight_decay: float = 0.0, decay=applies_weight_decay, decoupled=frozenset()):
         self.grads, self.ctx, self.weight_decay = grads, grads.ctx, weight_decay
         self.masters, self.decay_masks, self.norm_weights = [], [], []
         rank = self.ctx.dp_cp_rank
@@ -49,7 +51,12 @@ class DistributedOptimizer:
             self.masters.append(torch.nn.Parameter(_shard_of(bucket, rank, lambda p: p.detach().float().flatten())))
             self.decay_masks.append(_shard_of(bucket, rank, lambda p: float(decay(p))))
             self.norm_weights.append(_shard_of(bucket, rank, lambda p: norm_weights[p]))
-        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        apart = [all(p in decoupled for p in bucket.params) for bucket in grads.buckets]
+        groups = [{"params": [m for m, alone in zip(self.masters, apart, strict=True) if alone == flag],
+                   "decoupled": flag} for flag in (False, True)]
+        self.optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, betas=betas,
+                                           eps=eps, weight_decay=0.0)
+        self._lr_group = {id(m): group for group in self.optimizer.param_groups for m in group["params"]}
 
     @property
     def param_groups(self):
@@ -75,9 +82,9 @@ class DistributedOptimizer:
         the parameters; returns the norm."""
         norm = self.grad_norm() if norm is None else norm
         scale = (clip / (norm + 1e-6)).clamp(max=1.0) if clip else torch.ones(())
-        lr = self.optimizer.param_groups[0]["lr"]
         for bucket, master, mask in zip(self.grads.buckets, self.masters, self.decay_masks, strict=True):
             master.grad = self.grads.shard(bucket) * scale
+            lr = self._lr_group[id(master)]["lr"]
             with torch.no_grad():
                 master.mul_(1.0 - lr * self.weight_decay * mask)  # decoupled decay, as AdamW applies it
         self.optimizer.step()

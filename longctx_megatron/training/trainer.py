@@ -103,10 +103,13 @@ class Trainer:
     def step(self, iteration: int) -> tuple[float, float, bool]:
         """Train on the next global batch; returns (loss, gradient norm, whether the update was applied)."""
         training = self.run.training
-        lr = learning_rate(iteration, training.lr, training.min_lr, training.lr_warmup_iters, training.decay_iters,
-                           training.lr_decay_style)
+        step, warmup, decay = training.lr_schedule(self.run.global_batch)
+        lr = learning_rate(iteration, training.lr, training.min_lr, warmup, decay, training.lr_decay_style, step)
+        apart = lr if training.decoupled_lr is None else learning_rate(
+            iteration, training.decoupled_lr, training.min_lr if training.decoupled_min_lr is None
+            else training.decoupled_min_lr, warmup, decay, training.lr_decay_style, step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = apart if group.get("decoupled") else lr
         batches = micro_batches(self.train_data, self.consumed_samples, self.run, self.ctx, self.device)
         self.metrics.batches(batches, self.ctx.dp_cp_size)
         tokens = self._token_count(batches)
@@ -128,14 +131,20 @@ class Trainer:
         self.consumed_samples += self.run.global_batch
         return loss, norm.item(), finite
 
-    def evaluate(self, iteration: int) -> float | None:
-        """The loss over --eval-iters validation batches (every evaluated token counts once, as Megatron)."""
+    def evaluate(self, iteration: int, final: bool = False) -> float | None:
+        """The loss over --eval-iters validation batches (every evaluated token counts once, as Megatron).
+        Each evaluation reads fresh batches, as Megatron's validation iterator moves on: the one at
+        iteration k x --eval-interval reads slot k - 1 of the validation set, the ``final`` one after
+        training the slot after the last interval's (build_datasets sizes the set for all of them)."""
         if self.valid_data is None:
             return None
         for chunk in self.chunks:
             chunk.eval()
+        interval, evals = self.run.logging.eval_interval, self.run.logging.eval_iters
+        slot = (self.run.training.train_iters // interval if final else max(0, iteration // interval - 1)) if interval \
+            else 0
         total, tokens = 0.0, 0.0
-        for index in range(self.run.logging.eval_iters):
+        for index in range(slot * evals, (slot + 1) * evals):
             batches = micro_batches(self.valid_data, index * self.run.global_batch, self.run, self.ctx, self.device)
             tokens += self._token_count(batches)
             total += self._loss_sum(forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(),
@@ -152,7 +161,7 @@ class Trainer:
         with ExitConditions(ckpt.exit_interval, ckpt.exit_duration_in_mins, self.device) as conditions:
             stopped = self._loop(conditions)
         if not stopped:
-            self.evaluate(self.iteration)
+            self.evaluate(self.iteration, final=True)
         if ckpt.save and self.last_saved != self.iteration:
             self.save()
         if self.checkpointer:
