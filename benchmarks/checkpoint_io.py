@@ -135,7 +135,8 @@ def model_flags(target_gb: float) -> list[str]:
     shape = ["--hidden-size", str(hidden), "--num-attention-heads", str(heads), "--num-query-groups",
              str(2 if heads <= 4 else 4), "--ffn-hidden-size", str(4 * hidden), "--vocab-size",
              str(8192 if hidden == 256 else 32000), "--seq-length", "64", "--micro-batch-size", "1",
-             "--train-iters", "100"]
+             "--train-iters", "100", "--group-query-attention", "--swiglu", "--normalization", "RMSNorm",
+             "--position-embedding-type", "rope", "--disable-bias-linear"]
 
     def params(layers: int) -> int:
         run = parse_run_config([*shape, "--num-layers", str(layers)], 1)

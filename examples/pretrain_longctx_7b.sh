@@ -15,7 +15,9 @@ OUT=${OUT:-runs/7b-100k}
 
 torchrun --standalone --nproc_per_node 8 --max-restarts 3 pretrain_longctx.py \
     --tensor-model-parallel-size 8 --sequence-parallel --bf16 --use-distributed-optimizer \
-    --num-layers 32 --hidden-size 4096 --num-attention-heads 32 --num-query-groups 8 --ffn-hidden-size 11008 \
+    --num-layers 32 --hidden-size 4096 --num-attention-heads 32 --group-query-attention --num-query-groups 8 \
+    --ffn-hidden-size 11008 --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear \
+    --hidden-dropout 0 --attention-dropout 0 \
     --attention-layout sliding:16,dilated:12,full:4 --sliding-window 4096 --global-every 128 \
     --dilated-window 1024 --dilation 4 --max-position-embeddings 102400 \
     --seq-length 102400 --micro-batch-size 1 --global-batch-size 8 \

@@ -26,11 +26,14 @@ mkdir -p "$WORKDIR"
 
 "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" pretrain_longctx.py \
     --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2 --sequence-parallel \
-    --num-layers 4 --hidden-size 128 --num-attention-heads 4 --num-query-groups 2 --ffn-hidden-size 352 \
+    --num-layers 4 --hidden-size 128 --num-attention-heads 4 --group-query-attention --num-query-groups 2 \
+    --ffn-hidden-size 352 --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear \
+    --hidden-dropout 0 --attention-dropout 0 \
     --attention-layout sliding:2,dilated:1,full:1 --sliding-window 128 --global-every 64 \
     --dilated-window 64 --dilation 2 --max-position-embeddings 4096 \
     --seq-length "$SEQ_LENGTH" --micro-batch-size 2 --global-batch-size 8 --train-iters "$TRAIN_ITERS" \
     --lr 3e-3 --min-lr 3e-4 --lr-warmup-iters 5 --lr-decay-style cosine --clip-grad 1.0 \
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 \
     --data-path "$WORKDIR/corpus_text_document" --split 95,5,0 \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$WORKDIR/tokenizer.model" \
     --data-cache-path "$WORKDIR/index-cache" \

@@ -7,7 +7,7 @@ import math
 VOCAB_PADDING_MULTIPLE = 128  # per tensor-parallel rank
 
 
-def padded_vocab_size(vocab_size: int, tp_size: int = 1) -> int:
-    """``vocab_size`` rounded up to a multiple of 128 x ``tp_size`` (so every TP shard is whole)."""
-    multiple = VOCAB_PADDING_MULTIPLE * tp_size
+def padded_vocab_size(vocab_size: int, tp_size: int = 1, divisible_by: int = VOCAB_PADDING_MULTIPLE) -> int:
+    """``vocab_size`` rounded up to a multiple of ``divisible_by`` x ``tp_size`` (so every TP shard is whole)."""
+    multiple = divisible_by * tp_size
     return math.ceil(vocab_size / multiple) * multiple

@@ -56,12 +56,15 @@ def recompute(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def apply_recompute(model: GPTModel, granularity: str = "none") -> GPTModel:
+def apply_recompute(model: GPTModel, granularity: str = "none", first_layers: int | None = None) -> GPTModel:
+    """Recompute every block (``full``; only the first ``first_layers`` of this chunk when given, Megatron's
+    ``--recompute-method block``) or every block's attention (``selective``)."""
     if granularity not in RECOMPUTE_GRANULARITIES:
         raise ValueError(f"recompute granularity {granularity!r} is not one of {RECOMPUTE_GRANULARITIES}")
-    for block in model.layers:
+    for index, block in enumerate(model.layers):
         if granularity == "full":
-            recompute(block)
+            if first_layers is None or index < first_layers:
+                recompute(block)
         elif granularity == "selective":
             recompute(block.attention)
     return model
@@ -76,6 +79,7 @@ def build_parallel_model(
     dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     recompute_granularity: str = "none",
+    recompute_first_layers: int | None = None,
     layers: range | None = None,
     pre_process: bool = True,
     post_process: bool = True,
@@ -90,7 +94,7 @@ def build_parallel_model(
     model.rng_tracker = model_parallel_rng(seed, ctx.tp_rank, ctx.pp_rank, torch.device(device).type, ctx.cp_rank)
     apply_tensor_parallel(model, ctx, model.rng_tracker, sequence_parallel)
     apply_context_parallel(model, ctx, cp_comm_type)
-    apply_recompute(model, recompute_granularity)
+    apply_recompute(model, recompute_granularity, recompute_first_layers)
     if torch.device(device).type == "meta":
         return model
     return materialize(model, device, seed, dtype, tensor_parallel_shards(model))

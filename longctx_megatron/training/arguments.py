@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,12 @@ from longctx_megatron.parallel.context import check_comm_type
 from longctx_megatron.parallel.parallelize import RECOMPUTE_GRANULARITIES
 from longctx_megatron.parallel.state import check_layout
 from longctx_megatron.training.lr_schedule import DECAY_STYLES
-from longctx_megatron.training.run_config import LoggingSection, RunConfig
+from longctx_megatron.training.megatron_compat import add_no_effect_flags, no_effect_given, refused_flags
+from longctx_megatron.training.run_config import MEGATRON_SIZE_FIELDS, LoggingSection, RunConfig
+
+# Megatron's --attention-backend names -> ours: fused (cuDNN) -> the compiled FlexAttention kernel,
+# unfused and local (materialised scores) -> the reference.
+MEGATRON_BACKENDS = {"fused": "flex", "unfused": "reference", "local": "reference"}
 
 
 @dataclass(frozen=True)
@@ -39,23 +45,75 @@ def _model(name: str, target: str, kind, **options) -> Flag:
     return Flag(name, (f"model.overrides.{target}",), {"type": kind, **options})
 
 
+def _arch(name: str, kind=None, **options) -> Flag:
+    """A Megatron architecture flag, under Megatron's dest name (config/megatron_args.MegatronArchitecture)."""
+    dest = options.pop("dest", name.removeprefix("--").replace("-", "_"))
+    if kind is bool:
+        return Flag(name, (f"model.megatron.{dest}",), {"action": "store_true", **options},
+                    convert=lambda on: True if on else None)
+    return Flag(name, (f"model.megatron.{dest}",), {"type": kind, **options} if kind else options)
+
+
+def _switch(name: str, target: str, help: str | None = None) -> Flag:
+    return Flag(name, (target,), {"action": "store_true", **({"help": help} if help else {})},
+                convert=lambda on: True if on else None)
+
+
+def _window(text: str) -> tuple[int, ...]:
+    """Megatron's --window-size: "L,R" or "(L,R)"."""
+    try:
+        return tuple(int(part) for part in text.strip("()").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers such as 4095,0, got {text!r}") from None
+
+
 GROUPS: dict[str, tuple[str, list[Flag]]] = {
-    "model": ("model (override --config; default: the built-in tiny model)", [
+    "model": ("model: Megatron's architecture flags, with Megatron's meanings and defaults. Without --config, "
+              "--num-layers, --hidden-size and --num-attention-heads describe the whole model as Megatron "
+              "builds it (causal attention in every layer unless --window-size or --attention-layout); otherwise "
+              "the flags adjust --config or the built-in model", [
         Flag("--config", ("model.config_file",), {"help": "model config, .yaml or .json"}),
-        _model("--num-layers", "n_layers", int), _model("--hidden-size", "d_model", int),
-        _model("--num-attention-heads", "n_heads", int), _model("--num-query-groups", "n_kv_heads", int),
-        _model("--ffn-hidden-size", "d_ff", int), _model("--max-position-embeddings", "max_seq_len", int),
+        _arch("--num-layers", int), _arch("--hidden-size", int), _arch("--num-attention-heads", int),
+        _arch("--group-query-attention", bool),
+        _arch("--num-query-groups", int, help="KV heads (with --group-query-attention, as in Megatron)"),
+        _arch("--ffn-hidden-size", int, help="default as Megatron: 4h, with --swiglu 2/3 of it rounded down to 64"),
+        _arch("--kv-channels", int, help="must be --hidden-size / --num-attention-heads"),
+        _arch("--max-position-embeddings", int),
+        _arch("--swiglu", bool, help="required: the MLP is SwiGLU (Megatron's default is GeLU)"),
+        _arch("--normalization", choices=["LayerNorm", "RMSNorm"],
+              help="RMSNorm required (Megatron's default LayerNorm is refused)"),
+        _arch("--norm-epsilon", float),
+        _arch("--apply-layernorm-1p", bool, help="norm weights hold gamma - 1 (zero-centred)"),
+        _arch("--position-embedding-type", choices=["learned_absolute", "rope", "yarn", "mrope", "relative", "none"],
+              help="rope required (Megatron's default learned_absolute is refused)"),
+        Flag("--use-rotary-position-embeddings", ("model.megatron.position_embedding_type",),
+             {"action": "store_true", "help": "Megatron's older spelling of --position-embedding-type rope"},
+             convert=lambda on: "rope" if on else None),
+        _arch("--rotary-percent", float, help="1.0 required"), _arch("--rotary-base", float),
+        _arch("--rotary-interleaved", bool, help="refused: RoPE here is rotate-half"),
+        Flag("--disable-bias-linear", ("model.megatron.add_bias_linear",), {
+            "action": "store_true", "help": "required: no biases (Megatron adds them by default)"},
+            convert=lambda on: False if on else None),
+        _arch("--add-qkv-bias", bool, help="refused"), _arch("--qk-layernorm", bool, help="refused"),
+        _arch("--untie-embeddings-and-output-weights", bool),
+        _arch("--hidden-dropout", float), _arch("--attention-dropout", float),
+        _arch("--init-method-std", float),
+        _arch("--window-size", _window, help="L,0: every layer a sliding window of L+1 keys (Megatron's)"),
+        Flag("--make-vocab-size-divisible-by", ("model.make_vocab_size_divisible_by",), {
+            "type": int, "help": "pad the tokenizer's vocabulary to a multiple of this (Megatron multiplies it by "
+            "the TP size; here the model does not depend on the layout)"}),
         # With --data-path, the tokenizer's id count (NullTokenizer's, as in Megatron) as well.
         Flag("--vocab-size", ("model.overrides.vocab_size", "data.vocab_size"), {"type": int}),
-        _model("--attention-layout", "attention_layout", str), _model("--sliding-window", "sliding_window", int),
-        _model("--global-every", "global_every", int), _model("--dilated-window", "dilated_window", int),
-        _model("--dilation", "dilation", int), _model("--init-method-std", "init_std", float),
-        _model("--hidden-dropout", "hidden_dropout", float), _model("--attention-dropout", "attention_dropout", float),
-        _model("--rotary-base", "rope_theta", float, help="RoPE theta of every layer"),
-        Flag("--untie-embeddings-and-output-weights", ("model.overrides.tie_embeddings",), {"action": "store_true"},
-             convert=lambda untie: False if untie else None),
-        Flag("--attention-backend", ("model.attention_backend",),
-             {"choices": ["auto", *factory.list_variants()]}),
+        _model("--attention-layout", "attention_layout", str,
+               help="this project's layer plan, e.g. sliding:16,dilated:12,full:4"),
+        _model("--sliding-window", "sliding_window", int), _model("--global-every", "global_every", int),
+        _model("--dilated-window", "dilated_window", int), _model("--dilation", "dilation", int),
+        Flag("--attention-backend", ("model.attention_backend",), {
+            "choices": ["auto", *factory.list_variants(), *MEGATRON_BACKENDS],
+            "help": "Megatron's names map to ours: " + ", ".join(f"{k} -> {v}" for k, v in MEGATRON_BACKENDS.items())},
+            convert=lambda name: MEGATRON_BACKENDS.get(name, name)),
+        Flag("--use-flash-attn", ("model.attention_backend",), {"action": "store_true", "help": "--attention-backend "
+             "flash"}, convert=lambda on: "flash" if on else None),
     ]),
     "parallel": ("parallelism", [
         Flag("--tensor-model-parallel-size", ("parallel.tensor",), {"type": int}),
@@ -78,6 +136,13 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--distributed-timeout-minutes", ("parallel.timeout_minutes",), {"type": float}),
         Flag("--recompute-granularity", ("parallel.recompute_granularity",),
              {"choices": RECOMPUTE_GRANULARITIES[1:]}),
+        Flag("--recompute-activations", ("parallel.recompute_granularity",),
+             {"action": "store_true", "help": "--recompute-granularity selective (Megatron's)"},
+             convert=lambda on: "selective" if on else None),
+        Flag("--recompute-method", ("parallel.recompute_method",), {
+            "choices": ["uniform", "block"], "help": "with --recompute-granularity full: uniform recomputes groups of "
+            "--recompute-num-layers layers, block the first --recompute-num-layers layers of each stage"}),
+        Flag("--recompute-num-layers", ("parallel.recompute_num_layers",), {"type": int}),
     ]),
     "training": ("training", [
         Flag("--seq-length", ("training.seq_length",), {"type": int}),
@@ -85,11 +150,20 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--global-batch-size", ("training.global_batch_size",),
              {"type": int, "help": "default: micro batch size x data-parallel size"}),
         Flag("--train-iters", ("training.train_iters",), {"type": int}),
+        Flag("--train-samples", ("training.train_samples",), {
+            "type": int, "help": "train for this many samples instead of --train-iters; the schedule counts samples"}),
         Flag("--lr", ("training.lr",), {"type": float}),
         Flag("--min-lr", ("training.min_lr",), {"type": float}),
         Flag("--lr-decay-style", ("training.lr_decay_style",), {"choices": DECAY_STYLES}),
         Flag("--lr-warmup-iters", ("training.lr_warmup_iters",), {"type": int}),
         Flag("--lr-decay-iters", ("training.lr_decay_iters",), {"type": int, "help": "default: --train-iters"}),
+        Flag("--lr-warmup-samples", ("training.lr_warmup_samples",), {"type": int}),
+        Flag("--lr-decay-samples", ("training.lr_decay_samples",), {"type": int, "help": "default: --train-samples"}),
+        Flag("--lr-warmup-fraction", ("training.lr_warmup_fraction",),
+             {"type": float, "help": "warm-up over this fraction of the decay span"}),
+        Flag("--decoupled-lr", ("training.decoupled_lr",),
+             {"type": float, "help": "peak lr of the embedding and output layer"}),
+        Flag("--decoupled-min-lr", ("training.decoupled_min_lr",), {"type": float}),
         Flag("--weight-decay", ("training.weight_decay",), {"type": float}),
         Flag("--adam-beta1", ("training.adam_beta1",), {"type": float}),
         Flag("--adam-beta2", ("training.adam_beta2",), {"type": float}),
@@ -110,9 +184,18 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
     "data": ("data (default: the built-in corpus with the byte tokenizer)", [
         Flag("--data-path", ("data.data_path",), {"nargs": "+", "help": "prefix, or weight prefix pairs: 0.3 dataA "
                                                   "0.7 dataB"}, convert=lambda paths: tuple(paths) if paths else None),
-        Flag("--split", ("data.split",)),
+        Flag("--mock-data", ("data.mock_data",), {"action": "store_true", "help": "synthetic samples instead of "
+             "a corpus (Megatron's MockGPTDataset)"}),
+        # Shell scripts pass "--split '99,1,0'" unquoted, leaving the quotes in the value.
+        Flag("--split", ("data.split",), convert=lambda text: text.strip("'\"") if text else None),
         Flag("--tokenizer-type", ("data.tokenizer_type",), {"choices": TOKENIZER_TYPES}),
         Flag("--tokenizer-model", ("data.tokenizer_model",)),
+        Flag("--vocab-file", ("data.vocab_file",), {"help": "GPT2BPETokenizer's vocab.json"}),
+        Flag("--merge-file", ("data.merge_file",), {"help": "GPT2BPETokenizer's merges.txt"}),
+        Flag("--tiktoken-pattern", ("data.tiktoken_pattern",), {"choices": ["v1", "v2"]}),
+        Flag("--tiktoken-num-special-tokens", ("data.tiktoken_num_special_tokens",), {"type": int}),
+        Flag("--tiktoken-special-tokens", ("data.tiktoken_special_tokens",), {"nargs": "+"},
+             convert=lambda values: tuple(values) if values else None),
         Flag("--data-cache-path", ("data.data_cache_path",)),
         Flag("--reset-position-ids", ("data.reset_position_ids",), {"action": "store_true"}),
         Flag("--reset-attention-mask", ("data.reset_attention_mask",), {"action": "store_true"}),
@@ -163,11 +246,35 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
              {"nargs": "+", "help": "passkey and/or needle (default: both)"},
              convert=lambda values: tuple(values) if values else None),
         Flag("--tensorboard-dir", ("logging.tensorboard_dir",)),
+        Flag("--tensorboard-log-interval", ("logging.tensorboard_log_interval",), {"type": int}),
         Flag("--peak-tflops", ("logging.peak_tflops",),
              {"type": float, "help": "device peak for MFU (default: known GPUs only)"}),
+        _switch("--log-throughput", "logging.log_throughput", "tokens/s, TFLOP/s per GPU and MFU in the log line"),
+        _switch("--log-params-norm", "logging.log_params_norm", "the parameters' global L2 norm"),
+        _switch("--log-num-zeros-in-grad", "logging.log_num_zeros_in_grad", "zeros in the gradients"),
+        _switch("--log-validation-ppl-to-tensorboard", "logging.log_validation_ppl_to_tensorboard"),
+        _switch("--log-memory-to-tensorboard", "logging.log_memory_to_tensorboard"),
+        _switch("--log-timers-to-tensorboard", "logging.log_timers_to_tensorboard"),
+        _switch("--log-world-size-to-tensorboard", "logging.log_world_size_to_tensorboard"),
+        Flag("--no-log-loss-scale-to-tensorboard", ("logging.log_loss_scale_to_tensorboard",),
+             {"action": "store_true"}, convert=lambda on: False if on else None),
+        Flag("--timing-log-level", ("logging.timing_log_level",), {"type": int, "choices": [0, 1, 2], "help": "0: no "
+             "timers; 1: forward-backward, optimizer, data; 2: as 1 plus gradient reduction and evaluation"}),
+        Flag("--wandb-project", ("logging.wandb_project",), {"help": "log to Weights & Biases (wandb must be "
+             "installed; WANDB_MODE=offline works without a server)"}),
+        Flag("--wandb-exp-name", ("logging.wandb_exp_name",)),
+        Flag("--wandb-save-dir", ("logging.wandb_save_dir",)),
+        Flag("--wandb-entity", ("logging.wandb_entity",)),
+        _switch("--profile", "logging.profile", "a torch.profiler trace of iterations --profile-step-start .. "
+                "--profile-step-end, written to --tensorboard-dir"),
+        Flag("--profile-step-start", ("logging.profile_step_start",), {"type": int}),
+        Flag("--profile-step-end", ("logging.profile_step_end",), {"type": int}),
+        Flag("--profile-ranks", ("logging.profile_ranks",), {"type": int, "nargs": "+"},
+             convert=lambda values: tuple(values) if values else None),
     ]),
 }
 FLAGS = [flag for _, flags in GROUPS.values() for flag in flags]
+_DEST = {flag.name: flag.options.get("dest", flag.name.removeprefix("--").replace("-", "_")) for flag in FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         group = parser.add_argument_group(title)
         for flag in flags:
             group.add_argument(flag.name, **flag.options)
+    add_no_effect_flags(parser)
     return parser
 
 
@@ -186,26 +294,59 @@ def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The checked RunConfig of parsed flags ``args`` for a job of ``world_size`` processes."""
     sections: dict[str, dict] = {"model": {"overrides": {}}, "parallel": {}, "training": {}, "data": {},
                                  "checkpointing": {}, "logging": {}}
+    sections["model"]["megatron"] = {}
     for flag in FLAGS:
-        value = getattr(args, flag.name.removeprefix("--").replace("-", "_"))
+        value = getattr(args, _DEST[flag.name])
         value = flag.convert(value) if flag.convert else value
         if value is None:
             continue
         for target in flag.targets:
             section, name = target.split(".", 1)
-            if name.startswith("overrides."):
-                sections[section]["overrides"][name.removeprefix("overrides.")] = value
+            for nested in ("overrides.", "megatron."):
+                if name.startswith(nested):
+                    sections[section][nested[:-1]][name.removeprefix(nested)] = value
+                    break
             else:
                 sections[section][name] = value
+    notices = [f"accepted for compatibility, no effect here: {flag}" for flag in no_effect_given(args)]
+    parallel, training, megatron = sections["parallel"], sections["training"], sections["model"]["megatron"]
+    if parallel.get("sequence_parallel") and parallel.get("tensor", 1) == 1:
+        parallel["sequence_parallel"] = False  # as Megatron: SP at TP 1 would only change the numerics
+        notices.append("--sequence-parallel is turned off: --tensor-model-parallel-size is 1 (as Megatron does)")
+    if "num_query_groups" in megatron and not megatron.get("group_query_attention") and "config_file" not in \
+            sections["model"] and all(name in megatron for name in MEGATRON_SIZE_FIELDS):
+        notices.append("--num-query-groups has no effect without --group-query-attention (as in Megatron): "
+                       "every query head has its own KV head")
+    if training.get("train_samples") is not None:
+        if args.train_iters is not None:
+            raise ValueError("--train-iters and --train-samples are exclusive (as in Megatron)")
+        if args.lr_decay_iters is not None or args.lr_warmup_iters is not None:
+            raise ValueError("with --train-samples the schedule counts samples: use --lr-decay-samples and "
+                             "--lr-warmup-samples (or --lr-warmup-fraction), not the -iters flags")
+    elif args.lr_decay_samples is not None or args.lr_warmup_samples is not None:
+        raise ValueError("--lr-decay-samples / --lr-warmup-samples need --train-samples (use the -iters flags with "
+                         "--train-iters)")
+    if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
+        raise ValueError("--lr-warmup-fraction and --lr-warmup-iters / --lr-warmup-samples are exclusive")
     defaults = RunConfig()
-    run = RunConfig(world_size=world_size, **{name: dataclasses.replace(getattr(defaults, name), **values)
-                                              for name, values in sections.items()})
+    run = RunConfig(world_size=world_size, notices=tuple(notices),
+                    **{name: dataclasses.replace(getattr(defaults, name), **values)
+                       for name, values in sections.items()})
+    if run.training.train_samples is not None:
+        if run.training.train_samples < run.global_batch:
+            raise ValueError(f"--train-samples {run.training.train_samples} is less than one global batch "
+                             f"({run.global_batch})")
+        run = dataclasses.replace(run, training=dataclasses.replace(
+            run.training, train_iters=run.training.train_samples // run.global_batch))
     validate(run, precision_clash=args.bf16 and args.fp16)  # both set training.precision
     return run
 
 
 def parse_run_config(argv: list[str] | None, world_size: int) -> RunConfig:
-    """``run_config`` of a command line (None: sys.argv)."""
+    """``run_config`` of a command line (None: sys.argv); refused Megatron flags are named before parsing."""
+    refused = refused_flags(sys.argv[1:] if argv is None else argv)
+    if refused:
+        raise ValueError("refused Megatron-LM flags: " + "; ".join(refused))
     return run_config(build_parser().parse_args(argv), world_size)
 
 
@@ -232,8 +373,30 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
         fail(f"--clip-grad must be >= 0 (0: no clipping), got {training.clip_grad}")
     if precision_clash:
         fail("--bf16 and --fp16 are exclusive")
-    if parallel.sequence_parallel and parallel.tensor == 1:
-        fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if parallel.recompute_method is not None and parallel.recompute_granularity != "full":
+        fail("--recompute-method needs --recompute-granularity full (as in Megatron)")
+    if parallel.recompute_num_layers is not None:
+        if parallel.recompute_method is None:
+            fail("--recompute-num-layers needs --recompute-method uniform or block")
+        if parallel.recompute_num_layers < 1:
+            fail(f"--recompute-num-layers must be positive, got {parallel.recompute_num_layers}")
+        if parallel.recompute_method == "uniform" and parallel.recompute_num_layers != 1:
+            fail("--recompute-method uniform with --recompute-num-layers > 1 (groups of layers recomputed as one) is "
+                 "not supported: use 1 (every layer) or --recompute-method block")
+    if parallel.recompute_method == "block" and parallel.recompute_num_layers is None:
+        fail("--recompute-method block needs --recompute-num-layers (layers recomputed per stage)")
+    for target in ("training.decoupled_lr", "training.decoupled_min_lr", "training.lr_warmup_fraction"):
+        if value(target) is not None and value(target) < 0:
+            fail(f"{_FLAG_OF[target]} must be >= 0, got {value(target)}")
+    if training.decoupled_min_lr is not None and training.decoupled_lr is None:
+        fail("--decoupled-min-lr needs --decoupled-lr")
+    if data.mock_data and data.data_path:
+        fail("--mock-data and --data-path are exclusive")
+    if run.logging.profile and run.logging.profile_step_end <= run.logging.profile_step_start:
+        fail(f"--profile-step-end ({run.logging.profile_step_end}) must be after --profile-step-start "
+             f"({run.logging.profile_step_start})")
+    if run.logging.tensorboard_log_interval <= 0:
+        fail(f"--tensorboard-log-interval must be positive, got {run.logging.tensorboard_log_interval}")
     check_layout(run.world_size, parallel.tensor, parallel.pipeline, None, parallel.context)
     check_comm_type(parallel.cp_comm_type, parallel.context)
     if parallel.context > 1:
@@ -255,10 +418,11 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
         if run.microbatches % parallel.pipeline:
             fail(f"the interleaved schedule needs the micro-batches per step ({run.microbatches}) to be a multiple "
                  f"of --pipeline-model-parallel-size ({parallel.pipeline})")
-    if data.data_path and not data.tokenizer_type:
-        fail("--data-path needs --tokenizer-type (and --tokenizer-model for SentencePiece/HuggingFace)")
-    if not data.data_path and data.tokenizer_type:
-        fail("--tokenizer-type is only used with --data-path (the built-in corpus uses bytes)")
+    if (data.data_path or data.mock_data) and not data.tokenizer_type:
+        fail(f"{'--data-path' if data.data_path else '--mock-data'} needs --tokenizer-type (and its files: "
+             "--tokenizer-model, or --vocab-file and --merge-file)")
+    if not (data.data_path or data.mock_data) and data.tokenizer_type:
+        fail("--tokenizer-type is only used with --data-path or --mock-data (the built-in corpus uses bytes)")
     for target in ("checkpointing.save_interval", "checkpointing.keep_last", "checkpointing.exit_interval",
                    "checkpointing.exit_duration_in_mins"):
         if value(target) is not None and value(target) <= 0:

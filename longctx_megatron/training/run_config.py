@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from longctx_megatron.config import ModelConfig, load_config
+from longctx_megatron.config.errors import ConfigError
+from longctx_megatron.config.megatron_args import MegatronArchitecture
 from longctx_megatron.parallel.state import default_backend
 
 
@@ -24,20 +26,66 @@ def demo_config() -> ModelConfig:
     )
 
 
+# Megatron's size flags: given together without --config, they describe the whole model (as Megatron reads them).
+MEGATRON_SIZE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads")
+# Megatron architecture flags that set one ModelConfig field when they adjust a --config or built-in model.
+_OVERRIDE_OF_MEGATRON = {"num_layers": "n_layers", "hidden_size": "d_model", "num_attention_heads": "n_heads",
+                         "num_query_groups": "n_kv_heads", "ffn_hidden_size": "d_ff",
+                         "max_position_embeddings": "max_seq_len", "norm_epsilon": "norm_eps",
+                         "apply_layernorm_1p": "norm_zero_centered_gamma", "init_method_std": "init_std",
+                         "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout"}
+# What a --config or built-in model already is, for the architecture statements checked against it.
+_THIS_MODEL = {"swiglu": True, "normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": False}
+
+
 @dataclass(frozen=True)
 class ModelSection:
-    """Where the model config comes from: ``config_file`` (or the default) with ``overrides`` applied
-    (ModelConfig field -> value, from the model flags)."""
+    """Where the model config comes from, and the model flags given.
+
+    ``megatron`` holds Megatron's architecture flags that were given (MegatronArchitecture field ->
+    value); ``overrides`` this project's own model flags (ModelConfig field -> value: the layer plan,
+    --vocab-size). Without ``config_file``, Megatron's three size flags together make the model
+    Megatron would build from the flags (config/megatron_args.py: full attention in every layer,
+    Megatron's defaults); otherwise the flags adjust ``config_file`` (or the built-in default).
+    """
 
     config_file: str | None = None
     overrides: dict = field(default_factory=dict)
+    megatron: dict = field(default_factory=dict)
     attention_backend: str = "auto"
+    make_vocab_size_divisible_by: int = 128
+
+    @property
+    def from_megatron_flags(self) -> bool:
+        """Whether the model is the one Megatron builds from the flags (no --config, all three size flags)."""
+        return not self.config_file and all(name in self.megatron for name in MEGATRON_SIZE_FIELDS)
 
     def resolve(self, default: ModelConfig, seq_length: int) -> ModelConfig:
-        """The model: ``config_file`` (or ``default``) with the overrides; max_seq_len grows to the
-        training sequence length unless it was given."""
-        config = load_config(self.config_file) if self.config_file else default
+        """The model: Megatron's from the flags, or ``config_file`` (else ``default``) adjusted by them;
+        max_seq_len grows to the training sequence length unless it was given. ConfigError names what
+        this model cannot build."""
         overrides = dict(self.overrides)
+        if self.from_megatron_flags:
+            config = MegatronArchitecture(**self.megatron).model_config(default.vocab_size, seq_length)
+        else:
+            config = load_config(self.config_file) if self.config_file else default
+            statements = {**_THIS_MODEL, **self.megatron}
+            problems = MegatronArchitecture(**{**dict.fromkeys(MEGATRON_SIZE_FIELDS, 1), **statements,
+                                               "hidden_size": config.d_model, "num_attention_heads": config.n_heads}
+                                            ).problems()
+            if problems:
+                raise ConfigError("the model flags ask for what this model cannot build: " + "; ".join(problems))
+            for name, value in self.megatron.items():
+                if name in _OVERRIDE_OF_MEGATRON:
+                    overrides.setdefault(_OVERRIDE_OF_MEGATRON[name], value)
+            if "rotary_base" in self.megatron:
+                overrides["rope_theta"] = float(self.megatron["rotary_base"])
+            if self.megatron.get("untie_embeddings_and_output_weights"):
+                overrides["tie_embeddings"] = False
+            if self.megatron.get("window_size"):
+                layers = overrides.get("n_layers", config.n_layers)
+                overrides.update(attention_layout=f"sliding:{layers}", global_every=0,
+                                 sliding_window=self.megatron["window_size"][0] + 1)
         if "attention_layout" in overrides:
             overrides["layers"] = None
         if "rope_theta" in overrides:
@@ -58,8 +106,16 @@ class ParallelSection:
     backend: str | None = None  # None: nccl on CUDA, gloo otherwise (see backend_for)
     timeout_minutes: float = 10.0
     recompute_granularity: str = "none"
+    recompute_method: str | None = None  # full recomputation: "uniform" or "block" (Megatron's)
+    recompute_num_layers: int | None = None  # uniform: layers per recomputed group; block: layers recomputed per stage
     context: int = 1  # --context-parallel-size: ranks sharing every sample's sequence (parallel/context.py)
     cp_comm_type: str = "p2p"
+
+    @property
+    def recompute_first_layers(self) -> int | None:
+        """Full recomputation of only the first N layers of each model chunk (``--recompute-method block``);
+        None: every layer."""
+        return self.recompute_num_layers if self.recompute_method == "block" else None
 
     def backend_for(self, device: torch.device) -> str:
         """The process-group backend: the one asked for, else the device's (parallel/state.default_backend)."""
@@ -71,20 +127,28 @@ class TrainingSection:
     seq_length: int = 1024
     micro_batch_size: int = 4
     global_batch_size: int | None = None  # None: micro batch size x data-parallel size
+    # Megatron has no defaults for these two (its --train-iters or --train-samples and --lr are required).
     train_iters: int = 60
     lr: float = 3e-3
+    # The rest are Megatron-LM's defaults.
+    train_samples: int | None = None  # instead of train_iters: iterations = train_samples // global batch
     min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_warmup_iters: int = 10
+    lr_decay_style: str = "linear"
+    lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # None: train_iters
-    weight_decay: float = 0.1
+    lr_warmup_samples: int = 0  # with train_samples: the schedule counts samples
+    lr_decay_samples: int | None = None  # None: train_samples
+    lr_warmup_fraction: float | None = None  # warm-up = this fraction of the decay span
+    decoupled_lr: float | None = None  # embedding and output layer's peak lr (None: lr)
+    decoupled_min_lr: float | None = None  # their min lr (None: min_lr)
+    weight_decay: float = 0.01
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     calculate_per_token_loss: bool = False
     precision: str = "fp32"  # "fp32" | "bf16" | "fp16"
-    initial_loss_scale: float = 2.0**16
+    initial_loss_scale: float = 2.0**32
     seed: int = 1234
     device: str | None = None
 
@@ -100,6 +164,17 @@ class TrainingSection:
     def decay_iters(self) -> int:
         return self.lr_decay_iters or self.train_iters
 
+    def lr_schedule(self, global_batch: int) -> tuple[int, int, int]:
+        """(step, warm-up, decay) of the learning-rate schedule in its unit, as Megatron counts them:
+        samples (step = the global batch) when training is given in samples, else iterations (step 1)."""
+        if self.train_samples:
+            step, decay, warmup = global_batch, self.lr_decay_samples or self.train_samples, self.lr_warmup_samples
+        else:
+            step, decay, warmup = 1, self.decay_iters, self.lr_warmup_iters
+        if self.lr_warmup_fraction is not None:
+            warmup = int(self.lr_warmup_fraction * decay)
+        return step, warmup, decay
+
     @property
     def dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
@@ -111,6 +186,12 @@ class DataSection:
     split: str = "969,30,1"
     tokenizer_type: str | None = None
     tokenizer_model: str | None = None
+    vocab_file: str | None = None  # GPT2BPETokenizer's vocab.json
+    merge_file: str | None = None  # GPT2BPETokenizer's merges.txt
+    tiktoken_pattern: str | None = None
+    tiktoken_num_special_tokens: int | None = None
+    tiktoken_special_tokens: tuple[str, ...] | None = None
+    mock_data: bool = False  # Megatron's --mock-data: synthetic samples, no corpus
     vocab_size: int | None = None  # NullTokenizer's id count (Megatron's --vocab-size with it)
     data_cache_path: str | None = None
     reset_position_ids: bool = False
@@ -136,21 +217,40 @@ class CheckpointSection:
 
 @dataclass(frozen=True)
 class LoggingSection:
-    log_interval: int = 10
+    log_interval: int = 100
     eval_interval: int = 0  # 0: evaluate only after training
-    eval_iters: int = 2
+    eval_iters: int = 100
     eval_longctx_interval: int = 0  # 0: no retrieval grid during training
     eval_longctx_lengths: tuple[int, ...] | None = None  # None: --seq-length (or max_seq_len - 16)
     eval_longctx_depths: tuple[float, ...] = (0.0, 0.5, 1.0)
     eval_longctx_samples: int = 2
     eval_longctx_tasks: tuple[str, ...] = ("passkey", "needle")
     tensorboard_dir: str | None = None
+    tensorboard_log_interval: int = 1
     peak_tflops: float | None = None
+    log_throughput: bool = False
+    log_params_norm: bool = False
+    log_num_zeros_in_grad: bool = False
+    log_validation_ppl_to_tensorboard: bool = False
+    log_memory_to_tensorboard: bool = False
+    log_timers_to_tensorboard: bool = False
+    log_loss_scale_to_tensorboard: bool = True
+    log_world_size_to_tensorboard: bool = False
+    timing_log_level: int = 0
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    wandb_save_dir: str | None = None
+    wandb_entity: str | None = None
+    profile: bool = False  # a torch.profiler trace of iterations [profile_step_start, profile_step_end)
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_ranks: tuple[int, ...] = (0,)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     world_size: int = 1
+    notices: tuple[str, ...] = ()  # said once at start-up: flags accepted without effect, settings Megatron adjusts
     model: ModelSection = field(default_factory=ModelSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     training: TrainingSection = field(default_factory=TrainingSection)

@@ -14,6 +14,7 @@ import torch
 from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.sharded import Checkpointer
 from longctx_megatron.config import ModelConfig
+from longctx_megatron.config.model_config import describe_plan
 from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.data.blended import parse_data_path
 from longctx_megatron.data.indexed_dataset import dataset_exists
@@ -45,7 +46,8 @@ def tokenizer_and_model(run: RunConfig):
         if data.tokenizer_type == "NullTokenizer":
             overrides = {key: value for key, value in model.overrides.items() if key != "vocab_size"}
             model = dataclasses.replace(model, overrides=overrides)
-        config = model.resolve(ModelConfig(vocab_size=padded_vocab_size(tokenizer.vocab_size)), run.training.seq_length)
+        vocab = padded_vocab_size(tokenizer.vocab_size, divisible_by=model.make_vocab_size_divisible_by)
+        config = model.resolve(ModelConfig(vocab_size=vocab), run.training.seq_length)
     check_vocab_matches(config.vocab_size, tokenizer)
     return tokenizer, config
 
@@ -91,6 +93,9 @@ def setup(run: RunConfig, log=print) -> Trainer:
         device = torch.device("cuda", torch.cuda.current_device())
     if ctx.rank != 0:
         log = _silent
+    for notice in run.notices:
+        log(notice)
+    log(describe_plan(config))
     log(f"model: {estimate_params(config):,} parameters; layout: tensor {ctx.tp_size} x pipeline {ctx.pp_size} x "
         f"data {ctx.dp_size}" + (f" x context {ctx.cp_size} ({parallel.cp_comm_type})" if ctx.cp_size > 1 else "")
         + (" with sequence parallelism" if parallel.sequence_parallel else ""))
@@ -100,6 +105,7 @@ def setup(run: RunConfig, log=print) -> Trainer:
                                    attention_backend=run.model.attention_backend, dtype=training.dtype,
                                    sequence_parallel=parallel.sequence_parallel,
                                    recompute_granularity=parallel.recompute_granularity,
+                                   recompute_first_layers=parallel.recompute_first_layers,
                                    cp_comm_type=parallel.cp_comm_type)
     grads = DataParallelGradients(chunks, ctx, distributed_optimizer=parallel.distributed_optimizer)
     optimizer = build_optimizer(run, chunks, grads, ctx, device)

@@ -13,6 +13,7 @@ import torch
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.setup import setup
 from tests.distributed import run_on_ranks
+from tests.flags import LLAMA_ARCHITECTURE
 from tests.training.corpora import write_eod_corpus
 
 VOCAB = 96  # NullTokenizer ids; its EOD is id 96
@@ -31,7 +32,7 @@ def _flags(prefix: str, micro_batch: int, per_token: bool) -> list[str]:
             "--sliding-window", "16", "--global-every", "8",
             "--attention-layout", "sliding:1,full:1", "--attention-backend", "chunked",
             "--micro-batch-size", str(micro_batch), "--global-batch-size", "4", "--train-iters", "1",
-            "--lr", "0", "--min-lr", "0", "--clip-grad", "0", "--eval-iters", "1"] + (
+            "--lr", "0", "--min-lr", "0", "--clip-grad", "0", "--eval-iters", "1", *LLAMA_ARCHITECTURE] + (
         ["--calculate-per-token-loss"] if per_token else [])
 
 

@@ -8,6 +8,7 @@ import pytest
 from longctx_megatron.training.arguments import parse_run_config
 from longctx_megatron.training.setup import setup
 from tests.distributed import run_on_ranks
+from tests.flags import LLAMA_ARCHITECTURE
 from tests.training.corpora import PACKED_VOCAB as VOCAB
 
 
@@ -18,7 +19,7 @@ def _flags(prefix: str, *extra: str) -> list[str]:
             "--sliding-window", "16", "--global-every", "8", "--dilated-window", "8", "--dilation", "2",
             "--attention-layout", "sliding:2,dilated:1,full:1", "--attention-backend", "chunked",
             "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3", "--eval-iters", "1",
-            "--log-interval", "3", *extra]
+            "--log-interval", "3", *LLAMA_ARCHITECTURE, *extra]
 
 
 def _losses(rank, world_size, flags) -> list[float]:

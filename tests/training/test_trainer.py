@@ -11,6 +11,7 @@ from longctx_megatron.training.arguments import build_parser, parse_run_config
 from longctx_megatron.training.lr_schedule import learning_rate
 from longctx_megatron.training.precision import LossScaler
 from tests.distributed import run_on_ranks
+from tests.flags import LLAMA_ARCHITECTURE
 
 SMALL = ["--train-iters", "5", "--seq-length", "128", "--micro-batch-size", "1", "--global-batch-size", "4",
          "--num-layers", "8", "--attention-layout", "sliding:4,dilated:2,full:2", "--attention-backend", "chunked",
@@ -39,7 +40,6 @@ def test_loss_scaler():
 
 @pytest.mark.parametrize("flags,world,message", [
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
-    (["--sequence-parallel"], 1, "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--tensor-model-parallel-size", "2"], 3, "world size 3 is not divisible by (tensor 2 x pipeline 1) = 2"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6 must be a multiple"),
     (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "7"], 2, "divisible by"),
@@ -129,7 +129,7 @@ def test_tied_embedding_copies_stay_equal_under_pipeline_and_zero1():
     """The first stage's embedding and the last stage's copy get the same update on every DP rank."""
     flags = ("--hidden-size 256 --num-attention-heads 4 --num-query-groups 2 --ffn-hidden-size 1024 --vocab-size 8192 "
              "--num-layers 6 --seq-length 64 --micro-batch-size 1 --train-iters 1 --pipeline-model-parallel-size 2 "
-             "--use-distributed-optimizer").split()  # the embedding spans both DP shards of its bucket
+             "--use-distributed-optimizer").split() + LLAMA_ARCHITECTURE  # the embedding spans both DP shards
     weights = run_on_ranks(_tied_copies_body, 4, flags)
     assert all((weights[0] == other).all() for other in weights[1:])
 
