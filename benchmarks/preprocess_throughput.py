@@ -101,7 +101,8 @@ def peak_rss_mib(corpus: Path, output: Path, batch_bytes: int) -> float:
     """Peak RSS (VmHWM) of one preprocess_data.py run in a fresh process, in MiB."""
     result = subprocess.run([sys.executable, "-c", _PEAK_RSS, str(ROOT / "tools"), str(batch_bytes),
                              "--input", str(corpus), "--tokenizer-type", "ByteTokenizer", "--append-eod",
-                             "--output-prefix", str(output)], check=True, capture_output=True, text=True)
+                             "--output-prefix", str(output), "--workers", "1"],
+                            check=True, capture_output=True, text=True)
     return int(result.stdout.split()[-1]) / 1024
 
 

@@ -62,7 +62,7 @@ def test_end_to_end_matches_in_process_tokenisation(tmp_path):
 def _args(tmp_path, *extra):
     return preprocess_data.parse_args([
         "--input", str(tmp_path / "in.jsonl"), "--tokenizer-type", "ByteTokenizer",
-        "--output-prefix", str(tmp_path / "out"), "--append-eod", *extra,
+        "--output-prefix", str(tmp_path / "out"), "--append-eod", "--workers", "1", *extra,
     ])
 
 
@@ -144,7 +144,7 @@ def test_a_null_tokenizer_word_that_is_not_an_id_is_a_bad_line(tmp_path):
     write_jsonl(tmp_path / "in.jsonl", [{"text": "1 2 3"}, {"text": "4 five 6"}, {"text": "7 99"}, {"text": "8"}])
     args = preprocess_data.parse_args(["--input", str(tmp_path / "in.jsonl"), "--tokenizer-type", "NullTokenizer",
                                        "--vocab-size", "50", "--output-prefix", str(tmp_path / "out"),
-                                       "--max-bad-fraction", "0.5"])
+                                       "--max-bad-fraction", "0.5", "--workers", "1"])
     lines = []
     stats = preprocess_data.preprocess(args, log=lines.append)
     report = "\n".join(lines)
@@ -194,10 +194,10 @@ def test_interrupted_run_leaves_no_index(tmp_path, monkeypatch):
 
 def test_input_errors(tmp_path):
     result = run_tool("--input", str(tmp_path / "missing*.jsonl"), "--tokenizer-type", "ByteTokenizer",
-                      "--output-prefix", str(tmp_path / "out"))
+                      "--output-prefix", str(tmp_path / "out"), "--workers", "1")
     assert result.returncode == 1 and "matches no file" in result.stderr
     write_jsonl(tmp_path / "in.jsonl", [{"text": "x"}])
     result = run_tool("--input", str(tmp_path / "in.jsonl"), "--tokenizer-type", "SentencePieceTokenizer",
-                      "--output-prefix", str(tmp_path / "out"))
+                      "--output-prefix", str(tmp_path / "out"), "--workers", "1")
     assert result.returncode == 1 and "--tokenizer-model" in result.stderr
     assert not list(tmp_path.glob("out*"))
