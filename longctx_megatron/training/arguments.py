@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from longctx_megatron.config.megatron_args import MegatronArchitecture
 from longctx_megatron.data.tokenizers import TOKENIZER_TYPES
 from longctx_megatron.model.attention import factory
 from longctx_megatron.parallel.context import check_comm_type
@@ -365,6 +366,10 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
         return getattr(getattr(run, section), name)
 
     parallel, training, data, ckpt = run.parallel, run.training, run.data, run.checkpointing
+    if run.model.from_megatron_flags:  # the architecture first: nothing else matters if it cannot be built
+        problems = MegatronArchitecture(**run.model.megatron).problems()
+        if problems:
+            fail("Megatron-LM would build a model this one cannot: " + "; ".join(problems))
     for target in ("parallel.tensor", "parallel.pipeline", "parallel.context", "training.seq_length",
                    "training.micro_batch_size", "training.train_iters", "logging.log_interval", "logging.eval_iters"):
         if value(target) <= 0:

@@ -48,6 +48,10 @@ NO_EFFECT: dict[str, tuple[dict, str]] = {
     "--ckpt-format": ({"choices": ["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"]},
                       "checkpoints are this project's sharded format; tools/checkpoint/convert.py --to megatron "
                       "writes Megatron's"),
+    "--dist-ckpt-optim-fully-reshardable": ({"action": "store_true"},
+                                            "checkpoints always reshard fully on load, optimizer state included"),
+    "--dist-ckpt-strictness": ({}, "checkpoints are this project's format, checked in full on load"),
+    "--use-persistent-ckpt-worker": ({"action": "store_true"}, "--async-save has one background writer"),
     "--tensorboard-queue-size": ({"type": int}, "TensorBoard events are flushed at every log interval"),
     "--log-progress": ({"action": "store_true"}, "progress is in the log lines"),
     "--distributed-timeout-seconds-after-init": ({"type": int}, "one timeout applies throughout"),

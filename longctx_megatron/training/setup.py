@@ -36,14 +36,18 @@ from longctx_megatron.training.trainer import Trainer
 def tokenizer_and_model(run: RunConfig):
     """The tokenizer and the model config it fits: the built-in bytes and demo model without
     --data-path; else the tokenizer's padded vocabulary under --config and the model flags."""
-    if not run.data.data_path:
+    if not (run.data.data_path or run.data.mock_data):
         tokenizer = ByteTokenizer()
         config = run.model.resolve(demo_config(), run.training.seq_length)
     else:  # --vocab-size is NullTokenizer's id count (as in Megatron), not the model's vocabulary
         data = run.data
-        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_size)
+        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_size,
+                                    vocab_file=data.vocab_file, merge_file=data.merge_file,
+                                    tiktoken_pattern=data.tiktoken_pattern,
+                                    tiktoken_num_special_tokens=data.tiktoken_num_special_tokens,
+                                    tiktoken_special_tokens=data.tiktoken_special_tokens)
         model = run.model
-        if data.tokenizer_type == "NullTokenizer":
+        if data.tokenizer_type in ("NullTokenizer", "TikTokenizer"):
             overrides = {key: value for key, value in model.overrides.items() if key != "vocab_size"}
             model = dataclasses.replace(model, overrides=overrides)
         vocab = padded_vocab_size(tokenizer.vocab_size, divisible_by=model.make_vocab_size_divisible_by)
@@ -110,7 +114,8 @@ def setup(run: RunConfig, log=print) -> Trainer:
     grads = DataParallelGradients(chunks, ctx, distributed_optimizer=parallel.distributed_optimizer)
     optimizer = build_optimizer(run, chunks, grads, ctx, device)
     train_data, valid_data = build_datasets(run, tokenizer)
-    source = list(run.data.data_path) if run.data.data_path else "built-in corpus (CPython reference docs, bytes)"
+    source = (list(run.data.data_path) if run.data.data_path else "mock data (Megatron's MockGPTDataset)"
+              if run.data.mock_data else "built-in corpus (CPython reference docs, bytes)")
     log(f"data: {source}; "
         f"{len(train_data):,} training samples of {training.seq_length} tokens; global batch {run.global_batch}")
     metrics = Metrics(run, config, device, log, tensorboard_writer(run, ctx.rank))
