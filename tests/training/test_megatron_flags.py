@@ -1,0 +1,184 @@
+"""Megatron-LM's flags with Megatron's meanings: the model its size flags describe, refusals that name the
+flag, flags accepted with no effect, the schedule in samples, decoupled learning rates, recomputation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longctx_megatron.config import ModelConfig
+from longctx_megatron.config.errors import ConfigError
+from longctx_megatron.config.megatron_args import MegatronArchitecture, megatron_ffn_hidden_size
+from longctx_megatron.model.build import build_model
+from longctx_megatron.parallel.parallelize import apply_recompute
+from longctx_megatron.training.arguments import build_parser, parse_run_config
+from longctx_megatron.training.lr_schedule import learning_rate
+from longctx_megatron.training.run_config import demo_config
+from tests.flags import LLAMA_ARCHITECTURE
+
+SIZES = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4"]
+
+
+def model_of(argv: list[str]) -> ModelConfig:
+    run = parse_run_config(argv, 1)
+    return run.model.resolve(demo_config(), run.training.seq_length)
+
+
+def test_size_flags_without_config_build_megatrons_model():
+    config = model_of([*SIZES, *LLAMA_ARCHITECTURE[1:], "--seq-length", "256"])  # no --group-query-attention
+    assert {spec.kind for spec in config.layer_plan()} == {"full"}
+    assert config.n_kv_heads == 4  # multi-head attention, as Megatron without --group-query-attention
+    assert config.d_ff == megatron_ffn_hidden_size(64, swiglu=True) == 128
+    assert config.max_seq_len == 256 and config.rope.theta == 10000 and config.tie_embeddings
+
+
+def test_num_query_groups_needs_group_query_attention_as_in_megatron():
+    run = parse_run_config([*SIZES, *LLAMA_ARCHITECTURE[1:], "--num-query-groups", "2"], 1)
+    assert run.model.resolve(demo_config(), 64).n_kv_heads == 4
+    assert any("--num-query-groups has no effect" in notice for notice in run.notices)
+    assert model_of([*SIZES, *LLAMA_ARCHITECTURE, "--num-query-groups", "2"]).n_kv_heads == 2
+
+
+def test_megatrons_defaults_are_refused_by_name():
+    with pytest.raises(ValueError) as error:
+        parse_run_config(SIZES, 1)
+    for flag in ("--normalization RMSNorm", "--swiglu", "--position-embedding-type rope", "--disable-bias-linear"):
+        assert flag in str(error.value)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--kv-channels", "32"], "--kv-channels 32 != --hidden-size / --num-attention-heads = 16"),
+    (["--rotary-percent", "0.5"], "--rotary-percent 0.5"),
+    (["--rotary-interleaved"], "--rotary-interleaved"),
+    (["--qk-layernorm"], "--qk-layernorm"),
+    (["--add-qkv-bias"], "biases"),
+    (["--window-size", "16,4"], "causal windows only"),
+])
+def test_what_this_model_cannot_build_is_refused(extra, message):
+    with pytest.raises(ValueError, match=message):
+        parse_run_config([*SIZES, *LLAMA_ARCHITECTURE, *extra], 1)
+
+
+def test_statements_against_a_config_or_the_built_in_model_are_checked():
+    with pytest.raises(ConfigError, match="--normalization LayerNorm"):
+        model_of(["--num-layers", "2", "--normalization", "LayerNorm"])
+    config = model_of(["--num-layers", "2", "--swiglu", "--normalization", "RMSNorm"])  # true statements
+    assert config.n_layers == 2 and config.attention_layout == demo_config().attention_layout
+
+
+def test_window_size_is_megatrons_left_reach_plus_self():
+    config = model_of([*SIZES, *LLAMA_ARCHITECTURE, "--window-size", "(15,0)", "--seq-length", "64"])
+    assert [(spec.kind, spec.window, spec.global_every) for spec in config.layer_plan()] == [("sliding", 16, 0)] * 4
+
+
+def test_attention_layout_keeps_this_projects_plan():
+    config = model_of([*SIZES, *LLAMA_ARCHITECTURE, "--attention-layout", "sliding:2,full:2", "--sliding-window",
+                       "32", "--seq-length", "64"])
+    assert [spec.kind for spec in config.layer_plan()] == ["sliding", "sliding", "full", "full"]
+
+
+def test_megatron_attention_backend_names_map_to_ours():
+    assert parse_run_config(["--attention-backend", "unfused"], 1).model.attention_backend == "reference"
+    assert parse_run_config(["--use-flash-attn"], 1).model.attention_backend == "flash"
+
+
+def test_refused_flags_name_the_reason_before_argparse():
+    with pytest.raises(ValueError, match="--fp8-recipe: FP8 training is not supported"):
+        parse_run_config(["--fp8-recipe=delayed"], 1)
+    with pytest.raises(ValueError, match="--moe-ffn-hidden-size: mixture-of-experts"):
+        parse_run_config(["--moe-ffn-hidden-size", "64"], 1)
+    with pytest.raises(ValueError, match="--rampup-batch-size"):
+        parse_run_config(["--rampup-batch-size", "16", "16", "1000"], 1)
+
+
+def test_no_effect_flags_are_listed_in_help_and_reported(capsys):
+    run = parse_run_config(["--manual-gc", "--num-workers", "4", "--transformer-impl", "local"], 1)
+    assert [notice.split(": ", 1)[1].split(" (")[0] for notice in run.notices] == [
+        "--transformer-impl", "--manual-gc", "--num-workers"]
+    help_text = build_parser().format_help()
+    assert "accepted for compatibility with Megatron-LM's scripts, with no effect here" in help_text
+
+
+def test_shell_quoted_split_and_sequence_parallel_at_tp1():
+    run = parse_run_config(["--split", "'99,1,0'", "--sequence-parallel"], 1)
+    assert run.data.split == "99,1,0" and not run.parallel.sequence_parallel
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train-samples", "64", "--train-iters", "3"], "--train-iters and --train-samples are exclusive"),
+    (["--train-samples", "64", "--lr-decay-iters", "3"], "use --lr-decay-samples"),
+    (["--lr-decay-samples", "64"], "need --train-samples"),
+    (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "3"], "are exclusive"),
+    (["--recompute-method", "block"], "--recompute-method needs --recompute-granularity full"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"],
+     "uniform with --recompute-num-layers > 1"),
+    (["--recompute-granularity", "full", "--recompute-method", "block"], "needs --recompute-num-layers"),
+    (["--decoupled-min-lr", "0.1"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--mock-data", "--data-path", "x", "--tokenizer-type", "NullTokenizer"], "exclusive"),
+    (["--mock-data"], "--mock-data needs --tokenizer-type"),
+])
+def test_contradictions_fail_before_any_work(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_run_config(flags, 1)
+
+
+def test_train_samples_set_iterations_and_a_schedule_in_samples():
+    run = parse_run_config(["--train-samples", "100", "--global-batch-size", "8", "--micro-batch-size", "2",
+                            "--lr-warmup-samples", "16", "--lr-decay-samples", "80"], 1)
+    assert run.training.train_iters == 12
+    assert run.training.lr_schedule(run.global_batch) == (8, 16, 80)
+    run = parse_run_config(["--train-iters", "100", "--lr-warmup-fraction", "0.1", "--lr-decay-iters", "50"], 1)
+    assert run.training.lr_schedule(run.global_batch) == (1, 5, 50)
+
+
+def test_learning_rate_in_samples_matches_iterations_at_batch_one_and_scales_with_the_batch():
+    for iteration in range(12):
+        in_iterations = learning_rate(iteration, 1.0, 0.1, 3, 10, "cosine")
+        assert learning_rate(iteration, 1.0, 0.1, 3 * 8, 10 * 8, "cosine", step=8) == pytest.approx(in_iterations)
+    # a warm-up that ends inside a batch never overshoots the peak
+    assert learning_rate(1, 1.0, 0.0, 12, 80, "linear", step=8) <= 1.0
+
+
+def test_block_recomputation_recomputes_the_first_layers_of_a_chunk():
+    model = apply_recompute(build_model(ModelConfig(d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, d_ff=64,
+                                                    vocab_size=64, max_seq_len=64, attention_layout="full:4"),
+                                        "meta"), "full", first_layers=2)
+    assert [type(block).__name__.startswith("Recomputed") for block in model.layers] == [True, True, False, False]
+    run = parse_run_config(["--recompute-granularity", "full", "--recompute-method", "block",
+                            "--recompute-num-layers", "1"], 1)
+    assert run.parallel.recompute_first_layers == 1
+    assert parse_run_config(["--recompute-activations"], 1).parallel.recompute_granularity == "selective"
+
+
+def test_layernorm_1p_is_the_same_function_with_weights_minus_one():
+    plain = MegatronArchitecture(2, 32, 2, swiglu=True, normalization="RMSNorm", position_embedding_type="rope",
+                                 add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0)
+    base = plain.model_config(64, 16)
+    one_p = MegatronArchitecture(**{**plain.__dict__, "apply_layernorm_1p": True}).model_config(64, 16)
+    ours, theirs = build_model(base, seed=3), build_model(one_p, seed=3)
+    assert all((p == 0).all() for name, p in theirs.named_parameters() if name.endswith("norm.weight"))
+    with torch.no_grad():
+        for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters(), strict=True):
+            if name.endswith("norm.weight"):
+                a.uniform_(0.5, 1.5)
+                b.copy_(a - 1)
+    tokens = torch.randint(0, 64, (2, 16))
+    torch.testing.assert_close(theirs(tokens), ours(tokens))
+
+
+@pytest.mark.parametrize("precision", [[], ["--bf16"], ["--use-distributed-optimizer"]])
+def test_decoupled_lr_schedules_the_embedding_and_output_apart(precision):
+    """--decoupled-lr 0 freezes the embedding (tied: also the output) while the rest trains, in the local
+    optimizer, and in ZeRO-1 with fp32 and with bf16 weights."""
+    from longctx_megatron.training.setup import setup
+
+    argv = ["--train-iters", "2", "--seq-length", "64", "--micro-batch-size", "1", "--eval-iters", "1",
+            "--decoupled-lr", "0", "--decoupled-min-lr", "0", *precision]
+    trainer = setup(parse_run_config(argv, 1), log=lambda *_: None)
+    model = trainer.chunks[0]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer.train()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert "embedding.weight" not in moved and "layers.0.attention.qkv.weight" in moved
+    groups = trainer.optimizer.param_groups
+    assert [group["lr"] for group in groups if group["decoupled"]] == [0.0] * sum(g["decoupled"] for g in groups)
