@@ -34,6 +34,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, required=True)
     parser.add_argument("--tokenizer-model")
     parser.add_argument("--vocab-size", type=int, help="NullTokenizer: ids before eod")
+    parser.add_argument("--vocab-file", help="GPT2BPETokenizer's vocab.json")
+    parser.add_argument("--merge-file", help="GPT2BPETokenizer's merges.txt")
+    parser.add_argument("--tiktoken-pattern", choices=["v1", "v2"])
+    parser.add_argument("--tiktoken-num-special-tokens", type=int)
+    parser.add_argument("--tiktoken-special-tokens", nargs="+")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
     parser.add_argument("--context-parallel-size", type=int, default=1,
                         help="prefill long prompts split over this many ranks (parallel/context.py), then decode")
@@ -70,7 +75,11 @@ def open_session(args, log=print) -> Session:
         raise ParallelLayoutError(f"{world} processes for --tensor-model-parallel-size "
                                   f"{args.tensor_model_parallel_size} x --context-parallel-size "
                                   f"{args.context_parallel_size}: launch one process per tensor x context rank")
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size,
+                                vocab_file=args.vocab_file, merge_file=args.merge_file,
+                                tiktoken_pattern=args.tiktoken_pattern,
+                                tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
+                                tiktoken_special_tokens=args.tiktoken_special_tokens)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     ctx = initialize_parallel(tensor=args.tensor_model_parallel_size, backend=default_backend(device),
                               context=args.context_parallel_size)

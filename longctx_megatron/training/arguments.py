@@ -318,6 +318,8 @@ def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
             sections["model"] and all(name in megatron for name in MEGATRON_SIZE_FIELDS):
         notices.append("--num-query-groups has no effect without --group-query-attention (as in Megatron): "
                        "every query head has its own KV head")
+    if sections["data"].get("mock_data") and "split" in sections["data"]:
+        notices.append("--split has no effect with --mock-data (as in Megatron: mock data is split 1,1,1)")
     if training.get("train_samples") is not None:
         if args.train_iters is not None:
             raise ValueError("--train-iters and --train-samples are exclusive (as in Megatron)")
