@@ -63,7 +63,8 @@ REFUSED_PREFIXES: dict[str, str] = {
     "--moe-": "mixture-of-experts models are not supported (dense models only)",
     "--num-experts": "mixture-of-experts models are not supported (dense models only)",
     "--expert-": "mixture-of-experts models are not supported (dense models only)",
-    "--rampup-batch-size": "batch-size ramp-up is not supported: the global batch is constant",
+    "--rampup-batch-size": "batch-size ramp-up (deprecated in Megatron-LM itself) is not supported: the global batch "
+                           "is constant",
     "--step-batch-size-schedule": "batch-size schedules are not supported: the global batch is constant",
     "--multi-latent-attention": "multi-latent attention is not supported",
     "--mtp-num-layers": "multi-token prediction is not supported",
