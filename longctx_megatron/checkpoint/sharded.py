@@ -39,6 +39,7 @@ from longctx_megatron.checkpoint.manifest import (
     WriteFailure,
     report_from_json,
 )
+from longctx_megatron.checkpoint.megatron import describe, not_native_message
 from longctx_megatron.checkpoint.reader import CheckpointReader, verify_files
 from longctx_megatron.checkpoint.safetensors_io import file_crc32, write_safetensors
 
@@ -134,7 +135,10 @@ class Checkpointer:
     # ---------------------------------------------------------------- loading
     def find(self, root: str, step: int | None = None) -> CheckpointReader | None:
         """The newest sound checkpoint under ``root`` (exactly ``step`` if given); None for a directory
-        with no checkpoint at all. Every rank gets the same answer."""
+        with no checkpoint at all. Every rank gets the same answer (a Megatron-LM checkpoint is refused
+        with the command that converts it, by every rank from the same files)."""
+        if step is None and (megatron := describe(root)):
+            raise CheckpointError(not_native_message(root, megatron))
         tracker = layout.read_tracker(root)
         found = layout.list_iterations(root)
         if step is not None:

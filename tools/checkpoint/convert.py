@@ -1,4 +1,5 @@
-"""Convert checkpoints: Hugging Face <-> native, native -> native (reshard or consolidate). No training job needed.
+"""Convert checkpoints: Hugging Face <-> native, Megatron-LM <-> native, native -> native (reshard or consolidate).
+No training job needed.
 
     python tools/checkpoint/convert.py --from hf --to native --input llama-dir --output ckpt \\
         --target-tensor-parallel-size 8 --target-pipeline-parallel-size 4
@@ -6,10 +7,19 @@
     python tools/checkpoint/convert.py --from native --to native --input ckpt --output ckpt-tp2 \\
         --target-tensor-parallel-size 2
     python tools/checkpoint/convert.py --from native --to native --input ckpt --output model.safetensors --consolidate
+    python tools/checkpoint/convert.py --from megatron --to native --input megatron-ckpt --output ckpt \\
+        [--target-tensor-parallel-size 2 --target-pipeline-parallel-size 2] [--ckpt-step N]
+    python tools/checkpoint/convert.py --from native --to megatron --input ckpt --output megatron-ckpt \\
+        [--target-tensor-parallel-size 2 --target-pipeline-parallel-size 2] [--megatron-transformer-impl local]
 
 Hugging Face input: a Llama or Mistral directory (config.json and model.safetensors, or shards with
 model.safetensors.index.json; never pickle). Native input: a --save directory (its tracker's
-checkpoint, or --ckpt-step). Memory holds one layer's tensors; every output is written under a
+checkpoint, or --ckpt-step). Megatron-LM input: a --save directory in the ``torch`` (mp_rank_*/
+model_optim_rng.pt) or ``torch_dist`` format, any TP/PP/virtual-PP layout, weights only; its pickles
+are read by a restricted unpickler (longctx_megatron/checkpoint/megatron.py). Megatron-LM output:
+the ``torch`` format that ``pretrain_gpt.py --ckpt-format torch --finetune --no-load-optim
+--no-load-rng`` loads (pass it the same --transformer-impl). Memory holds one layer's tensors (one
+pipeline stage's for Megatron output); every output is written under a
 temporary name and renamed when complete. The native output also gets ``model.yaml``, the
 model config to pass as ``--config`` when training from it.
 """
@@ -41,6 +51,17 @@ from longctx_megatron.checkpoint.hf import (
 )
 from longctx_megatron.checkpoint.hf_directory import HFCheckpoint
 from longctx_megatron.checkpoint.manifest import CheckpointMetadata
+from longctx_megatron.checkpoint.megatron import (
+    config_to_megatron,
+    describe,
+    layer_from_megatron,
+    layer_to_megatron,
+    not_native_message,
+    outer_from_megatron,
+    outer_to_megatron,
+    shard,
+)
+from longctx_megatron.checkpoint.megatron_directory import open_megatron
 from longctx_megatron.checkpoint.offline import OfflineWriter, converted_metadata
 from longctx_megatron.checkpoint.reader import CheckpointReader, read_json, verify_files
 from longctx_megatron.checkpoint.safetensors_io import (
@@ -57,6 +78,8 @@ HF_OUTPUT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.
 
 def _newest(root: str, step: int | None) -> tuple[CheckpointReader, CheckpointMetadata]:
     """The checkpoint to convert (verified) and its metadata."""
+    if step is None and (megatron := describe(root)):
+        raise CheckpointError(not_native_message(root, megatron))
     iteration = step if step is not None else layout.read_tracker(root)
     if iteration is None:
         raise CheckpointError(f"{root}: no {layout.TRACKER} (pass --ckpt-step)")
@@ -91,6 +114,114 @@ def hf_to_native(args, log) -> str:
         f"{writer.stage_layers}); train from it with --config {os.path.join(args.output, 'model.yaml')} "
         f"--load {args.output}")
     return directory
+
+
+def megatron_to_native(args, log) -> str:
+    source = open_megatron(args.input, args.ckpt_step)
+    config, megatron = source.config, source.layout
+    log(f"Megatron-LM {source.format} checkpoint, iteration {source.iteration}: tensor {megatron.tensor} x "
+        f"pipeline {megatron.pipeline} x virtual {megatron.virtual}; vocabulary {megatron.padded_vocab} rows -> "
+        f"{config.vocab_size}")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    created = not os.path.lexists(args.output)
+    writer = OfflineWriter(args.output, 0, config, args.target_tensor_parallel_size,
+                           args.target_pipeline_parallel_size)
+    try:  # input found bad half-way (a shard's shape, say) leaves nothing behind
+        return _megatron_to_native(args, log, source, writer, dtype)
+    except BaseException:
+        shutil.rmtree(writer.staged, ignore_errors=True)
+        if created:
+            shutil.rmtree(args.output, ignore_errors=True)
+        raise
+
+
+def _megatron_to_native(args, log, source, writer: OfflineWriter, dtype) -> str:
+    config, megatron = source.config, source.layout
+    first = {}
+
+    def group(tensors: dict, what: str) -> None:
+        converted = {keys.model_key(name): t.to(dtype) if dtype else t for name, t in tensors.items()}
+        first.setdefault("dtype", next(iter(converted.values())).dtype)
+        files = writer.write_group(converted)
+        log(f"{what}: {len(converted)} tensors -> {len(files)} files")
+
+    group(outer_from_megatron(source.get, config, megatron), "embedding, final norm, output")
+    for index in range(config.n_layers):
+        group(layer_from_megatron(index, source.get, config, megatron), f"layer {index + 1}/{config.n_layers}")
+    directory = writer.finish(converted_metadata(config, os.path.abspath(args.input), first["dtype"], writer.layout()))
+    save_config(config, os.path.join(args.output, "model.yaml"))
+    log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)} (stage layers "
+        f"{writer.stage_layers}); train from it with --config {os.path.join(args.output, 'model.yaml')} "
+        f"--load {args.output}")
+    return directory
+
+
+def native_to_megatron(args, log) -> str:
+    """Write the legacy ``torch`` format, one pipeline stage at a time: Megatron's files hold a rank's
+    shard of every layer of its stage, so memory holds one stage's global tensors."""
+    reader, saved = _newest(args.input, args.ckpt_step)
+    config = config_from_dict(saved.training.config)
+    tp, pp = args.target_tensor_parallel_size, args.target_pipeline_parallel_size
+    for what, count in (("num_attention_heads", config.n_heads), ("num_query_groups", config.n_kv_heads),
+                        ("ffn_hidden_size", config.d_ff)):
+        if count % tp:
+            raise ConversionError(f"--target-tensor-parallel-size {tp} does not divide {what}={count}")
+    if pp > config.n_layers:
+        raise ConversionError(f"--target-pipeline-parallel-size {pp} exceeds the model's {config.n_layers} layers")
+    namespace = config_to_megatron(config, tp, pp, args.megatron_transformer_impl)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    if dtype is not None:
+        namespace.params_dtype = dtype
+    namespace.bf16, namespace.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+
+    def get(name: str) -> torch.Tensor:
+        tensor = reader.read_global(keys.model_key(name))
+        return tensor.to(dtype) if dtype else tensor
+
+    output = os.path.abspath(args.output)
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.", suffix=".incomplete", dir=os.path.dirname(output))
+    try:
+        per_stage = config.n_layers // pp
+        for stage in range(pp):
+            tensors = {}
+            if stage == 0:
+                tensors.update({k: v for k, v in outer_to_megatron(get, config, namespace.padded_vocab_size).items()
+                                if k.startswith("embedding.")})
+            for local, index in enumerate(range(stage * per_stage, (stage + 1) * per_stage)):
+                for name, tensor in layer_to_megatron(index, get, config, args.megatron_transformer_impl).items():
+                    tensors[name.replace(f"decoder.layers.{index}.", f"decoder.layers.{local}.", 1)] = tensor
+            if stage == pp - 1:
+                outer = outer_to_megatron(get, config, namespace.padded_vocab_size)
+                tensors["decoder.final_layernorm.weight"] = outer["decoder.final_layernorm.weight"]
+                if not config.tie_embeddings or pp > 1:  # a tied model's last stage keeps its copy of the embedding
+                    tensors["output_layer.weight"] = outer.get("output_layer.weight",
+                                                               outer["embedding.word_embeddings.weight"])
+            for rank in range(tp):
+                model = {name: shard(name, tensor, rank, tp).contiguous() for name, tensor in tensors.items()}
+                for name in [n for n in model if n.endswith(".weight") and "linear_" in n] + (
+                        ["output_layer.weight"] if stage == pp - 1 else []):
+                    model[name.rsplit(".", 1)[0] + "._extra_state"] = None  # what mcore's linears save
+                if args.megatron_transformer_impl == "transformer_engine":
+                    for index in range(per_stage):
+                        model[f"decoder.layers.{index}.self_attention.core_attention._extra_state"] = None
+                rank_dir = f"mp_rank_{rank:02d}" + (f"_{stage:03d}" if pp > 1 else "")
+                path = os.path.join(staged, "iter_0000000", rank_dir, "model_optim_rng.pt")
+                os.makedirs(os.path.dirname(path))
+                torch.save({"args": namespace, "checkpoint_version": 3.0, "iteration": 0, "model": model}, path)
+            log(f"pipeline stage {stage + 1}/{pp}: {len(tensors)} tensors -> {tp} files")
+        with atomic_write(os.path.join(staged, "latest_checkpointed_iteration.txt"), "w") as file:
+            file.write("0")
+        if os.path.isdir(output):
+            os.rmdir(output)  # empty: check_output refused anything else
+        os.rename(staged, output)
+    except BaseException:
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    log(f"wrote {args.output} (Megatron-LM torch format, tensor {tp} x pipeline {pp}); load it with pretrain_gpt.py "
+        f"--load {args.output} --ckpt-format torch --finetune --no-load-optim --no-load-rng --transformer-impl "
+        f"{args.megatron_transformer_impl} --tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}")
+    return args.output
 
 
 def native_to_hf(args, log) -> str:
@@ -199,6 +330,8 @@ def remove_leftovers(args) -> list[str]:
         return []
     if args.target == "native":
         return layout.recover(args.output)
+    if args.target == "megatron":
+        return []  # a killed conversion leaves .<output>.XXXXXXXX.incomplete beside it, named in the error
     removed = _staging_dirs(args.output)
     for path in removed:
         shutil.rmtree(path)
@@ -224,6 +357,8 @@ def check_output(args) -> None:
                                   "move its tracker; choose a new directory")
         return
     empty_directory = os.path.isdir(args.output) and not os.listdir(args.output)
+    if args.target == "megatron" and not empty_directory:
+        raise ConversionError(f"--output {args.output} exists and is not empty; choose a new or empty directory")
     if not empty_directory and not args.overwrite:
         raise ConversionError(f"--output {args.output} exists and is not empty; pass --overwrite to replace "
                               "the files this tool writes there (nothing else is touched)")
@@ -268,17 +403,21 @@ def native_to_native(args, log) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--from", dest="source", choices=["hf", "native"], required=True)
-    parser.add_argument("--to", dest="target", choices=["hf", "native"], required=True)
+    parser.add_argument("--from", dest="source", choices=["hf", "native", "megatron"], required=True)
+    parser.add_argument("--to", dest="target", choices=["hf", "native", "megatron"], required=True)
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
-    parser.add_argument("--ckpt-step", type=int, help="native input: this iteration instead of the tracker's")
+    parser.add_argument("--ckpt-step", type=int, help="native or Megatron-LM input: this iteration instead of "
+                        "the tracker's")
     parser.add_argument("--consolidate", action="store_true", help="native -> native: one safetensors file of "
                         "global model tensors")
     parser.add_argument("--allow-approximate", action="store_true", help="native -> hf: export plans without a "
                         "Hugging Face equivalent as Llama (full attention), listing what changes")
+    parser.add_argument("--megatron-transformer-impl", choices=["local", "transformer_engine"], default="local",
+                        help="--to megatron: the parameter names of this --transformer-impl (the norms are fused "
+                        "into the next linear under transformer_engine)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
     parser.add_argument("--overwrite", action="store_true", help="--to hf, --consolidate: replace the files this "
                         "tool writes in an existing output (nothing else there is touched)")
@@ -289,15 +428,18 @@ def main(argv=None, log=print) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
-        if args.source == "hf" and args.target == "hf":
-            raise ConversionError("--from hf --to hf: nothing to convert")
+        pair = (args.source, args.target)
+        if pair not in (("hf", "native"), ("native", "hf"), ("native", "native"), ("megatron", "native"),
+                        ("native", "megatron")):
+            raise ConversionError(f"--from {args.source} --to {args.target} is not supported (convert through native)")
         for flag in ("target_tensor_parallel_size", "target_pipeline_parallel_size"):
             if getattr(args, flag) < 1:
                 raise ConversionError(f"--{flag.replace('_', '-')} must be >= 1")
         if args.consolidate and (args.source, args.target) != ("native", "native"):
             raise ConversionError("--consolidate is for --from native --to native")
         convert = {("hf", "native"): hf_to_native, ("native", "hf"): native_to_hf,
-                   ("native", "native"): native_to_native}[(args.source, args.target)]
+                   ("native", "native"): native_to_native, ("megatron", "native"): megatron_to_native,
+                   ("native", "megatron"): native_to_megatron}[pair]
         check_output(args)
         for done in remove_leftovers(args):
             log(done)
