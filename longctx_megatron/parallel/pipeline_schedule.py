@@ -53,7 +53,7 @@ def schedule_interleaved(count: int, stages: int, stage: int, chunks: int) -> li
 def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: ParallelContext,
                                hidden_shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                                forward_only: bool = False, loss_scale: float = 1.0,
-                               per_token_loss: bool = False) -> list[torch.Tensor]:
+                               per_token_loss: bool = False, timers=None) -> list[torch.Tensor]:
     """Run forward and backward of every micro-batch through this rank's model chunks; gradients accumulate.
 
     One chunk is plain 1F1B; several are the interleaved schedule (chunk c is virtual stage
@@ -74,7 +74,11 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
 
     Sends are posted without waiting (each message has a unique tag) and only receives block, so
     any dependency-respecting order, as both schedules are, cannot deadlock.
+
+    ``timers`` (training/timers.py, ``timers(name, level)`` a context manager) time Megatron's
+    level-2 intervals: forward-compute, backward-compute, forward-recv and backward-recv.
     """
+    timed = timers if timers is not None else (lambda name, level: contextlib.nullcontext())
     count, stages, rank, virtual = len(microbatches), ctx.pp_size, ctx.pp_rank, len(chunks) * ctx.pp_size
     order = (schedule_1f1b(count, stages, rank) if len(chunks) == 1
              else schedule_interleaved(count, stages, rank, len(chunks)))
@@ -98,12 +102,14 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
         if action == "F":
             received = None
             if not model.pre_process:
-                received = receive(prev_rank, tag(False, micro, virtual_stage)).requires_grad_(not forward_only)
+                with timed("forward-recv", 2):
+                    received = receive(prev_rank, tag(False, micro, virtual_stage))
+                received.requires_grad_(not forward_only)
             batch = microbatches[micro]
             positions = batch.get("position_ids")
             if positions is None:
                 positions = torch.arange(batch["tokens"].shape[1], device=device)
-            with grad_mode:
+            with grad_mode, timed("forward-compute", 2):
                 result = model(
                     input_ids=batch["tokens"] if model.pre_process else None, position_ids=positions,
                     labels=batch["labels"] if model.post_process else None,
@@ -126,8 +132,12 @@ def forward_backward_pipelined(chunks: list, microbatches: list[dict], ctx: Para
                 alive[micro, chunk] = (received, result)
         else:
             received, output = alive.pop((micro, chunk))
-            grad = None if model.post_process else receive(next_rank, tag(True, micro, virtual_stage))
-            torch.autograd.backward(output, grad_tensors=grad)
+            grad = None
+            if not model.post_process:
+                with timed("backward-recv", 2):
+                    grad = receive(next_rank, tag(True, micro, virtual_stage))
+            with timed("backward-compute", 2):
+                torch.autograd.backward(output, grad_tensors=grad)
             if received is not None:
                 sends.append(dist.isend(received.grad.contiguous(), prev_rank, tag=tag(True, micro, virtual_stage - 1)))
     for work in sends:
