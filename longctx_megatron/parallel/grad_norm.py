@@ -29,12 +29,17 @@ def norm_weights(models, ctx: ParallelContext | None) -> dict[torch.nn.Parameter
     return weights
 
 
-def reduce_norm_squares(total: torch.Tensor, ctx: ParallelContext | None, groups=("tp", "pp")) -> torch.Tensor:
-    """Sum a rank's weighted squared-gradient total over the given parallel groups; returns the norm."""
+def reduce_over_groups(total: torch.Tensor, ctx: ParallelContext | None, groups=("tp", "pp")) -> torch.Tensor:
+    """Sum a rank's weighted total (in place) over the given parallel groups ("tp", "pp", "dp_cp"); returns it."""
     for kind in groups if ctx is not None else ():
         if getattr(ctx, f"{kind}_size") > 1:
             dist.all_reduce(total, group=getattr(ctx, f"{kind}_group"))
-    return total.sqrt()
+    return total
+
+
+def reduce_norm_squares(total: torch.Tensor, ctx: ParallelContext | None, groups=("tp", "pp")) -> torch.Tensor:
+    """Sum a rank's weighted squared-gradient total over the given parallel groups; returns the norm."""
+    return reduce_over_groups(total, ctx, groups).sqrt()
 
 
 def grad_norm(models, ctx: ParallelContext | None) -> torch.Tensor:
