@@ -529,13 +529,13 @@ def checkpoint_format(directory: str) -> str:
                           "(torch_dist format): not a Megatron-LM checkpoint")
 
 
-def describe(root: str) -> str | None:
+def describe(root: str, step: int | None = None) -> str | None:
     """``"<format> format, iteration N"`` when ``root`` holds a Megatron-LM checkpoint rather than a native
-    one (its tracker's directory has Megatron's files and no manifest.json), else None."""
-    if not os.path.isfile(os.path.join(root, TRACKER)):
+    one (the tracker's directory, or ``step``'s, has Megatron's files and no manifest.json), else None."""
+    if step is None and not os.path.isfile(os.path.join(root, TRACKER)):
         return None
     try:
-        directory, iteration = iteration_directory(root, None)
+        directory, iteration = iteration_directory(root, step)
     except CheckpointError:
         return None
     names = os.listdir(directory)

@@ -137,7 +137,7 @@ class Checkpointer:
         """The newest sound checkpoint under ``root`` (exactly ``step`` if given); None for a directory
         with no checkpoint at all. Every rank gets the same answer (a Megatron-LM checkpoint is refused
         with the command that converts it, by every rank from the same files)."""
-        if step is None and (megatron := describe(root)):
+        if megatron := describe(root, step):
             raise CheckpointError(not_native_message(root, megatron))
         tracker = layout.read_tracker(root)
         found = layout.list_iterations(root)

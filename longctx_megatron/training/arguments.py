@@ -250,7 +250,8 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--tensorboard-log-interval", ("logging.tensorboard_log_interval",), {"type": int}),
         Flag("--peak-tflops", ("logging.peak_tflops",),
              {"type": float, "help": "device peak for MFU (default: known GPUs only)"}),
-        _switch("--log-throughput", "logging.log_throughput", "tokens/s, TFLOP/s per GPU and MFU in the log line"),
+        _switch("--log-throughput", "logging.log_throughput", "Megatron's 'throughput per GPU (TFLOP/s/GPU)' in "
+                "the log line (and TensorBoard 'throughput' with --log-timers-to-tensorboard)"),
         _switch("--log-params-norm", "logging.log_params_norm", "the parameters' global L2 norm"),
         _switch("--log-num-zeros-in-grad", "logging.log_num_zeros_in_grad", "zeros in the gradients"),
         _switch("--log-validation-ppl-to-tensorboard", "logging.log_validation_ppl_to_tensorboard"),
@@ -260,14 +261,15 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--no-log-loss-scale-to-tensorboard", ("logging.log_loss_scale_to_tensorboard",),
              {"action": "store_true"}, convert=lambda on: False if on else None),
         Flag("--timing-log-level", ("logging.timing_log_level",), {"type": int, "choices": [0, 1, 2], "help": "0: no "
-             "timers; 1: forward-backward, optimizer, data; 2: as 1 plus gradient reduction and evaluation"}),
+             "timers; 1: forward-backward, all-grads-sync, optimizer (and its parts); 2: as 1 plus "
+             "batch-generator, forward-/backward-compute and pipeline receives (Megatron's names)"}),
         Flag("--wandb-project", ("logging.wandb_project",), {"help": "log to Weights & Biases (wandb must be "
              "installed; WANDB_MODE=offline works without a server)"}),
         Flag("--wandb-exp-name", ("logging.wandb_exp_name",)),
         Flag("--wandb-save-dir", ("logging.wandb_save_dir",)),
         Flag("--wandb-entity", ("logging.wandb_entity",)),
         _switch("--profile", "logging.profile", "a torch.profiler trace of iterations --profile-step-start .. "
-                "--profile-step-end, written to --tensorboard-dir"),
+                "--profile-step-end, written to <--tensorboard-dir>/../torch_profile (as Megatron)"),
         Flag("--profile-step-start", ("logging.profile_step_start",), {"type": int}),
         Flag("--profile-step-end", ("logging.profile_step_end",), {"type": int}),
         Flag("--profile-ranks", ("logging.profile_ranks",), {"type": int, "nargs": "+"},

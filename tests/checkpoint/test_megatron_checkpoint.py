@@ -23,6 +23,7 @@ from longctx_megatron.checkpoint.sharded import Checkpointer
 from longctx_megatron.config.serialization import config_from_dict
 from longctx_megatron.model.build import build_model
 from longctx_megatron.parallel.state import ParallelContext
+from tests.checkpoint.helpers import assert_same_tensors, tensors
 from tests.checkpoint.megatron_helpers import (
     TOKENS,
     args_namespace,
@@ -191,6 +192,10 @@ def test_export_loads_into_megatron_core_strictly(tmp_path, tp, pp, tied):
                 for k, v in exported.items()}
     target.load_state_dict(exported, strict=True)
     _assert_same_logits(ours, megatron_logits(target))
+    # and back: the same global tensors as before the export
+    _convert("--from", "megatron", "--to", "native", "--input", out, "--output", tmp_path / "again")
+    assert_same_tensors(tensors(layout.iteration_dir(str(tmp_path / "native"), 0), "model/"),
+                        tensors(layout.iteration_dir(str(tmp_path / "again"), 0), "model/"))
 
 
 def test_export_transformer_engine_names_and_refusals(tmp_path, capsys):
@@ -206,6 +211,16 @@ def test_export_transformer_engine_names_and_refusals(tmp_path, capsys):
     assert "decoder.layers.0.self_attention.core_attention._extra_state" in names
     assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
     assert saved["args"].window_size == (7, 0) and saved["args"].transformer_impl == "transformer_engine"
+    # what a killed export left beside its output is removed by the next one; a directory of others' files is not
+    left = tmp_path / ".again.abcd1234.incomplete"
+    os.makedirs(left / "iter_0000000" / "mp_rank_00")
+    (left / "iter_0000000" / "mp_rank_00" / "model_optim_rng.pt").write_bytes(b"x")
+    (left / ".latest_checkpointed_iteration.txt.k2j4h5g6.tmp").write_text("0")
+    foreign = tmp_path / ".again.zzzz9999.incomplete"
+    os.makedirs(foreign)
+    (foreign / "notes.txt").write_text("mine")
+    _convert("--from", "native", "--to", "megatron", "--input", tmp_path / "native", "--output", tmp_path / "again")
+    assert not left.exists() and (foreign / "notes.txt").exists()
     # an output directory that is not empty, and a layout Megatron cannot hold
     assert "not empty" in _error(capsys, "--from", "native", "--to", "megatron", "--input", tmp_path / "native",
                                  "--output", tmp_path / "te")

@@ -78,7 +78,7 @@ HF_OUTPUT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.
 
 def _newest(root: str, step: int | None) -> tuple[CheckpointReader, CheckpointMetadata]:
     """The checkpoint to convert (verified) and its metadata."""
-    if step is None and (megatron := describe(root)):
+    if megatron := describe(root, step):
         raise CheckpointError(not_native_message(root, megatron))
     iteration = step if step is not None else layout.read_tracker(root)
     if iteration is None:
@@ -170,9 +170,9 @@ def native_to_megatron(args, log) -> str:
         raise ConversionError(f"--target-pipeline-parallel-size {pp} exceeds the model's {config.n_layers} layers")
     namespace = config_to_megatron(config, tp, pp, args.megatron_transformer_impl)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    if dtype is not None:
-        namespace.params_dtype = dtype
-    namespace.bf16, namespace.fp16 = dtype == torch.bfloat16, dtype == torch.float16
+    namespace.params_dtype = dtype or reader.read_global(keys.model_key("final_norm.weight")).dtype
+    namespace.bf16, namespace.fp16 = (namespace.params_dtype == torch.bfloat16,
+                                      namespace.params_dtype == torch.float16)
 
     def get(name: str) -> torch.Tensor:
         tensor = reader.read_global(keys.model_key(name))
@@ -304,14 +304,37 @@ def _publish_hf(staged: str, output: str) -> None:
     os.rmdir(staged)
 
 
-def _staging_dirs(output: str) -> list[str]:
-    """Temporary directories a killed ``native_to_hf`` into ``output`` left beside it (mkdtemp's names,
-    holding only files this tool writes)."""
+def _is_megatron_staging(path: str) -> bool:
+    """Whether ``path`` holds only what ``native_to_megatron`` writes (the tracker, possibly as its
+    temporary file, and iter_0000000/mp_rank_*/model_optim_rng.pt)."""
+    for directory, subdirs, files in os.walk(path):
+        relative = os.path.relpath(directory, path)
+        allowed_dirs = {".": {"iter_0000000"}, "iter_0000000": None}.get(relative, set())
+        for name in subdirs:
+            if os.path.islink(os.path.join(directory, name)) or not (
+                    re.fullmatch(r"mp_rank_\d{2}(_\d{3})?", name) if allowed_dirs is None else name in allowed_dirs):
+                return False
+        wanted = (r"(\.)?latest_checkpointed_iteration\.txt(\.\w{8}\.tmp)?" if relative == "." else
+                  r"model_optim_rng\.pt" if re.fullmatch(r"iter_0000000/mp_rank_\d{2}(_\d{3})?", relative) else None)
+        if any(wanted is None or not re.fullmatch(wanted, name) for name in files):
+            return False
+    return True
+
+
+def _staging_dirs(output: str, check=None) -> list[str]:
+    """Temporary directories a killed ``native_to_hf`` (or ``native_to_megatron``, with ``check``) into
+    ``output`` left beside it (mkdtemp's names, holding only files this tool writes)."""
     parent, base = os.path.split(os.path.abspath(output))
     ours = re.compile(rf"^\.{re.escape(base)}\.[A-Za-z0-9_]{{8}}\.incomplete$")
     found = []
     for entry in os.scandir(parent) if os.path.isdir(parent) else ():
-        if ours.match(entry.name) and entry.is_dir(follow_symlinks=False) and all(
+        if not (ours.match(entry.name) and entry.is_dir(follow_symlinks=False)):
+            continue
+        if check is not None:
+            if check(entry.path):
+                found.append(entry.path)
+            continue
+        if all(
                 _is_hf_output(name) or re.fullmatch(r"part-\d{5}\.safetensors", name)
                 or ((temp := re.fullmatch(r"\.(.+)\.\w{8}\.tmp", name)) and _is_hf_output(temp.group(1)))
                 for name in os.listdir(entry.path)):
@@ -330,9 +353,7 @@ def remove_leftovers(args) -> list[str]:
         return []
     if args.target == "native":
         return layout.recover(args.output)
-    if args.target == "megatron":
-        return []  # a killed conversion leaves .<output>.XXXXXXXX.incomplete beside it, named in the error
-    removed = _staging_dirs(args.output)
+    removed = _staging_dirs(args.output, _is_megatron_staging if args.target == "megatron" else None)
     for path in removed:
         shutil.rmtree(path)
     return [f"deleted {path} (left by a killed conversion)" for path in removed]
