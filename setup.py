@@ -33,6 +33,9 @@ setup(
             # --tokenizer-type TikTokenizer is tested against megatron-core with it; optional at run
             # time (a clear error names it). It needs only regex and requests.
             "tiktoken==0.14.0",
+            # --wandb-project is tested with it offline; optional at run time (a clear error names it).
+            # It does not pull torch.
+            "wandb==0.31.0",
         ],
         "gpu": ["flash-attn"],
     },

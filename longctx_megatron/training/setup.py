@@ -28,9 +28,11 @@ from longctx_megatron.training.datasets import build_datasets
 from longctx_megatron.training.metrics import Metrics, tensorboard_writer
 from longctx_megatron.training.optimizer import build_optimizer
 from longctx_megatron.training.precision import LossScaler
+from longctx_megatron.training.profiling import check_profile
 from longctx_megatron.training.run_config import RunConfig, demo_config
 from longctx_megatron.training.stages import build_pipeline_chunks
 from longctx_megatron.training.trainer import Trainer
+from longctx_megatron.training.wandb_logging import check_wandb, wandb_writer
 
 
 def tokenizer_and_model(run: RunConfig):
@@ -84,6 +86,8 @@ def stage_sizes(run: RunConfig, config: ModelConfig):
 def setup(run: RunConfig, log=print) -> Trainer:
     """A Trainer ready to ``train()``, resumed from ``--load`` when it holds a checkpoint."""
     validate(run)
+    check_profile(run)
+    check_wandb(run)
     tokenizer, config = tokenizer_and_model(run)
     check_model_and_data(run, config)
     sizes, costs, head = stage_sizes(run, config)
@@ -118,7 +122,7 @@ def setup(run: RunConfig, log=print) -> Trainer:
               if run.data.mock_data else "built-in corpus (CPython reference docs, bytes)")
     log(f"data: {source}; "
         f"{len(train_data):,} training samples of {training.seq_length} tokens; global batch {run.global_batch}")
-    metrics = Metrics(run, config, device, log, tensorboard_writer(run, ctx.rank))
+    metrics = Metrics(run, config, device, log, tensorboard_writer(run, ctx.rank), wandb_writer(run, ctx.rank))
     scaler = LossScaler(training.initial_loss_scale) if training.precision == "fp16" else None
     ckpt = run.checkpointing
     checkpointer = Checkpointer(ckpt.save, ckpt.keep_last, ckpt.async_save, log) if ckpt.save or ckpt.load else None

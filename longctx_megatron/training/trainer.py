@@ -11,7 +11,9 @@ The loop saves checkpoints every ``--save-interval`` iterations, at the end, and
 condition (preemption signal, time budget, ``--exit-interval``) says to stop; ``--load`` resumes
 from the newest sound checkpoint, under any parallel layout. What a checkpoint records of the
 training (progress, schedule, layout) is ``state_dict()``; ``load_state_dict`` restores it.
-Building a Trainer from a RunConfig is training/setup.py.
+Building a Trainer from a RunConfig is training/setup.py. What the loop reports is metrics.py (log
+line, TensorBoard and wandb scalars), with timers.py (--timing-log-level), optimizer_stats.py
+(--log-params-norm, --log-num-zeros-in-grad) and profiling.py (--profile) hooked in here.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from longctx_megatron.parallel.state import ParallelContext
 from longctx_megatron.training.datasets import micro_batches
 from longctx_megatron.training.lr_schedule import learning_rate
 from longctx_megatron.training.metrics import Metrics
+from longctx_megatron.training.optimizer_stats import num_zeros_in_grad, params_norm
 from longctx_megatron.training.precision import LossScaler
+from longctx_megatron.training.profiling import Profiler
 from longctx_megatron.training.recovery import ExitConditions, SkipGuard
 from longctx_megatron.training.run_config import RunConfig
 
@@ -67,10 +71,14 @@ class Trainer:
     # Called after the iterations they are due at (``due(iteration)``) as ``probe(iteration, chunks)``,
     # on every rank: e.g. eval/training_probe.py's retrieval grid (--eval-longctx-interval).
     probes: list = field(default_factory=list)
+    profiler: Profiler | None = None  # --profile (None: built from the run's flags)
+    num_zeros: int | None = None  # the latest step's --log-num-zeros-in-grad count, when it was due
 
     def __post_init__(self):
         if self.skips is None:
             self.skips = SkipGuard(self.run.checkpointing.max_skipped_iters_in_a_row)
+        if self.profiler is None:
+            self.profiler = Profiler(self.run, self.ctx.rank, self.log)
 
     @property
     def skipped(self) -> int:
@@ -110,22 +118,33 @@ class Trainer:
             else training.decoupled_min_lr, warmup, decay, training.lr_decay_style, step)
         for group in self.optimizer.param_groups:
             group["lr"] = apart if group.get("decoupled") else lr
-        batches = micro_batches(self.train_data, self.consumed_samples, self.run, self.ctx, self.device)
+        timers = self.metrics.timers
+        with timers("batch-generator", 2):
+            batches = micro_batches(self.train_data, self.consumed_samples, self.run, self.ctx, self.device)
         self.metrics.batches(batches, self.ctx.dp_cp_size)
         tokens = self._token_count(batches)
         per_token = training.calculate_per_token_loss
         self.grads.start(len(batches))
         scale = self.scaler.scale if self.scaler else 1.0
-        losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), training.dtype,
-                                            loss_scale=scale, per_token_loss=per_token)
+        with timers("forward-backward", 1):
+            losses = forward_backward_pipelined(self.chunks, batches, self.ctx, self._hidden_shape(), training.dtype,
+                                                loss_scale=scale, per_token_loss=per_token, timers=timers)
         # DP mean (or per-token mean) and fp16 unscaling in one division of the fp32 gradients (summed
         # over DP x CP: the CP ranks' parts of a sample add up to its gradient).
-        self.grads.finish(divisor=(tokens if per_token else self.ctx.dp_size) * scale)
+        with timers("all-grads-sync", 1):
+            self.grads.finish(divisor=(tokens if per_token else self.ctx.dp_size) * scale)
         loss = self._loss_sum(losses) / tokens  # reported as Megatron does in either mode
-        norm = self.optimizer.grad_norm()
-        finite = bool(torch.isfinite(norm)) and math.isfinite(loss)
-        if finite:
-            self.optimizer.step(training.clip_grad, norm)
+        with timers("optimizer", 1):
+            with timers("optimizer-clip-main-grad", 1):
+                norm = self.optimizer.grad_norm()
+            finite = bool(torch.isfinite(norm)) and math.isfinite(loss)
+            self.num_zeros = None
+            if finite and self.run.logging.log_num_zeros_in_grad and self.metrics.wants_statistics(iteration + 1):
+                with timers("optimizer-count-zeros", 1):
+                    self.num_zeros = num_zeros_in_grad(self.optimizer, self.chunks, self.ctx)
+            if finite:
+                with timers("optimizer-inner-step", 1):
+                    self.optimizer.step(training.clip_grad, norm)
         if self.scaler:
             self.scaler.update(not finite)
         self.consumed_samples += self.run.global_batch
@@ -152,7 +171,7 @@ class Trainer:
         for chunk in self.chunks:
             chunk.train()
         loss = total / tokens
-        self.metrics.validation(iteration, loss)
+        self.metrics.validation(iteration, loss, self.consumed_samples)
         return loss
 
     def train(self) -> list[float]:
@@ -160,6 +179,7 @@ class Trainer:
         ckpt = self.run.checkpointing
         with ExitConditions(ckpt.exit_interval, ckpt.exit_duration_in_mins, self.device) as conditions:
             stopped = self._loop(conditions)
+        self.profiler.stop()
         if not stopped:
             self.evaluate(self.iteration, final=True)
         if ckpt.save and self.last_saved != self.iteration:
@@ -173,15 +193,21 @@ class Trainer:
         """The iterations; returns why it stopped early, or None at --train-iters."""
         run, ckpt = self.run, self.run.checkpointing
         self.metrics.begin(self.iteration)
+        self.profiler.begin()
         for iteration in range(self.iteration, run.training.train_iters):
+            self.profiler.step()
             loss, norm, applied = self.step(iteration)
             self.losses.append(loss)
             done = self.iteration = iteration + 1
             if not applied:
                 self.log(f"warning: update skipped at iteration {done}: loss {loss}, grad norm {norm} (non-finite)")
             self.skips.record(done, applied, self.last_saved)
+            norm_of_params = params_norm(self.optimizer, self.chunks, self.ctx) \
+                if run.logging.log_params_norm and self.metrics.wants_statistics(done) else None
             self.metrics.iteration(done, self.consumed_samples, self.optimizer.param_groups[0]["lr"], loss, norm,
-                                   self.skipped, self.scaler.scale if self.scaler else None)
+                                   self.skipped, self.scaler.scale if self.scaler else None, norm_of_params,
+                                   self.num_zeros)
+            self.profiler.after(done)
             reason = conditions.reason(done)
             if ckpt.save and (reason or (ckpt.save_interval and done % ckpt.save_interval == 0)):
                 self.save()
