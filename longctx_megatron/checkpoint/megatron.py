@@ -395,7 +395,7 @@ def split_of(name: str):
 def unknown_parameter(name: str) -> bool:
     """Whether ``name`` (a model-state key) is a weight this converter does not know: refused, since
     dropping it would change the model (``_extra_state`` holds no weights and is skipped)."""
-    if name.endswith("._extra_state") or name in OUTER_PARAMS:
+    if "._extra_state" in name or name in OUTER_PARAMS:  # torch_dist: "<module>._extra_state/shard_0_2"
         return False
     layer = re.match(r"^decoder\.layers\.(?:\d+\.)?(.+)$", name)
     return not (layer and layer.group(1) in LAYER_PARAMS + ("mlp.linear_fc1.weight_w", "mlp.linear_fc1.weight_v"))
@@ -600,7 +600,8 @@ def read_chunk(directory: str, info, where: str) -> torch.Tensor:
         file.seek(offset)
         data = file.read(length)
     try:
-        tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with _only([]):  # a tensor needs nothing beyond torch's defaults
+            tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
         raise CheckpointError(f"{where}: cannot read its bytes in {path} ({str(error).splitlines()[0]})") from None
     if not isinstance(tensor, torch.Tensor):

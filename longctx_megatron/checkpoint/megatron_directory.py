@@ -99,6 +99,9 @@ class LegacyCheckpoint:
     def _names(self, stage: int, key: str) -> list[str]:
         """The keys of chunk ``key`` of pipeline stage ``stage``, the same on every tensor rank, all known."""
         names = list(self._model(0, stage, key))
+        if any(name.startswith("language_model.") for name in names):
+            raise CheckpointError(f"{self.files[(0, stage)]}: '{key}' is a legacy Megatron-LM model (language_model.*, "
+                                  "before megatron-core); only megatron-core GPTModel checkpoints are supported")
         for tensor in range(self.layout.tensor):
             model = self._model(tensor, stage, key)
             for name in model:
@@ -155,8 +158,8 @@ class DistCheckpoint:
         for key, entry in metadata.state_dict_metadata.items():
             if not isinstance(key, str) or not key.startswith(_MODEL_PREFIXES):
                 continue  # optimizer state, rng state, rerun state: not weights
-            if isinstance(entry, BytesStorageMetadata):
-                continue  # _extra_state objects
+            if isinstance(entry, BytesStorageMetadata) or "._extra_state" in key:
+                continue  # Transformer Engine's _extra_state objects (or tensors, in newer versions)
             if megatron.unknown_parameter(key):
                 raise CheckpointError(f"{metadata_path}: holds {key}, a weight this converter does not know "
                                       "(converting without it would change the model)")

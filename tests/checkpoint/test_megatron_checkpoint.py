@@ -340,3 +340,12 @@ def test_load_of_a_megatron_checkpoint_names_the_convert_command(tmp_path, capsy
     assert f"python tools/checkpoint/convert.py --from megatron --to native --input {root}" in message
     assert "convert.py --from megatron" in _error(capsys, "--from", "native", "--to", "hf", "--input", root,
                                                   "--output", tmp_path / "hf")
+
+
+def test_pre_megatron_core_models_are_refused(tmp_path, capsys):
+    args = args_namespace()
+    state = {name.replace("decoder.", "language_model.encoder.", 1): tensor
+             for name, tensor in global_state(gpt_model(args)).items()}
+    root = save_legacy(str(tmp_path / "mega"), state, args)
+    assert "legacy Megatron-LM model (language_model.*" in _error(
+        capsys, "--from", "megatron", "--to", "native", "--input", root, "--output", tmp_path / "n")
