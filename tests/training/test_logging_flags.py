@@ -230,3 +230,23 @@ def test_profile_needs_a_tensorboard_dir_and_follows_profile_ranks(tmp_path, mon
                                  "--profile-step-end", "1", "--profile-ranks", "1",
                                  "--tensorboard-dir", str(tmp_path / "tb")], log=lambda *_: None)
     assert not (tmp_path / "torch_profile").exists()  # rank 0 is not in --profile-ranks
+
+
+def test_cuda_memory_tags_come_from_torch_cuda_memory_stats(monkeypatch):
+    """No GPU here: the CUDA branch is fed a stand-in for torch.cuda.memory_stats (Megatron's four keys)."""
+    from longctx_megatron.config import ModelConfig
+    from longctx_megatron.training.metrics import Metrics
+
+    stats = {"reserved_bytes.all.current": 4096, "allocated_bytes.all.current": 1024,
+             "allocated_bytes.all.peak": 2048, "allocation.all.current": 7}
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device=None: stats)
+    written = []
+    writer = types.SimpleNamespace(add_scalar=lambda tag, value, step: written.append((tag, value, step)))
+    run = parse_run_config(["--log-memory-to-tensorboard", "--tensorboard-dir", "unused", "--peak-tflops", "1",
+                            "--train-iters", "10"], 1)
+    metrics = Metrics(run, ModelConfig(d_model=64, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=128, vocab_size=64),
+                      torch.device("cuda"), log=lambda *_: None, writer=writer)
+    metrics.iteration(1, 2, 1e-3, 3.0, 1.0, 0, None)  # not a log iteration: no CUDA call beyond the stats
+    memory = {tag: value for tag, value, _ in written if tag.startswith("mem-")}
+    assert memory == {"mem-reserved-bytes": 4096, "mem-allocated-bytes": 1024, "mem-max-allocated-bytes": 2048,
+                      "mem-allocated-count": 7}
