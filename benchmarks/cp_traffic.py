@@ -49,7 +49,8 @@ SMALL = ["--seq-length", "2048", "--num-layers", "4", "--hidden-size", "128", "-
          "--dilated-window", "64", "--dilation", "4", "--attention-layout", "sliding:2,dilated:1,full:1",
          "--attention-backend", "chunked", "--micro-batch-size", "1", "--global-batch-size", "1", "--log-interval",
          "1000", "--eval-iters", "1", "--group-query-attention", "--swiglu", "--normalization", "RMSNorm",
-         "--position-embedding-type", "rope", "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0"]
+         "--position-embedding-type", "rope", "--disable-bias-linear", "--hidden-dropout", "0",
+         "--attention-dropout", "0"]
 SMALL_PATTERNS = {"sliding": SlidingPattern(256, 32), "dilated": DilatedPattern(64, 4, 2), "full": FullPattern()}
 SMALL_LAYERS = {"sliding": 2, "dilated": 1, "full": 1}
 SMALL_HEADS, SMALL_KV, SMALL_DIM = 8, 4, 16  # fp32

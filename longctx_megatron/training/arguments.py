@@ -272,7 +272,7 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
                 "--profile-step-end, written to <--tensorboard-dir>/../torch_profile (as Megatron)"),
         Flag("--profile-step-start", ("logging.profile_step_start",), {"type": int}),
         Flag("--profile-step-end", ("logging.profile_step_end",), {"type": int}),
-        Flag("--profile-ranks", ("logging.profile_ranks",), {"type": int, "nargs": "+"},
+        Flag("--profile-ranks", ("logging.profile_ranks",), {"type": int, "nargs": "+", "help": "default: every rank"},
              convert=lambda values: tuple(values) if values else None),
     ]),
 }

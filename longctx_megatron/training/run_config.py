@@ -244,7 +244,7 @@ class LoggingSection:
     profile: bool = False  # a torch.profiler trace of iterations [profile_step_start, profile_step_end)
     profile_step_start: int = 10
     profile_step_end: int = 12
-    profile_ranks: tuple[int, ...] = (0,)
+    profile_ranks: tuple[int, ...] = ()  # empty: every rank (Megatron's default)
 
 
 @dataclass(frozen=True)
