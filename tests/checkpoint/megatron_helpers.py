@@ -29,8 +29,10 @@ SIZES = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_grou
 
 
 @contextlib.contextmanager
-def megatron_cpu():
-    """megatron-core runnable on CPU in this process (see the module docstring); yields nothing."""
+def megatron_cpu(tensor_size: int = 1):
+    """megatron-core runnable on CPU in this process (see the module docstring); yields nothing. Under
+    tests.distributed.run_on_ranks (WORLD_SIZE set) the group spans those ranks, split into
+    ``tensor_size`` ranks per model."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from megatron.core import parallel_state, tensor_parallel
@@ -48,9 +50,12 @@ def megatron_cpu():
     for owner, name, value in patches:
         setattr(owner, name, value)
     with tempfile.TemporaryDirectory() as store:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(store, 'store')}", rank=0, world_size=1)
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group("gloo")
+        else:
+            dist.init_process_group("gloo", init_method=f"file://{os.path.join(store, 'store')}", rank=0, world_size=1)
         try:
-            parallel_state.initialize_model_parallel(1, 1)
+            parallel_state.initialize_model_parallel(tensor_size, 1)
             tracker = tensor_parallel.get_cuda_rng_tracker()
             tracker.fork = lambda *_, **__: contextlib.nullcontext()  # dropout is 0: no generator is drawn from
             yield
@@ -81,6 +86,7 @@ def gpt_model(args: argparse.Namespace, seed: int = 0):
     """megatron-core's GPTModel (local spec) for ``args``, with random weights and random norms."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from megatron.core import parallel_state
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         from megatron.core.transformer import TransformerConfig
@@ -91,16 +97,18 @@ def gpt_model(args: argparse.Namespace, seed: int = 0):
         activation_func=torch.nn.functional.silu, add_bias_linear=False, use_cpu_initialization=True,
         hidden_dropout=0.0, attention_dropout=0.0, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        window_size=args.window_size)
+        window_size=args.window_size, tensor_model_parallel_size=args.tensor_model_parallel_size)
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                      position_embedding_type="rope", rotary_base=args.rotary_base,
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():  # replicated norms alike on every TP rank, every TP shard its own
+        for index, (name, parameter) in enumerate(model.named_parameters()):
+            norm = "norm" in name
+            generator = torch.Generator().manual_seed(seed * 1000 + index * 10 + (0 if norm else tp_rank))
             noise = torch.randn(parameter.shape, generator=generator)
-            parameter.copy_(1 + 0.2 * noise if "norm" in name else 0.05 * noise)
+            parameter.copy_(1 + 0.2 * noise if norm else 0.05 * noise)
     return model.eval()
 
 

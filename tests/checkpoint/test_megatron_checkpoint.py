@@ -34,6 +34,7 @@ from tests.checkpoint.megatron_helpers import (
     save_legacy,
     save_torch_dist,
 )
+from tests.distributed import run_on_ranks
 
 _CONVERT = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "checkpoint", "convert.py")
 _spec = importlib.util.spec_from_file_location("convert", _CONVERT)  # tools/checkpoint is not a package
@@ -42,8 +43,12 @@ _spec.loader.exec_module(convert)
 
 
 @pytest.fixture(autouse=True)
-def mcore():
-    """Per test: conftest tears down every test's process group."""
+def mcore(request):
+    """Per test (conftest tears down every test's process group); a test that runs the trainer opts out
+    with ``own_process_group`` in its name and enters megatron_cpu itself."""
+    if "own_process_group" in request.node.name:
+        yield
+        return
     with megatron_cpu():
         yield
 
@@ -349,3 +354,51 @@ def test_pre_megatron_core_models_are_refused(tmp_path, capsys):
     root = save_legacy(str(tmp_path / "mega"), state, args)
     assert "legacy Megatron-LM model (language_model.*" in _error(
         capsys, "--from", "megatron", "--to", "native", "--input", root, "--output", tmp_path / "n")
+
+
+def test_pretrain_load_of_a_megatron_checkpoint_names_the_convert_command_own_process_group(tmp_path):
+    import pretrain_longctx
+    from tests.checkpoint.helpers import BASE
+
+    args = args_namespace()
+    with megatron_cpu():
+        root = save_legacy(str(tmp_path / "mega"), global_state(gpt_model(args)), args)
+    with pytest.raises(CheckpointError) as error:
+        pretrain_longctx.run(BASE + ["--train-iters", "1", "--load", root], log=lambda *_: None)
+    assert f"convert.py --from megatron --to native --input {root} --output {root}-native" in str(error.value)
+
+
+def _tp2_rank(rank, world_size, root, load):
+    """One rank of megatron-core's GPTModel at TP = 2 (gloo, CPU): save this rank's state dict as Megatron's
+    legacy saver does (``load`` None), or load its shard of an export strictly; its logits' vocab slice."""
+    with megatron_cpu(tensor_size=2):
+        args = args_namespace(tied=False, tensor=2)
+        model = gpt_model(args, seed=5 if load else 4)
+        if load:
+            saved = megatron.safe_load(os.path.join(load, "iter_0000000", f"mp_rank_{rank:02d}", "model_optim_rng.pt"))
+            assert saved["args"].tensor_model_parallel_size == 2
+            model.load_state_dict(saved["model"], strict=True)
+        else:
+            directory = os.path.join(root, "iter_0000007", f"mp_rank_{rank:02d}")
+            os.makedirs(directory)
+            torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 7,
+                        "model": model.state_dict_for_save_checkpoint()}, os.path.join(directory, "model_optim_rng.pt"))
+            if rank == 0:
+                with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as file:
+                    file.write("7")
+        return megatron_logits(model)
+
+
+@pytest.mark.slow
+def test_real_tp2_megatron_core_both_ways_own_process_group(tmp_path):
+    """The shards a 2-process TP = 2 megatron-core model saves convert to its logits, and the TP = 2 export
+    loads into it (strict) with ours."""
+    root = str(tmp_path / "mega")
+    theirs = torch.cat(run_on_ranks(_tp2_rank, 2, root, None, timeout=300), dim=-1)
+    _convert("--from", "megatron", "--to", "native", "--input", root, "--output", tmp_path / "native")
+    ours, _ = _native_logits(str(tmp_path / "native"))
+    _assert_same_logits(ours, theirs)
+    _convert("--from", "native", "--to", "megatron", "--input", tmp_path / "native", "--output", tmp_path / "out",
+             "--target-tensor-parallel-size", 2)
+    loaded = torch.cat(run_on_ranks(_tp2_rank, 2, root, str(tmp_path / "out"), timeout=300), dim=-1)
+    _assert_same_logits(ours, loaded)
