@@ -180,9 +180,10 @@ def save_torch_dist(root: str, model, args: argparse.Namespace, iteration: int =
     from megatron.core import dist_checkpointing
 
     directory = os.path.join(root, f"iter_{iteration:07d}")
-    os.makedirs(directory)
+    os.makedirs(directory, exist_ok=True)
     dist_checkpointing.save({"model": model.sharded_state_dict(), "args": args, "iteration": iteration,
                              "checkpoint_version": 3.0}, directory)
-    with open(os.path.join(root, megatron.TRACKER), "w") as file:
-        file.write(str(iteration))
+    if dist.get_rank() == 0:
+        with open(os.path.join(root, megatron.TRACKER), "w") as file:
+            file.write(str(iteration))
     return root

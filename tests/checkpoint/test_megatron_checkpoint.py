@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import multiprocessing
 import os
 import pickle
 
@@ -386,18 +387,25 @@ def _tp2_rank(rank, world_size, root, load):
             if rank == 0:
                 with open(os.path.join(root, "latest_checkpointed_iteration.txt"), "w") as file:
                     file.write("7")
+            # collective: both ranks write their shards; megatron's writer forks workers, which a daemonic
+            # process (run_on_ranks's ranks) may not, so this rank stops calling itself one
+            multiprocessing.current_process().daemon = False
+            save_torch_dist(root + "-dist", model, args)
         return megatron_logits(model)
 
 
 @pytest.mark.slow
 def test_real_tp2_megatron_core_both_ways_own_process_group(tmp_path):
-    """The shards a 2-process TP = 2 megatron-core model saves convert to its logits, and the TP = 2 export
-    loads into it (strict) with ours."""
+    """The shards a 2-process TP = 2 megatron-core model saves (torch format, and torch_dist by its
+    dist_checkpointing) convert to its logits, and the TP = 2 export loads into it (strict) with ours."""
     root = str(tmp_path / "mega")
     theirs = torch.cat(run_on_ranks(_tp2_rank, 2, root, None, timeout=300), dim=-1)
     _convert("--from", "megatron", "--to", "native", "--input", root, "--output", tmp_path / "native")
     ours, _ = _native_logits(str(tmp_path / "native"))
     _assert_same_logits(ours, theirs)
+    _convert("--from", "megatron", "--to", "native", "--input", root + "-dist", "--output", tmp_path / "from-dist")
+    assert_same_tensors(tensors(layout.iteration_dir(str(tmp_path / "native"), 0), "model/"),
+                        tensors(layout.iteration_dir(str(tmp_path / "from-dist"), 0), "model/"))
     _convert("--from", "native", "--to", "megatron", "--input", tmp_path / "native", "--output", tmp_path / "out",
              "--target-tensor-parallel-size", 2)
     loaded = torch.cat(run_on_ranks(_tp2_rank, 2, root, str(tmp_path / "out"), timeout=300), dim=-1)
