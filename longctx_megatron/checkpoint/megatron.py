@@ -297,13 +297,13 @@ def config_from_megatron(args, where: str) -> tuple[ModelConfig, MegatronLayout]
     theta = _arg(values, "rotary_base", 10000)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)):
         raise ConversionError(f"{where}: args.rotary_base={theta!r} must be a number")
-    rope = RopeConfig(theta=float(theta))
-    if values.get("use_rope_scaling"):
-        factor = _arg(values, "rope_scaling_factor", 8.0)
-        rope = RopeConfig(theta=float(theta), scaling="llama3", factor=float(factor), original_max_position=8192,
-                          low_freq_factor=1.0, high_freq_factor=4.0)  # megatron-core's fixed llama3 parameters
     eps = _arg(values, "norm_epsilon", 1e-5, "layernorm_epsilon")
     try:
+        rope = RopeConfig(theta=float(theta))
+        if values.get("use_rope_scaling"):
+            factor = _arg(values, "rope_scaling_factor", 8.0)
+            rope = RopeConfig(theta=float(theta), scaling="llama3", factor=float(factor), original_max_position=8192,
+                              low_freq_factor=1.0, high_freq_factor=4.0)  # megatron-core's fixed llama3 parameters
         config = ModelConfig(
             d_model=d_model, n_layers=layers, n_heads=heads, n_kv_heads=groups,
             d_ff=_positive(values, "ffn_hidden_size", where), vocab_size=native_vocab(values, padded),

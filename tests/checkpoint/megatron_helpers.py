@@ -101,6 +101,7 @@ def gpt_model(args: argparse.Namespace, seed: int = 0):
     model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
                      vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
                      position_embedding_type="rope", rotary_base=args.rotary_base,
+                     rope_scaling=args.use_rope_scaling, rope_scaling_factor=getattr(args, "rope_scaling_factor", 8.0),
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     with torch.no_grad():  # replicated norms alike on every TP rank, every TP shard its own

@@ -141,6 +141,17 @@ def test_sliding_window(tmp_path):
     assert (ours - full[:, :ours.shape[-1]]).abs().max() > 1e-3
 
 
+def test_llama3_rope_scaling(tmp_path):
+    args = args_namespace(tied=True, use_rope_scaling=True, rope_scaling_factor=4.0, rotary_base=500000)
+    model = gpt_model(args)
+    root = save_legacy(str(tmp_path / "mega"), global_state(model), args)
+    _convert("--from", "megatron", "--to", "native", "--input", root, "--output", tmp_path / "native")
+    ours, config = _native_logits(str(tmp_path / "native"))
+    assert (config.rope.scaling, config.rope.factor, config.rope.theta) == ("llama3", 4.0, 500000.0)
+    _assert_same_logits(ours, megatron_logits(model))
+    assert megatron.config_to_megatron(config, 1, 1, "local").use_rope_scaling
+
+
 def test_torch_dist_written_by_megatron_core(tmp_path):
     args = args_namespace(tied=False)
     model = gpt_model(args)
