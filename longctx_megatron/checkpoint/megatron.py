@@ -58,7 +58,7 @@ from longctx_megatron.checkpoint.hf import ConversionError, _describe, _ranges
 from longctx_megatron.checkpoint.paths import regular_file
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.errors import ConfigError
-from longctx_megatron.config.rope import RopeConfig
+from longctx_megatron.config.megatron_args import MegatronArchitecture
 from longctx_megatron.config.vocab import VOCAB_PADDING_MULTIPLE, padded_vocab_size
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -205,7 +205,6 @@ class MegatronLayout:
     pipeline: int
     virtual: int
     padded_vocab: int  # rows of Megatron's embedding / output (padding included)
-    layernorm_1p: bool  # norms stored as gamma - 1
 
 
 def native_vocab(args: dict, padded: int) -> int:
@@ -217,74 +216,14 @@ def native_vocab(args: dict, padded: int) -> int:
     return padded
 
 
-def _attention_layout(args: dict, layers: int, where: str) -> tuple[str, int | None]:
-    """Our attention_layout (runs of full and sliding layers) and the window, from window_size and
-    window_attn_skip_freq (1-based layer n is full when n % freq == 0, or where the list says 0)."""
-    window = args.get("window_size")
-    if window is None:
-        return f"full:{layers}", None
-    if (not isinstance(window, (tuple, list)) or len(window) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-        raise ConversionError(f"{where}: args.window_size={window!r} must be a (left, right) pair of integers")
-    left, right = window
-    if right != 0:
-        raise ConversionError(f"{where}: args.window_size={tuple(window)} looks right of each query; only causal "
-                              "windows (left, 0) are supported")
-    if left < 0:
-        return f"full:{layers}", None
-    skip = args.get("window_attn_skip_freq")
-    if skip is None:
-        kinds = ["sliding"] * layers
-    elif isinstance(skip, int) and not isinstance(skip, bool) and skip > 0:
-        kinds = ["full" if n % skip == 0 else "sliding" for n in range(1, layers + 1)]
-    elif isinstance(skip, list) and len(skip) == layers and all(flag in (0, 1) for flag in skip):
-        kinds = ["sliding" if flag else "full" for flag in skip]
-    else:
-        raise ConversionError(f"{where}: args.window_attn_skip_freq={skip!r} must be a positive integer or a list of "
-                              f"{layers} 0/1 flags")
-    runs: list[list] = []
-    for kind in kinds:
-        if runs and runs[-1][0] == kind:
-            runs[-1][1] += 1
-        else:
-            runs.append([kind, 1])
-    return ",".join(f"{kind}:{count}" for kind, count in runs), left + 1
-
-
-# args that must hold these values (Megatron's defaults where absent) for the model to be ours
-_REQUIRED = (
-    ("normalization", "RMSNorm", "LayerNorm"), ("swiglu", True, False), ("add_bias_linear", False, True),
-    ("add_qkv_bias", False, False), ("position_embedding_type", "rope", "learned_absolute"),
-    ("rotary_percent", 1.0, 1.0), ("rotary_interleaved", False, False), ("qk_layernorm", False, False),
-    ("num_experts", None, None), ("multi_latent_attention", False, False), ("mtp_num_layers", None, None),
-    ("squared_relu", False, False), ("apply_residual_connection_post_layernorm", False, False),
-    ("softmax_type", "vanilla", "vanilla"), ("no_rope_freq", None, None), ("hybrid_override_pattern", None, None),
-    ("hybrid_layer_pattern", None, None), ("experimental_attention_variant", None, None),
-    ("heterogeneous_layers_config_path", None, None), ("attention_output_gate", False, False),
-    ("qk_clip", False, False), ("use_mup", False, False),
-)
-
-
 def config_from_megatron(args, where: str) -> tuple[ModelConfig, MegatronLayout]:
-    """Our ModelConfig and Megatron's layout from a checkpoint's ``args``; anything the native model
-    cannot run the same way is refused, naming the arg."""
+    """Our ModelConfig and Megatron's layout from a checkpoint's ``args``: the architecture as the command
+    line reads Megatron's flags (config/megatron_args.py, the one definition), norms kept as stored
+    (gamma - 1 under apply_layernorm_1p); anything the native model cannot run the same way is refused,
+    naming the arg."""
     if not isinstance(args, argparse.Namespace):
         raise ConversionError(f"{where}: 'args' is {type(args).__name__}, not an argparse.Namespace")
     values = vars(args)
-    for name, wanted, default in _REQUIRED:
-        value = values.get(name, default)
-        if value is None and default is not None:
-            value = default
-        if value != wanted:
-            raise ConversionError(f"{where}: args.{name}={value!r} is not supported (the native model needs "
-                                  f"{wanted!r}: an RMSNorm, SwiGLU, RoPE GPT without biases or experts)")
-    layers, d_model, heads = (_positive(values, name, where) for name in
-                              ("num_layers", "hidden_size", "num_attention_heads"))
-    groups = _positive(values, "num_query_groups", where, heads) if values.get("group_query_attention") else heads
-    head_dim = _positive(values, "kv_channels", where, d_model // heads)
-    if head_dim * heads != d_model:
-        raise ConversionError(f"{where}: args.kv_channels={head_dim} x num_attention_heads={heads} != hidden_size="
-                              f"{d_model}; the native model derives head_dim = hidden_size / num_attention_heads")
     tensor = _positive(values, "tensor_model_parallel_size", where, 1)
     pipeline = _positive(values, "pipeline_model_parallel_size", where, 1)
     virtual = _positive(values, "virtual_pipeline_model_parallel_size", where, 1)
@@ -292,33 +231,20 @@ def config_from_megatron(args, where: str) -> tuple[ModelConfig, MegatronLayout]
     if padded % tensor:
         raise ConversionError(f"{where}: args.padded_vocab_size={padded} is not divisible by "
                               f"tensor_model_parallel_size={tensor}")
-    max_len = _positive(values, "max_position_embeddings", where, _arg(values, "seq_length"))
-    attention_layout, window = _attention_layout(values, layers, where)
-    theta = _arg(values, "rotary_base", 10000)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
-        raise ConversionError(f"{where}: args.rotary_base={theta!r} must be a number")
-    eps = _arg(values, "norm_epsilon", 1e-5, "layernorm_epsilon")
+    _positive(values, "ffn_hidden_size", where)  # Megatron always records it; its default needs no guess
+    for name in ("rotary_base", "rope_scaling_factor", "norm_epsilon", "init_method_std", "hidden_dropout",
+                 "attention_dropout"):
+        value = values.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConversionError(f"{where}: args.{name}={value!r} must be a number")
     try:
-        rope = RopeConfig(theta=float(theta))
-        if values.get("use_rope_scaling"):
-            factor = _arg(values, "rope_scaling_factor", 8.0)
-            rope = RopeConfig(theta=float(theta), scaling="llama3", factor=float(factor), original_max_position=8192,
-                              low_freq_factor=1.0, high_freq_factor=4.0)  # megatron-core's fixed llama3 parameters
-        config = ModelConfig(
-            d_model=d_model, n_layers=layers, n_heads=heads, n_kv_heads=groups,
-            d_ff=_positive(values, "ffn_hidden_size", where), vocab_size=native_vocab(values, padded),
-            max_seq_len=max_len, attention_layout=attention_layout,
-            sliding_window=window or min(ModelConfig.sliding_window, max_len), global_every=0,
-            dilated_window=min(ModelConfig.dilated_window, max_len), rope=rope, norm_eps=float(eps),
-            init_std=float(_arg(values, "init_method_std", 0.02)),
-            hidden_dropout=float(_arg(values, "hidden_dropout", 0.0)),
-            attention_dropout=float(_arg(values, "attention_dropout", 0.0)),
-            tie_embeddings=not values.get("untie_embeddings_and_output_weights", False),
-        )
+        architecture = MegatronArchitecture.from_args(values, where)
+        config = architecture.model_config(native_vocab(values, padded),
+                                           _positive(values, "max_position_embeddings", where,
+                                                     _arg(values, "seq_length")))
     except (ConfigError, TypeError, ValueError) as error:
-        raise ConversionError(f"{where}: {error}") from None
-    layernorm_1p = bool(values.get("apply_layernorm_1p") or values.get("layernorm_zero_centered_gamma"))
-    return config, MegatronLayout(tensor, pipeline, virtual, padded, layernorm_1p)
+        raise ConversionError(f"{where}: {error}" if not str(error).startswith(where) else str(error)) from None
+    return config, MegatronLayout(tensor, pipeline, virtual, padded)
 
 
 def megatron_padded_vocab(vocab_size: int, tensor: int) -> int:
@@ -362,7 +288,9 @@ def config_to_megatron(config: ModelConfig, tensor: int, pipeline: int, transfor
         max_position_embeddings=config.max_seq_len, seq_length=config.max_seq_len,
         vocab_size=config.vocab_size, make_vocab_size_divisible_by=VOCAB_PADDING_MULTIPLE,
         padded_vocab_size=megatron_padded_vocab(config.vocab_size, tensor),
-        normalization="RMSNorm", norm_epsilon=config.norm_eps, apply_layernorm_1p=False, swiglu=True,
+        normalization="RMSNorm", norm_epsilon=config.norm_eps,
+        apply_layernorm_1p=config.norm_zero_centered_gamma,
+        layernorm_zero_centered_gamma=config.norm_zero_centered_gamma, swiglu=True,
         add_bias_linear=False, add_qkv_bias=False, position_embedding_type="rope", add_position_embedding=False,
         use_rotary_position_embeddings=True, rotary_base=int(rope.theta) if float(rope.theta).is_integer()
         else rope.theta, rotary_percent=1.0, rotary_interleaved=False, use_rope_scaling=rope.scaling == "llama3",
@@ -401,21 +329,17 @@ def unknown_parameter(name: str) -> bool:
     return not (layer and layer.group(1) in LAYER_PARAMS + ("mlp.linear_fc1.weight_w", "mlp.linear_fc1.weight_v"))
 
 
-def _norm(tensor: torch.Tensor, layout: MegatronLayout) -> torch.Tensor:
-    return tensor + 1 if layout.layernorm_1p else tensor
-
-
 def layer_from_megatron(index: int, get, config: ModelConfig, layout: MegatronLayout) -> dict[str, torch.Tensor]:
     """Native tensors of layer ``index``; ``get(names, global_shape)`` reads the first of ``names`` present
     (Megatron's global layout: what torch_dist stores and legacy shards concatenate to)."""
     d, heads, kv, head_dim = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
     mega, ours = f"decoder.layers.{index}.", f"layers.{index}."
     return {
-        ours + "attention_norm.weight": _norm(get([mega + n for n in _ATTN_NORM], (d,)), layout),
+        ours + "attention_norm.weight": get([mega + n for n in _ATTN_NORM], (d,)),
         ours + "attention.qkv.weight": get([mega + "self_attention.linear_qkv.weight"],
                                            ((heads + 2 * kv) * head_dim, d)),
         ours + "attention.out.weight": get([mega + "self_attention.linear_proj.weight"], (d, heads * head_dim)),
-        ours + "mlp_norm.weight": _norm(get([mega + n for n in _MLP_NORM], (d,)), layout),
+        ours + "mlp_norm.weight": get([mega + n for n in _MLP_NORM], (d,)),
         ours + "mlp.gate_up.weight": get([mega + "mlp.linear_fc1.weight"], (2 * config.d_ff, d)),
         ours + "mlp.down.weight": get([mega + "mlp.linear_fc2.weight"], (d, config.d_ff)),
     }
@@ -425,7 +349,7 @@ def outer_from_megatron(get, config: ModelConfig, layout: MegatronLayout) -> dic
     """Embedding, final norm and (untied) output weight, without the padding rows beyond our vocab."""
     rows = (layout.padded_vocab, config.d_model)
     out = {"embedding.weight": get(["embedding.word_embeddings.weight"], rows)[:config.vocab_size],
-           "final_norm.weight": _norm(get(["decoder.final_layernorm.weight"], (config.d_model,)), layout)}
+           "final_norm.weight": get(["decoder.final_layernorm.weight"], (config.d_model,))}
     if not config.tie_embeddings:
         out["output.weight"] = get(["output_layer.weight"], rows)[:config.vocab_size]
     return out

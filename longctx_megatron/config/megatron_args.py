@@ -16,7 +16,7 @@ The design's layer plan applies only when asked for (``--attention-layout`` or a
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.model_config import ModelConfig
@@ -28,9 +28,27 @@ def megatron_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
     return int((4 * hidden_size * 2 / 3) / 64) * 64 if swiglu else 4 * hidden_size
 
 
+# Megatron args that must keep Megatron's default for the model to be this one (a checkpoint's args
+# carry them all; on the command line their flags are refused outright, training/megatron_compat.py).
+MUST_HOLD = {"num_experts": None, "multi_latent_attention": False, "mtp_num_layers": None, "squared_relu": False,
+             "apply_residual_connection_post_layernorm": False, "softmax_type": "vanilla", "no_rope_freq": None,
+             "hybrid_override_pattern": None, "hybrid_layer_pattern": None, "experimental_attention_variant": None,
+             "heterogeneous_layers_config_path": None, "attention_output_gate": False, "qk_clip": False,
+             "use_mup": False}
+# Older or internal spellings of the same args.
+ALIASES = {"layernorm_epsilon": "norm_epsilon", "layernorm_zero_centered_gamma": "apply_layernorm_1p"}
+_SIZES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
+          "max_position_embeddings")
+
+
 @dataclass(frozen=True)
 class MegatronArchitecture:
-    """Megatron's architecture arguments under their argparse ``dest`` names, with Megatron's defaults."""
+    """Megatron's architecture arguments under their argparse ``dest`` names, with Megatron's defaults.
+
+    ``others`` holds the MUST_HOLD args that differ from Megatron's defaults (from a checkpoint's args);
+    ``source`` says how messages name an arg: ``flags`` (``--normalization LayerNorm``, the command line)
+    or ``args`` (``args.normalization='LayerNorm'``, a checkpoint's args).
+    """
 
     num_layers: int
     hidden_size: int
@@ -47,6 +65,8 @@ class MegatronArchitecture:
     rotary_percent: float = 1.0
     rotary_base: float = 10000
     rotary_interleaved: bool = False
+    use_rope_scaling: bool = False  # Llama-3.1's RoPE scaling, with megatron-core's fixed parameters
+    rope_scaling_factor: float = 8.0
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
@@ -55,37 +75,95 @@ class MegatronArchitecture:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     window_size: tuple[int, int] | None = None
+    window_attn_skip_freq: int | list | None = None  # N: every N-th layer (1-based) full; a list: 1 sliding, 0 full
     max_position_embeddings: int | None = None
+    others: dict = field(default_factory=dict)
+    source: str = field(default="flags", compare=False, repr=False)
+
+    @classmethod
+    def from_args(cls, values: dict, where: str) -> MegatronArchitecture:
+        """The architecture a Megatron checkpoint's ``args`` (as a dict) describe; unknown args are ignored,
+        absent ones take Megatron's defaults, and sizes are checked to be positive integers (ConfigError
+        naming ``where: args.<name>``)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"others", "source"}
+        given = {ALIASES.get(key, key): value for key, value in values.items() if value is not None}
+        given.update({key: value for key, value in values.items() if key in names and value is not None})
+
+        for name in _SIZES:
+            value = given.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{where}: args.{name}={value!r} must be a positive integer")
+        for name in ("num_layers", "hidden_size", "num_attention_heads"):
+            if name not in given:
+                raise ConfigError(f"{where}: args.{name} is missing")
+        others = {name: values[name] for name, default in MUST_HOLD.items()
+                  if values.get(name) is not None and values[name] != default}
+        window = given.get("window_size")
+        if isinstance(window, list):
+            given["window_size"] = tuple(window)
+        return cls(**{name: given[name] for name in names if name in given}, others=others, source="args")
+
+    def _say(self, name: str, value=None) -> str:
+        """Arg ``name`` (with ``value``) as the user wrote it: a flag, or a checkpoint's args entry."""
+        if self.source == "args":
+            return f"args.{name}" + ("" if value is None else f"={value!r}")
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is True:
+            return flag
+        return f"no {flag}" if value is False else f"{flag} {value}"
 
     def problems(self) -> list[str]:
         """What Megatron would build from these arguments that this model cannot, each with the fix."""
-        found = []
+        say, found = self._say, []
         if self.normalization != "RMSNorm":
-            found.append(f"--normalization {self.normalization} (Megatron's default is LayerNorm; this model uses "
-                         "RMSNorm: pass --normalization RMSNorm)")
+            found.append(f"{say('normalization', self.normalization)} (Megatron's default is LayerNorm; this model "
+                         "uses RMSNorm: pass --normalization RMSNorm)")
         if not self.swiglu:
-            found.append("a GeLU MLP (Megatron's default without --swiglu; this model's MLP is SwiGLU: pass --swiglu)")
+            found.append(f"{say('swiglu', False)}: a GeLU MLP (Megatron's default; this model's MLP is SwiGLU: pass "
+                         "--swiglu)")
         if self.position_embedding_type != "rope":
-            found.append(f"--position-embedding-type {self.position_embedding_type} (Megatron's default is "
+            found.append(f"{say('position_embedding_type', self.position_embedding_type)} (Megatron's default is "
                          "learned_absolute; this model uses RoPE: pass --position-embedding-type rope)")
         if self.add_bias_linear or self.add_qkv_bias:
-            found.append("biases in the linear layers (Megatron's default; this model has none: pass "
-                         "--disable-bias-linear and no --add-qkv-bias)")
+            name = "add_bias_linear" if self.add_bias_linear else "add_qkv_bias"
+            found.append(f"{say(name, True)}: biases in the linear layers (Megatron's default; this model has none: "
+                         "pass --disable-bias-linear and no --add-qkv-bias)")
         if self.rotary_percent != 1.0:
-            found.append(f"--rotary-percent {self.rotary_percent} (RoPE on part of each head; this model rotates "
-                         "the whole head: 1.0)")
+            found.append(f"{say('rotary_percent', self.rotary_percent)} (RoPE on part of each head; this model "
+                         "rotates the whole head: 1.0)")
         if self.rotary_interleaved:
-            found.append("--rotary-interleaved (this model's RoPE pairs (j, j + D/2), rotate-half)")
+            found.append(f"{say('rotary_interleaved', True)} (this model's RoPE pairs (j, j + D/2), rotate-half)")
         if self.qk_layernorm:
-            found.append("--qk-layernorm (this model has no query/key norms)")
+            found.append(f"{say('qk_layernorm', True)} (this model has no query/key norms)")
+        for name, value in self.others.items():
+            found.append(f"{say(name, value)} (this model needs {MUST_HOLD[name]!r}: a dense RMSNorm, SwiGLU, "
+                         "RoPE GPT)")
         head_dim = self.hidden_size // self.num_attention_heads if self.num_attention_heads else 0
         if self.kv_channels is not None and self.kv_channels != head_dim:
-            found.append(f"--kv-channels {self.kv_channels} != --hidden-size / --num-attention-heads = {head_dim} "
-                         "(this model derives the head size)")
-        if self.window_size is not None and (len(self.window_size) != 2 or self.window_size[1] != 0
-                                             or self.window_size[0] < 0):
-            found.append(f"--window-size {','.join(map(str, self.window_size))} (causal windows only: L,0)")
+            found.append(f"{say('kv_channels', self.kv_channels)} != --hidden-size / --num-attention-heads = "
+                         f"{head_dim} (this model derives the head size)")
+        window = self.window_size
+        if window is not None and (len(window) != 2 or not all(isinstance(w, int) and not isinstance(w, bool)
+                                                               for w in window) or window[1] != 0):
+            found.append(f"{say('window_size', ','.join(map(str, window)))} (causal windows only: L,0)")
+        elif window is not None and window[0] >= 0:
+            try:
+                self._kinds()
+            except ConfigError as error:
+                found.append(str(error))
         return found
+
+    def _kinds(self) -> list[str]:
+        """Each layer's kind: sliding where the window applies, full where window_attn_skip_freq skips it."""
+        skip, layers = self.window_attn_skip_freq, self.num_layers
+        if skip is None:
+            return ["sliding"] * layers
+        if isinstance(skip, int) and not isinstance(skip, bool) and skip > 0:
+            return ["full" if n % skip == 0 else "sliding" for n in range(1, layers + 1)]
+        if isinstance(skip, list) and len(skip) == layers and all(value in (0, 1) for value in skip):
+            return ["sliding" if value else "full" for value in skip]
+        raise ConfigError(f"{self._say('window_attn_skip_freq', skip)} must be a positive integer or a list of "
+                          f"{layers} 0/1 flags")
 
     def model_config(self, vocab_size: int, seq_length: int | None = None) -> ModelConfig:
         """The ModelConfig Megatron's GPTModel would have (``vocab_size``: the padded vocabulary);
@@ -94,24 +172,31 @@ class MegatronArchitecture:
         if problems:
             raise ConfigError("Megatron-LM would build a model this one cannot: " + "; ".join(problems))
         if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
-                              f"{self.num_attention_heads}")
+            raise ConfigError(f"{self._say('hidden_size', self.hidden_size)} must be divisible by "
+                              f"{self._say('num_attention_heads', self.num_attention_heads)}")
         layers = self.num_layers
         max_len = self.max_position_embeddings or seq_length or ModelConfig.max_seq_len
-        window = self.window_size[0] + 1 if self.window_size else None
+        windowed = self.window_size is not None and self.window_size[0] >= 0  # Megatron: (-1, 0) is no window
+        runs: list[list] = []
+        for kind in self._kinds() if windowed else ["full"] * layers:
+            if runs and runs[-1][0] == kind:
+                runs[-1][1] += 1
+            else:
+                runs.append([kind, 1])
+        rope = RopeConfig(theta=float(self.rotary_base))
+        if self.use_rope_scaling:
+            rope = RopeConfig(theta=float(self.rotary_base), scaling="llama3", factor=float(self.rope_scaling_factor),
+                              original_max_position=8192, low_freq_factor=1.0, high_freq_factor=4.0)
         return ModelConfig(
             d_model=self.hidden_size, n_layers=layers, n_heads=self.num_attention_heads,
             n_kv_heads=self.num_query_groups if self.group_query_attention else self.num_attention_heads,
             d_ff=self.ffn_hidden_size or megatron_ffn_hidden_size(self.hidden_size, self.swiglu),
             vocab_size=vocab_size, max_seq_len=max_len,
-            attention_layout=f"sliding:{layers}" if window else f"full:{layers}",
-            sliding_window=min(window or ModelConfig.sliding_window, max_len), global_every=0,
-            dilated_window=min(ModelConfig.dilated_window, max_len),
-            rope=RopeConfig(theta=float(self.rotary_base)), norm_eps=self.norm_epsilon,
-            norm_zero_centered_gamma=self.apply_layernorm_1p, init_std=self.init_method_std,
-            hidden_dropout=self.hidden_dropout, attention_dropout=self.attention_dropout,
+            attention_layout=",".join(f"{kind}:{count}" for kind, count in runs),
+            sliding_window=min(self.window_size[0] + 1 if windowed else ModelConfig.sliding_window, max_len),
+            global_every=0, dilated_window=min(ModelConfig.dilated_window, max_len), rope=rope,
+            norm_eps=float(self.norm_epsilon), norm_zero_centered_gamma=bool(self.apply_layernorm_1p),
+            init_std=float(self.init_method_std), hidden_dropout=float(self.hidden_dropout),
+            attention_dropout=float(self.attention_dropout),
             tie_embeddings=not self.untie_embeddings_and_output_weights,
         )
-
-
-ARCHITECTURE_FIELDS = frozenset(field.name for field in dataclasses.fields(MegatronArchitecture))

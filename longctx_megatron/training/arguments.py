@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,18 @@ def _switch(name: str, target: str, help: str | None = None) -> Flag:
                 convert=lambda on: True if on else None)
 
 
+def _skip_freq(text: str) -> int | list[int]:
+    """Megatron's --window-attn-skip-freq: an integer, or a 0/1 list expression such as "[1,1,1,0]*3"
+    (Megatron evaluates it as Python; here only that form is read, nothing is evaluated)."""
+    compact = text.replace(" ", "")
+    if compact.isdigit():
+        return int(compact)
+    match = re.fullmatch(r"\[([01](?:,[01])*)\](?:\*(\d+))?", compact)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected an integer or a 0/1 list such as [1,1,1,0]*3, got {text!r}")
+    return [int(value) for value in match.group(1).split(",")] * int(match.group(2) or 1)
+
+
 def _window(text: str) -> tuple[int, ...]:
     """Megatron's --window-size: "L,R" or "(L,R)"."""
     try:
@@ -100,6 +113,10 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         _arch("--hidden-dropout", float), _arch("--attention-dropout", float),
         _arch("--init-method-std", float),
         _arch("--window-size", _window, help="L,0: every layer a sliding window of L+1 keys (Megatron's)"),
+        _arch("--window-attn-skip-freq", _skip_freq, help="N: every N-th layer full attention, the rest "
+              "--window-size; or a list such as [1,1,1,0]*3 (1 sliding, 0 full)"),
+        _arch("--use-rope-scaling", bool, help="Llama-3.1's RoPE scaling (megatron-core's parameters)"),
+        _arch("--rope-scaling-factor", float),
         Flag("--make-vocab-size-divisible-by", ("model.make_vocab_size_divisible_by",), {
             "type": int, "help": "pad the tokenizer's vocabulary to a multiple of this (Megatron multiplies it by "
             "the TP size; here the model does not depend on the layout)"}),

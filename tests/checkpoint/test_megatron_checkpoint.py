@@ -116,6 +116,13 @@ def test_legacy_tp2_pp2_source_untied_layernorm_1p_to_tp2_pp2(tmp_path):
     ours, config = _native_logits(str(tmp_path / "native"))
     assert config.vocab_size == 384 and args.padded_vocab_size == 512
     _assert_same_logits(ours, megatron_logits(model))
+    # the norms stay zero-centred (exact in any dtype), and so does the export
+    assert config.norm_zero_centered_gamma
+    _convert("--from", "native", "--to", "megatron", "--input", tmp_path / "native", "--output", tmp_path / "back")
+    exported, saved_args = _exported_state(str(tmp_path / "back"), 1, 1)
+    assert saved_args.apply_layernorm_1p and saved_args.layernorm_zero_centered_gamma
+    torch.testing.assert_close(exported["decoder.final_layernorm.weight"], stored["decoder.final_layernorm.weight"],
+                               rtol=0, atol=0)
 
 
 def test_legacy_tied_virtual_pipeline_and_release_directory(tmp_path):
@@ -338,7 +345,7 @@ def test_unsupported_architectures_are_refused_naming_the_arg(tmp_path, capsys, 
     setattr(args, arg, value)
     root = save_legacy(str(tmp_path / "mega"), global_state(gpt_model(args_namespace())), args)
     message = _error(capsys, "--from", "megatron", "--to", "native", "--input", root, "--output", tmp_path / "n")
-    assert f"args.{arg}={value!r} is not supported" in message
+    assert f"args.{arg}={value!r}" in message and "would build a model this one cannot" in message
 
 
 @pytest.mark.parametrize("kind", ["torch", "torch_dist"])

@@ -182,3 +182,18 @@ def test_decoupled_lr_schedules_the_embedding_and_output_apart(precision):
     assert "embedding.weight" not in moved and "layers.0.attention.qkv.weight" in moved
     groups = trainer.optimizer.param_groups
     assert [group["lr"] for group in groups if group["decoupled"]] == [0.0] * sum(g["decoupled"] for g in groups)
+
+
+def test_window_attn_skip_freq_and_llama3_rope_scaling():
+    config = model_of([*SIZES, *LLAMA_ARCHITECTURE, "--window-size", "7,0", "--window-attn-skip-freq", "2",
+                       "--use-rope-scaling", "--rope-scaling-factor", "4", "--seq-length", "64"])
+    assert [spec.kind for spec in config.layer_plan()] == ["sliding", "full", "sliding", "full"]
+    assert config.sliding_window == 8 and config.rope.scaling == "llama3" and config.rope.factor == 4
+    listed = model_of([*SIZES, *LLAMA_ARCHITECTURE, "--window-size", "7,0", "--window-attn-skip-freq", "[1,0]*2",
+                       "--seq-length", "64"])
+    assert [spec.kind for spec in listed.layer_plan()] == ["sliding", "full", "sliding", "full"]
+    with pytest.raises(SystemExit):
+        parse_run_config(["--window-attn-skip-freq", "__import__('os')"], 1)
+    with pytest.raises(ValueError, match="must be a positive integer or a list of 4"):
+        parse_run_config([*SIZES, *LLAMA_ARCHITECTURE, "--window-size", "7,0", "--window-attn-skip-freq", "[1,0]"],
+                         1)
