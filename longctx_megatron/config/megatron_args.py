@@ -34,7 +34,7 @@ MUST_HOLD = {"num_experts": None, "multi_latent_attention": False, "mtp_num_laye
              "apply_residual_connection_post_layernorm": False, "softmax_type": "vanilla", "no_rope_freq": None,
              "hybrid_override_pattern": None, "hybrid_layer_pattern": None, "experimental_attention_variant": None,
              "heterogeneous_layers_config_path": None, "attention_output_gate": False, "qk_clip": False,
-             "use_mup": False}
+             "use_mup": False, "qk_l2_norm": False, "rotary_seq_len_interpolation_factor": None}
 # Older or internal spellings of the same args.
 ALIASES = {"layernorm_epsilon": "norm_epsilon", "layernorm_zero_centered_gamma": "apply_layernorm_1p"}
 _SIZES = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
@@ -177,6 +177,10 @@ class MegatronArchitecture:
         layers = self.num_layers
         max_len = self.max_position_embeddings or seq_length or ModelConfig.max_seq_len
         windowed = self.window_size is not None and self.window_size[0] >= 0  # Megatron: (-1, 0) is no window
+        if windowed and self.window_size[0] + 1 > max_len:
+            raise ConfigError(f"{self._say('window_size', ','.join(map(str, self.window_size)))} reaches "
+                              f"{self.window_size[0] + 1} keys, beyond the model's length {max_len} "
+                              f"({self._say('max_position_embeddings')}): raise it or shrink the window")
         runs: list[list] = []
         for kind in self._kinds() if windowed else ["full"] * layers:
             if runs and runs[-1][0] == kind:
@@ -193,7 +197,7 @@ class MegatronArchitecture:
             d_ff=self.ffn_hidden_size or megatron_ffn_hidden_size(self.hidden_size, self.swiglu),
             vocab_size=vocab_size, max_seq_len=max_len,
             attention_layout=",".join(f"{kind}:{count}" for kind, count in runs),
-            sliding_window=min(self.window_size[0] + 1 if windowed else ModelConfig.sliding_window, max_len),
+            sliding_window=self.window_size[0] + 1 if windowed else min(ModelConfig.sliding_window, max_len),
             global_every=0, dilated_window=min(ModelConfig.dilated_window, max_len), rope=rope,
             norm_eps=float(self.norm_epsilon), norm_zero_centered_gamma=bool(self.apply_layernorm_1p),
             init_std=float(self.init_method_std), hidden_dropout=float(self.hidden_dropout),

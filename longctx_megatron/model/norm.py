@@ -1,7 +1,8 @@
 """RMSNorm: apex's fused kernel on CUDA when apex is importable, else torch's ``F.rms_norm``.
 
 With ``zero_centered_gamma`` (Megatron's ``--apply-layernorm-1p``) the stored weight is gamma - 1: it
-starts at 0 and the gain applied is 1 + weight.
+starts at 0 and the gain applied is 1 + weight, formed and applied in fp32 (so 16-bit weights keep
+the precision of small deviations from a gain of 1, which is the point of storing gamma - 1).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(dim) if zero_centered_gamma else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gain = self.weight + 1 if self.zero_centered_gamma else self.weight
+        if self.zero_centered_gamma:  # 1 + weight in fp32: in bf16 it would round gains to steps of 2^-7
+            gain = self.weight.float() + 1
+            return F.rms_norm(x.float(), gain.shape, gain, self.eps).to(x.dtype)
         if fused_rms_norm_affine is not None and x.is_cuda:
-            return fused_rms_norm_affine(x, gain, gain.shape, self.eps)
-        return F.rms_norm(x, gain.shape, gain, self.eps)
+            return fused_rms_norm_affine(x, self.weight, self.weight.shape, self.eps)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}" + (", zero_centered_gamma" if self.zero_centered_gamma else "")

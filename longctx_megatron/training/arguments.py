@@ -62,15 +62,66 @@ def _switch(name: str, target: str, help: str | None = None) -> Flag:
 
 
 def _skip_freq(text: str) -> int | list[int]:
-    """Megatron's --window-attn-skip-freq: an integer, or a 0/1 list expression such as "[1,1,1,0]*3"
-    (Megatron evaluates it as Python; here only that form is read, nothing is evaluated)."""
+    """Megatron's --window-attn-skip-freq: an integer, or a list expression of 0/1 lists joined by + and
+    repeated by * N, with parentheses, such as "([1]*3+[0]*1)*3". Megatron evaluates it as Python; here
+    that grammar alone is parsed and nothing is evaluated."""
     compact = text.replace(" ", "")
     if compact.isdigit():
         return int(compact)
-    match = re.fullmatch(r"\[([01](?:,[01])*)\](?:\*(\d+))?", compact)
-    if not match:
+    tokens = re.findall(r"\d+|[][()+*,]", compact)
+    if "".join(tokens) != compact:
         raise argparse.ArgumentTypeError(f"expected an integer or a 0/1 list such as [1,1,1,0]*3, got {text!r}")
-    return [int(value) for value in match.group(1).split(",")] * int(match.group(2) or 1)
+    position = 0
+
+    def peek() -> str | None:
+        return tokens[position] if position < len(tokens) else None
+
+    def take(expected: str | None = None) -> str:
+        nonlocal position
+        token = peek()
+        if token is None or (expected is not None and token != expected):
+            raise argparse.ArgumentTypeError(f"--window-attn-skip-freq {text!r}: expected {expected or 'more'} at "
+                                             f"token {position + 1}")
+        position += 1
+        return token
+
+    def atom() -> list[int]:
+        if peek() == "(":
+            take("(")
+            value = total()
+            take(")")
+            return value
+        take("[")
+        values = [int(take())]
+        while peek() == ",":
+            take(",")
+            values.append(int(take()))
+        take("]")
+        if any(value not in (0, 1) for value in values):
+            raise argparse.ArgumentTypeError(f"--window-attn-skip-freq {text!r}: list entries must be 0 or 1")
+        return values
+
+    def term() -> list[int]:
+        value = atom()
+        while peek() == "*":
+            take("*")
+            count = take()
+            if not count.isdigit():
+                raise argparse.ArgumentTypeError(f"--window-attn-skip-freq {text!r}: * needs a count")
+            value = value * int(count)
+        return value
+
+    def total() -> list[int]:
+        value = term()
+        while peek() == "+":
+            take("+")
+            value = value + term()
+        return value
+
+    result = total()
+    if peek() is not None:
+        raise argparse.ArgumentTypeError(f"--window-attn-skip-freq {text!r}: unexpected {peek()!r}")
+    return result
 
 
 def _window(text: str) -> tuple[int, ...]:
@@ -342,10 +393,10 @@ def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     if training.get("train_samples") is not None:
         if args.train_iters is not None:
             raise ValueError("--train-iters and --train-samples are exclusive (as in Megatron)")
-        if args.lr_decay_iters is not None or args.lr_warmup_iters is not None:
+        if args.lr_decay_iters is not None or args.lr_warmup_iters:  # Megatron asserts None and 0
             raise ValueError("with --train-samples the schedule counts samples: use --lr-decay-samples and "
                              "--lr-warmup-samples (or --lr-warmup-fraction), not the -iters flags")
-    elif args.lr_decay_samples is not None or args.lr_warmup_samples is not None:
+    elif args.lr_decay_samples is not None or args.lr_warmup_samples:
         raise ValueError("--lr-decay-samples / --lr-warmup-samples need --train-samples (use the -iters flags with "
                          "--train-iters)")
     if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
@@ -391,6 +442,12 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
         problems = MegatronArchitecture(**run.model.megatron).problems()
         if problems:
             fail("Megatron-LM would build a model this one cannot: " + "; ".join(problems))
+    length = run.model.megatron.get("max_position_embeddings")
+    if length is not None and length < training.seq_length:
+        fail(f"--max-position-embeddings {length} is less than --seq-length {training.seq_length} (Megatron asserts "
+             "the same)")
+    if training.min_lr > training.lr:
+        fail(f"--min-lr {training.min_lr} exceeds --lr {training.lr} (Megatron asserts min_lr <= lr)")
     for target in ("parallel.tensor", "parallel.pipeline", "parallel.context", "training.seq_length",
                    "training.micro_batch_size", "training.train_iters", "logging.log_interval", "logging.eval_iters"):
         if value(target) <= 0:

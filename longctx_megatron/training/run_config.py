@@ -90,7 +90,8 @@ class ModelSection:
             overrides["layers"] = None
         if "rope_theta" in overrides:
             overrides["rope"] = dataclasses.replace(config.rope, theta=overrides.pop("rope_theta"))
-        if "max_seq_len" not in overrides and seq_length > config.max_seq_len:
+        given_length = "max_position_embeddings" in self.megatron
+        if "max_seq_len" not in overrides and not given_length and seq_length > config.max_seq_len:
             overrides["max_seq_len"] = seq_length
         return dataclasses.replace(config, **overrides) if overrides else config
 
@@ -164,16 +165,17 @@ class TrainingSection:
     def decay_iters(self) -> int:
         return self.lr_decay_iters or self.train_iters
 
-    def lr_schedule(self, global_batch: int) -> tuple[int, int, int]:
-        """(step, warm-up, decay) of the learning-rate schedule in its unit, as Megatron counts them:
-        samples (step = the global batch) when training is given in samples, else iterations (step 1)."""
+    def lr_schedule(self, global_batch: int) -> tuple[int, float, int]:
+        """(samples per update, warm-up, decay) of the learning-rate schedule in samples, as Megatron's
+        scheduler counts them (iterations x the global batch when given in iterations; the warm-up
+        fraction of the decay span kept as a float)."""
         if self.train_samples:
-            step, decay, warmup = global_batch, self.lr_decay_samples or self.train_samples, self.lr_warmup_samples
+            decay, warmup = self.lr_decay_samples or self.train_samples, self.lr_warmup_samples
         else:
-            step, decay, warmup = 1, self.decay_iters, self.lr_warmup_iters
+            decay, warmup = self.decay_iters * global_batch, self.lr_warmup_iters * global_batch
         if self.lr_warmup_fraction is not None:
-            warmup = int(self.lr_warmup_fraction * decay)
-        return step, warmup, decay
+            warmup = self.lr_warmup_fraction * decay
+        return global_batch, warmup, decay
 
     @property
     def dtype(self) -> torch.dtype:

@@ -112,10 +112,11 @@ class Trainer:
         """Train on the next global batch; returns (loss, gradient norm, whether the update was applied)."""
         training = self.run.training
         step, warmup, decay = training.lr_schedule(self.run.global_batch)
-        lr = learning_rate(iteration, training.lr, training.min_lr, warmup, decay, training.lr_decay_style, step)
+        done = self.optimizer.steps * step  # samples of the updates applied so far (Megatron's num_steps)
+        lr = learning_rate(done, training.lr, training.min_lr, warmup, decay, training.lr_decay_style)
         apart = lr if training.decoupled_lr is None else learning_rate(
-            iteration, training.decoupled_lr, training.min_lr if training.decoupled_min_lr is None
-            else training.decoupled_min_lr, warmup, decay, training.lr_decay_style, step)
+            done, training.decoupled_lr, training.min_lr if training.decoupled_min_lr is None
+            else training.decoupled_min_lr, warmup, decay, training.lr_decay_style)
         for group in self.optimizer.param_groups:
             group["lr"] = apart if group.get("decoupled") else lr
         timers = self.metrics.timers
@@ -215,7 +216,7 @@ class Trainer:
                 self.log(f"stopping after iteration {done}: {reason}"
                          + (f"; checkpoint saved in {ckpt.save}" if ckpt.save else "; no --save, nothing saved"))
                 return reason
-            if run.logging.eval_interval and done % run.logging.eval_interval == 0 and done < run.training.train_iters:
+            if run.logging.eval_interval and done % run.logging.eval_interval == 0:  # the last one too, as Megatron
                 self.evaluate(done)
             for probe in self.probes:
                 if probe.due(done):

@@ -339,7 +339,8 @@ def test_torch_dist_chunk_outside_the_directory_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("arg, value", [("normalization", "LayerNorm"), ("add_bias_linear", True),
                                         ("position_embedding_type", "learned_absolute"), ("rotary_percent", 0.5),
-                                        ("num_experts", 8)])
+                                        ("num_experts", 8), ("qk_l2_norm", True),
+                                        ("rotary_seq_len_interpolation_factor", 4)])
 def test_unsupported_architectures_are_refused_naming_the_arg(tmp_path, capsys, arg, value):
     args = args_namespace(**{"tied": True})
     setattr(args, arg, value)

@@ -66,6 +66,11 @@ def test_statements_against_a_config_or_the_built_in_model_are_checked():
     assert config.n_layers == 2 and config.attention_layout == demo_config().attention_layout
 
 
+def test_a_window_beyond_the_models_length_is_refused_not_cut():
+    with pytest.raises(ConfigError, match="reaches 128 keys, beyond the model's length 64"):
+        model_of([*SIZES, *LLAMA_ARCHITECTURE, "--seq-length", "64", "--window-size", "127,0"])
+
+
 def test_window_size_is_megatrons_left_reach_plus_self():
     config = model_of([*SIZES, *LLAMA_ARCHITECTURE, "--window-size", "(15,0)", "--seq-length", "64"])
     assert [(spec.kind, spec.window, spec.global_every) for spec in config.layer_plan()] == [("sliding", 16, 0)] * 4
@@ -114,6 +119,9 @@ def test_shell_quoted_split_and_sequence_parallel_at_tp1():
      "uniform with --recompute-num-layers > 1"),
     (["--recompute-granularity", "full", "--recompute-method", "block"], "needs --recompute-num-layers"),
     (["--decoupled-min-lr", "0.1"], "--decoupled-min-lr needs --decoupled-lr"),
+    (["--lr", "0.1", "--min-lr", "0.2"], "Megatron asserts min_lr <= lr"),
+    ([*SIZES, *LLAMA_ARCHITECTURE, "--seq-length", "128", "--max-position-embeddings", "64"],
+     "--max-position-embeddings 64 is less than --seq-length 128"),
     (["--mock-data", "--data-path", "x", "--tokenizer-type", "NullTokenizer"], "exclusive"),
     (["--mock-data"], "--mock-data needs --tokenizer-type"),
 ])
@@ -122,21 +130,49 @@ def test_contradictions_fail_before_any_work(flags, message):
         parse_run_config(flags, 1)
 
 
+def test_zero_warmups_of_the_other_unit_are_accepted_as_in_megatron():
+    parse_run_config(["--train-samples", "64", "--lr-warmup-iters", "0"], 1)
+    parse_run_config(["--train-iters", "4", "--lr-warmup-samples", "0"], 1)
+
+
 def test_train_samples_set_iterations_and_a_schedule_in_samples():
     run = parse_run_config(["--train-samples", "100", "--global-batch-size", "8", "--micro-batch-size", "2",
                             "--lr-warmup-samples", "16", "--lr-decay-samples", "80"], 1)
     assert run.training.train_iters == 12
     assert run.training.lr_schedule(run.global_batch) == (8, 16, 80)
     run = parse_run_config(["--train-iters", "100", "--lr-warmup-fraction", "0.1", "--lr-decay-iters", "50"], 1)
-    assert run.training.lr_schedule(run.global_batch) == (1, 5, 50)
+    assert run.training.lr_schedule(run.global_batch) == (4, 20.0, 200)  # in samples of the global batch 4
 
 
-def test_learning_rate_in_samples_matches_iterations_at_batch_one_and_scales_with_the_batch():
-    for iteration in range(12):
-        in_iterations = learning_rate(iteration, 1.0, 0.1, 3, 10, "cosine")
-        assert learning_rate(iteration, 1.0, 0.1, 3 * 8, 10 * 8, "cosine", step=8) == pytest.approx(in_iterations)
-    # a warm-up that ends inside a batch never overshoots the peak
-    assert learning_rate(1, 1.0, 0.0, 12, 80, "linear", step=8) <= 1.0
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine", "inverse-square-root"])
+@pytest.mark.parametrize("flags", [
+    ["--train-iters", "40", "--lr-warmup-iters", "3", "--lr-decay-iters", "30"],
+    ["--train-iters", "40", "--lr-warmup-fraction", "0.07", "--lr-decay-iters", "30"],
+    ["--train-samples", "320", "--lr-warmup-samples", "12", "--lr-decay-samples", "250"],
+    ["--train-samples", "320", "--lr-warmup-fraction", "0.013"],
+])
+def test_learning_rate_equals_megatron_cores_scheduler(flags, style):
+    """Our schedule, step by step, against megatron-core's OptimizerParamScheduler given the numbers
+    Megatron's training.py derives from the same flags (steps in samples, one step per update)."""
+    megatron_scheduler = pytest.importorskip("megatron.core.optimizer_param_scheduler")
+    run = parse_run_config([*flags, "--lr", "1.0", "--min-lr", "0.1", "--lr-decay-style", style,
+                            "--global-batch-size", "8", "--micro-batch-size", "8"], 1)
+    training, batch = run.training, run.global_batch
+    if training.train_samples:
+        decay, warmup = training.lr_decay_samples or training.train_samples, training.lr_warmup_samples
+    else:
+        decay, warmup = training.decay_iters * batch, training.lr_warmup_iters * batch
+    if training.lr_warmup_fraction is not None:
+        warmup = training.lr_warmup_fraction * decay
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+    theirs = megatron_scheduler.OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=1.0, min_lr=0.1, lr_warmup_steps=warmup, lr_decay_steps=decay,
+        lr_decay_style=style, start_wd=0.0, end_wd=0.0, wd_incr_steps=decay, wd_incr_style="constant")
+    step, ours_warmup, ours_decay = training.lr_schedule(batch)
+    for update in range(training.train_iters):
+        ours = learning_rate(update * step, 1.0, 0.1, ours_warmup, ours_decay, style)
+        assert ours == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12), (update, ours)
+        theirs.step(increment=batch)
 
 
 def test_block_recomputation_recomputes_the_first_layers_of_a_chunk():
@@ -194,6 +230,44 @@ def test_window_attn_skip_freq_and_llama3_rope_scaling():
     assert [spec.kind for spec in listed.layer_plan()] == ["sliding", "full", "sliding", "full"]
     with pytest.raises(SystemExit):
         parse_run_config(["--window-attn-skip-freq", "__import__('os')"], 1)
+    run = parse_run_config(["--window-attn-skip-freq", "([1]*3+[0]*1)*2"], 1)
+    assert run.model.megatron["window_attn_skip_freq"] == [1, 1, 1, 0] * 2
     with pytest.raises(ValueError, match="must be a positive integer or a list of 4"):
         parse_run_config([*SIZES, *LLAMA_ARCHITECTURE, "--window-size", "7,0", "--window-attn-skip-freq", "[1,0]"],
                          1)
+
+
+def test_zero_centred_norm_keeps_bf16_gains_precise():
+    """In bf16, 1 + weight rounds to steps of 2^-7 near 1; the norm forms the gain in fp32 instead, so its
+    output is off by the output's own rounding (2^-8 relative), where bf16 gains were off by twice that."""
+    from longctx_megatron.model.norm import RMSNorm
+
+    norm = RMSNorm(4096, zero_centered_gamma=True)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 0.003)
+    norm = norm.to(torch.bfloat16)
+    x = torch.randn(2, 4096, generator=torch.Generator().manual_seed(1)).bfloat16()
+    reference = torch.nn.functional.rms_norm(x.double(), (4096,), norm.weight.double() + 1)
+    error = ((norm(x).double() - reference).abs() / reference.abs().clamp(min=1e-3)).max()
+    assert error <= 2**-8
+
+
+def test_each_evaluation_reads_fresh_validation_batches(monkeypatch):
+    """As Megatron's validation iterator moves on: evaluations at iterations 2 and 4 (the last, evaluated in
+    the loop as Megatron does) and the one after training read slots 0, 1 and 2 of the validation set."""
+    from longctx_megatron.training import trainer as trainer_module
+    from longctx_megatron.training.setup import setup
+
+    starts, read = [], trainer_module.micro_batches
+    trainer = setup(parse_run_config(["--train-iters", "4", "--eval-interval", "2", "--eval-iters", "2",
+                                      "--seq-length", "64", "--micro-batch-size", "1"], 1), log=lambda *_: None)
+
+    def recording(dataset, consumed, *args):
+        if dataset is trainer.valid_data:
+            starts.append(consumed)
+        return read(dataset, consumed, *args)
+
+    monkeypatch.setattr(trainer_module, "micro_batches", recording)
+    trainer.train()
+    assert starts == [0, 1, 2, 3, 4, 5]
+    assert len(trainer.valid_data) >= 6
