@@ -204,3 +204,48 @@ class MegatronArchitecture:
             attention_dropout=float(self.attention_dropout),
             tie_embeddings=not self.untie_embeddings_and_output_weights,
         )
+
+
+def config_arguments(config: ModelConfig) -> dict:
+    """The Megatron arguments that describe what ``config`` already is (its sizes and architecture)."""
+    return dict(num_layers=config.n_layers, hidden_size=config.d_model, num_attention_heads=config.n_heads,
+                group_query_attention=True, num_query_groups=config.n_kv_heads, ffn_hidden_size=config.d_ff,
+                swiglu=True, normalization="RMSNorm", norm_epsilon=config.norm_eps,
+                apply_layernorm_1p=config.norm_zero_centered_gamma, position_embedding_type="rope",
+                rotary_base=config.rope.theta, add_bias_linear=False,
+                untie_embeddings_and_output_weights=not config.tie_embeddings, hidden_dropout=config.hidden_dropout,
+                attention_dropout=config.attention_dropout, init_method_std=config.init_std,
+                max_position_embeddings=config.max_seq_len)
+
+
+# The ModelConfig fields each Megatron argument decides, when it adjusts an existing model.
+_FIELDS_OF = {"num_layers": ("n_layers",), "hidden_size": ("d_model",), "num_attention_heads": ("n_heads",),
+              "group_query_attention": ("n_kv_heads",), "num_query_groups": ("n_kv_heads",),
+              "ffn_hidden_size": ("d_ff",), "max_position_embeddings": ("max_seq_len",), "norm_epsilon": ("norm_eps",),
+              "apply_layernorm_1p": ("norm_zero_centered_gamma",), "init_method_std": ("init_std",),
+              "hidden_dropout": ("hidden_dropout",), "attention_dropout": ("attention_dropout",),
+              "untie_embeddings_and_output_weights": ("tie_embeddings",),
+              "use_rope_scaling": ("rope",), "rope_scaling_factor": ("rope",),
+              "window_size": ("attention_layout", "sliding_window", "global_every"),
+              "window_attn_skip_freq": ("attention_layout", "sliding_window", "global_every")}
+
+
+def adjustments(config: ModelConfig, given: dict) -> dict:
+    """ModelConfig overrides for Megatron arguments ``given`` on top of ``config`` (a --config file or the
+    built-in model), by the same rules as a whole Megatron model: the arguments not given keep
+    ``config``'s values, so sizes, the head-size check and the window see the adjusted model; what
+    this model cannot build is refused (ConfigError). ``config``'s own layer plan stays unless a
+    window argument is given."""
+    if not given:
+        return {}
+    architecture = MegatronArchitecture(**{**config_arguments(config), **given})
+    problems = architecture.problems()
+    if problems:
+        raise ConfigError("the model flags ask for what this model cannot build: " + "; ".join(problems))
+    target = architecture.model_config(config.vocab_size)
+    overrides = {name: getattr(target, name) for arg in given for name in _FIELDS_OF.get(arg, ())}
+    if "rotary_base" in given and "rope" not in overrides:  # keep the config's RoPE scaling, change its base
+        overrides["rope"] = dataclasses.replace(config.rope, theta=float(given["rotary_base"]))
+    if "attention_layout" in overrides:
+        overrides["layers"] = None
+    return overrides

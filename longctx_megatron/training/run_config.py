@@ -14,7 +14,7 @@ import torch
 
 from longctx_megatron.config import ModelConfig, load_config
 from longctx_megatron.config.errors import ConfigError
-from longctx_megatron.config.megatron_args import MegatronArchitecture
+from longctx_megatron.config.megatron_args import MegatronArchitecture, adjustments
 from longctx_megatron.parallel.state import default_backend
 
 
@@ -28,14 +28,6 @@ def demo_config() -> ModelConfig:
 
 # Megatron's size flags: given together without --config, they describe the whole model (as Megatron reads them).
 MEGATRON_SIZE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads")
-# Megatron architecture flags that set one ModelConfig field when they adjust a --config or built-in model.
-_OVERRIDE_OF_MEGATRON = {"num_layers": "n_layers", "hidden_size": "d_model", "num_attention_heads": "n_heads",
-                         "num_query_groups": "n_kv_heads", "ffn_hidden_size": "d_ff",
-                         "max_position_embeddings": "max_seq_len", "norm_epsilon": "norm_eps",
-                         "apply_layernorm_1p": "norm_zero_centered_gamma", "init_method_std": "init_std",
-                         "hidden_dropout": "hidden_dropout", "attention_dropout": "attention_dropout"}
-# What a --config or built-in model already is, for the architecture statements checked against it.
-_THIS_MODEL = {"swiglu": True, "normalization": "RMSNorm", "position_embedding_type": "rope", "add_bias_linear": False}
 
 
 @dataclass(frozen=True)
@@ -69,27 +61,14 @@ class ModelSection:
             config = MegatronArchitecture(**self.megatron).model_config(default.vocab_size, seq_length)
         else:
             config = load_config(self.config_file) if self.config_file else default
-            statements = {**_THIS_MODEL, **self.megatron}
-            problems = MegatronArchitecture(**{**dict.fromkeys(MEGATRON_SIZE_FIELDS, 1), **statements,
-                                               "hidden_size": config.d_model, "num_attention_heads": config.n_heads}
-                                            ).problems()
-            if problems:
-                raise ConfigError("the model flags ask for what this model cannot build: " + "; ".join(problems))
-            for name, value in self.megatron.items():
-                if name in _OVERRIDE_OF_MEGATRON:
-                    overrides.setdefault(_OVERRIDE_OF_MEGATRON[name], value)
-            if "rotary_base" in self.megatron:
-                overrides["rope_theta"] = float(self.megatron["rotary_base"])
-            if self.megatron.get("untie_embeddings_and_output_weights"):
-                overrides["tie_embeddings"] = False
-            if self.megatron.get("window_size"):
-                layers = overrides.get("n_layers", config.n_layers)
-                overrides.update(attention_layout=f"sliding:{layers}", global_every=0,
-                                 sliding_window=self.megatron["window_size"][0] + 1)
+            adjusted = adjustments(config, self.megatron)
+            clash = {"attention_layout", "sliding_window", "global_every"} & adjusted.keys() & overrides.keys()
+            if clash:
+                raise ConfigError("--window-size (Megatron's window in every layer) and this project's layer plan "
+                                  f"flags ({', '.join(sorted(clash))}) are exclusive")
+            overrides.update(adjusted)
         if "attention_layout" in overrides:
             overrides["layers"] = None
-        if "rope_theta" in overrides:
-            overrides["rope"] = dataclasses.replace(config.rope, theta=overrides.pop("rope_theta"))
         given_length = "max_position_embeddings" in self.megatron
         if "max_seq_len" not in overrides and not given_length and seq_length > config.max_seq_len:
             overrides["max_seq_len"] = seq_length

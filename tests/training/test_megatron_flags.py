@@ -271,3 +271,20 @@ def test_each_evaluation_reads_fresh_validation_batches(monkeypatch):
     trainer.train()
     assert starts == [0, 1, 2, 3, 4, 5]
     assert len(trainer.valid_data) >= 6
+
+
+def test_megatron_flags_adjust_a_config_by_the_same_rules():
+    """On the built-in model (or a --config) the flags change what they name and nothing else, by the rules
+    a whole Megatron model follows: sizes before the head-size check, windows with their skip frequency,
+    RoPE scaling, the 1p norms."""
+    base = demo_config()
+    config = model_of(["--hidden-size", "512", "--kv-channels", "128", "--use-rope-scaling", "--rope-scaling-factor",
+                       "4", "--apply-layernorm-1p", "--window-size", "15,0", "--window-attn-skip-freq", "[1,0]*2"])
+    assert (config.d_model, config.n_heads, config.head_dim) == (512, base.n_heads, 128)
+    assert config.rope.scaling == "llama3" and config.rope.factor == 4 and config.norm_zero_centered_gamma
+    assert [(spec.kind, spec.window) for spec in config.layer_plan()] == [("sliding", 16), ("full", 0)] * 2
+    assert model_of(["--window-size=-1,0"]).attention_layout == f"full:{base.n_layers}"  # Megatron: no window
+    kept = model_of(["--rotary-base", "500000"])
+    assert kept.rope.theta == 500000 and kept.attention_layout == base.attention_layout
+    with pytest.raises(ConfigError, match="are exclusive"):
+        model_of(["--window-size", "15,0", "--attention-layout", "sliding:2,full:2"])
