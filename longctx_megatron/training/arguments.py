@@ -336,8 +336,10 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--wandb-exp-name", ("logging.wandb_exp_name",)),
         Flag("--wandb-save-dir", ("logging.wandb_save_dir",)),
         Flag("--wandb-entity", ("logging.wandb_entity",)),
-        _switch("--profile", "logging.profile", "a torch.profiler trace of iterations --profile-step-start .. "
-                "--profile-step-end, written to <--tensorboard-dir>/../torch_profile (as Megatron)"),
+        _switch("--profile", "logging.profile", "profile iterations --profile-step-start .. --profile-step-end: "
+                "an Nsight Systems range (cudaProfilerStart/Stop) on CUDA, as Megatron"),
+        _switch("--use-pytorch-profiler", "logging.use_pytorch_profiler", "with --profile: a torch.profiler trace "
+                "written to <--tensorboard-dir>/../torch_profile (as Megatron)"),
         Flag("--profile-step-start", ("logging.profile_step_start",), {"type": int}),
         Flag("--profile-step-end", ("logging.profile_step_end",), {"type": int}),
         Flag("--profile-ranks", ("logging.profile_ranks",), {"type": int, "nargs": "+", "help": "default: every rank"},

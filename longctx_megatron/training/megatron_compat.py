@@ -44,7 +44,6 @@ NO_EFFECT: dict[str, tuple[dict, str]] = {
                                "the distributed optimizer gathers parameters after its step, not during forward"),
     "--exit-signal-handler": ({"action": "store_true"},
                               "already the behaviour: SIGTERM/SIGUSR1 save a checkpoint and exit"),
-    "--use-pytorch-profiler": ({"action": "store_true"}, "already the behaviour: --profile uses torch.profiler"),
     "--ckpt-format": ({"choices": ["torch", "torch_dist", "torch_dcp", "fsdp_dtensor"]},
                       "checkpoints are this project's sharded format; tools/checkpoint/convert.py --to megatron "
                       "writes Megatron's"),

@@ -222,7 +222,8 @@ class LoggingSection:
     wandb_exp_name: str | None = None
     wandb_save_dir: str | None = None
     wandb_entity: str | None = None
-    profile: bool = False  # a torch.profiler trace of iterations [profile_step_start, profile_step_end)
+    profile: bool = False  # profile iterations [profile_step_start, profile_step_end): an Nsight range on CUDA,
+    use_pytorch_profiler: bool = False  # or with this, a torch.profiler trace (training/profiling.py)
     profile_step_start: int = 10
     profile_step_end: int = 12
     profile_ranks: tuple[int, ...] = ()  # empty: every rank (Megatron's default)

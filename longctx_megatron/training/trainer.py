@@ -41,7 +41,7 @@ from longctx_megatron.training.lr_schedule import learning_rate
 from longctx_megatron.training.metrics import Metrics
 from longctx_megatron.training.optimizer_stats import num_zeros_in_grad, params_norm
 from longctx_megatron.training.precision import LossScaler
-from longctx_megatron.training.profiling import Profiler
+from longctx_megatron.training.profiling import NsysRange, Profiler, build_profiler
 from longctx_megatron.training.recovery import ExitConditions, SkipGuard
 from longctx_megatron.training.run_config import RunConfig
 
@@ -71,14 +71,14 @@ class Trainer:
     # Called after the iterations they are due at (``due(iteration)``) as ``probe(iteration, chunks)``,
     # on every rank: e.g. eval/training_probe.py's retrieval grid (--eval-longctx-interval).
     probes: list = field(default_factory=list)
-    profiler: Profiler | None = None  # --profile (None: built from the run's flags)
+    profiler: Profiler | NsysRange | None = None  # --profile (None: built from the run's flags)
     num_zeros: int | None = None  # the latest step's --log-num-zeros-in-grad count, when it was due
 
     def __post_init__(self):
         if self.skips is None:
             self.skips = SkipGuard(self.run.checkpointing.max_skipped_iters_in_a_row)
         if self.profiler is None:
-            self.profiler = Profiler(self.run, self.ctx.rank, self.log)
+            self.profiler = build_profiler(self.run, self.ctx.rank, self.device, self.log)
 
     @property
     def skipped(self) -> int:
@@ -196,7 +196,7 @@ class Trainer:
         self.metrics.begin(self.iteration)
         self.profiler.begin()
         for iteration in range(self.iteration, run.training.train_iters):
-            self.profiler.step()
+            self.profiler.step(iteration)
             loss, norm, applied = self.step(iteration)
             self.losses.append(loss)
             done = self.iteration = iteration + 1

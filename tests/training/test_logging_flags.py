@@ -4,6 +4,7 @@ wandb (a stand-in module, and the real one offline when installed) and --profile
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -49,10 +50,10 @@ def test_megatron_tags_every_tensorboard_interval(tmp_path):
     assert [step for step, _ in scalars["mem-max-rss-bytes"]] == [2, 4]  # CPU: no CUDA memory stats
     assert not any(tag.startswith("mem-allocated") for tag in scalars)
     validation = scalars["lm loss validation"]
-    assert [step for step, _ in validation] == [2, 4]  # at --eval-interval and after training
+    assert [step for step, _ in validation] == [2, 4, 4]  # at --eval-interval (4 too) and after training, as Megatron
     assert [value for _, value in scalars["lm loss validation ppl"]] == pytest.approx(
         [math.exp(value) for _, value in validation], rel=1e-5)
-    assert [step for step, _ in scalars["lm loss validation ppl vs samples"]] == [4, 8]
+    assert [step for step, _ in scalars["lm loss validation ppl vs samples"]] == [4, 8, 8]
     for tag in ("iteration-time", "throughput", "forward-backward-time", "optimizer-time", "all-grads-sync-time",
                 "batch-generator-time", "forward-compute-time", "backward-compute-time"):
         assert [step for step, _ in scalars[tag]] == [4], tag  # timers: every --log-interval
@@ -208,8 +209,8 @@ def test_real_wandb_offline_writes_a_run(tmp_path, monkeypatch):
 
 def test_profile_writes_a_trace_where_megatron_does(tmp_path):
     lines = []
-    pretrain_longctx.run(TINY + ["--train-iters", "3", "--profile", "--profile-step-start", "1",
-                                 "--profile-step-end", "3", "--tensorboard-dir", str(tmp_path / "run" / "tb")],
+    pretrain_longctx.run(TINY + ["--train-iters", "3", "--profile", "--use-pytorch-profiler", "--profile-step-start",
+                                 "1", "--profile-step-end", "3", "--tensorboard-dir", str(tmp_path / "run" / "tb")],
                          log=lines.append)
     trace = tmp_path / "run" / "torch_profile" / "rank-0.json.gz"
     assert f"profile trace written to {trace}" in lines
@@ -224,10 +225,10 @@ def test_profile_needs_a_tensorboard_dir_and_follows_profile_ranks(tmp_path, mon
 
     with monkeypatch.context() as patch:
         patch.setattr(setup, "initialize_parallel", lambda **_: pytest.fail("process groups were created"))
-        with pytest.raises(ValueError, match="--profile needs --tensorboard-dir"):
-            setup.setup(parse_run_config(["--profile"], 1))
-    pretrain_longctx.run(TINY + ["--train-iters", "2", "--profile", "--profile-step-start", "0",
-                                 "--profile-step-end", "1", "--profile-ranks", "1",
+        with pytest.raises(ValueError, match="--profile --use-pytorch-profiler needs --tensorboard-dir"):
+            setup.setup(parse_run_config(["--profile", "--use-pytorch-profiler"], 1))
+    pretrain_longctx.run(TINY + ["--train-iters", "2", "--profile", "--use-pytorch-profiler",
+                                 "--profile-step-start", "0", "--profile-step-end", "1", "--profile-ranks", "1",
                                  "--tensorboard-dir", str(tmp_path / "tb")], log=lambda *_: None)
     assert not (tmp_path / "torch_profile").exists()  # rank 0 is not in --profile-ranks
 
@@ -250,3 +251,28 @@ def test_cuda_memory_tags_come_from_torch_cuda_memory_stats(monkeypatch):
     memory = {tag: value for tag, value, _ in written if tag.startswith("mem-")}
     assert memory == {"mem-reserved-bytes": 4096, "mem-allocated-bytes": 1024, "mem-max-allocated-bytes": 2048,
                       "mem-allocated-count": 7}
+
+
+def test_profile_alone_is_megatrons_nsight_range(tmp_path, monkeypatch):
+    """--profile without --use-pytorch-profiler: cudaProfilerStart at the top of --profile-step-start and
+    cudaProfilerStop at the top of --profile-step-end (a stand-in cudart: no GPU here); on CPU, said once."""
+    import types as module_types
+
+    from longctx_megatron.training.profiling import NsysRange
+
+    calls = []
+    cudart = module_types.SimpleNamespace(cudaProfilerStart=lambda: calls.append("start"),
+                                          cudaProfilerStop=lambda: calls.append("stop"))
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(torch.autograd.profiler, "emit_nvtx", lambda **_: contextlib.nullcontext())
+    run = parse_run_config(["--profile", "--profile-step-start", "2", "--profile-step-end", "4"], 1)
+    marks = NsysRange(run, torch.device("cuda"), log=pytest.fail)
+    for iteration in range(6):
+        marks.step(iteration)
+        calls.append(iteration)
+    assert calls == [0, 1, "start", 2, 3, "stop", 4, 5]
+    lines = []
+    pretrain_longctx.run(TINY + ["--train-iters", "2", "--profile", "--tensorboard-dir", str(tmp_path / "tb")],
+                         log=lines.append)
+    assert sum("marks an Nsight Systems range on CUDA" in line for line in lines) == 1
+    assert not (tmp_path / "torch_profile").exists()

@@ -147,6 +147,7 @@ TINY = {"--num-layers": "2", "--hidden-size": "64", "--ffn-hidden-size": "96", "
         "--num-query-groups": "2", "--kv-channels": "16", "--seq-length": "32", "--max-position-embeddings": "64",
         "--global-batch-size": "2", "--train-samples": "6", "--lr-decay-samples": "6", "--lr-warmup-samples": "2",
         "--vocab-size": "250", "--eval-iters": "1", "--profile-step-start": "1", "--profile-step-end": "2",
+        # fused -> FlexAttention, which has no backward pass on CPU (BackendUnavailable says so)
         "--attention-backend": "unfused"}
 
 
@@ -158,7 +159,8 @@ def _train(rank, world_size, argv):
 
 @pytest.mark.slow
 def test_llama3_8b_bf16_script_trains_when_shrunk(tmp_path):
-    """The same argv with only the sizes made tiny trains on 2 gloo ranks: samples-based schedule,
+    """The same argv with the sizes made tiny (and FlexAttention, forward-only on CPU, swapped for the
+    reference) trains on 2 gloo ranks: samples-based schedule,
     decoupled lr, 1p norms, untied output, bf16 with the distributed optimizer, mock data, save."""
     from tests.distributed import run_on_ranks
 
