@@ -145,25 +145,20 @@ def test_train_samples_set_iterations_and_a_schedule_in_samples():
 
 
 @pytest.mark.parametrize("style", ["constant", "linear", "cosine", "inverse-square-root"])
-@pytest.mark.parametrize("flags", [
-    ["--train-iters", "40", "--lr-warmup-iters", "3", "--lr-decay-iters", "30"],
-    ["--train-iters", "40", "--lr-warmup-fraction", "0.07", "--lr-decay-iters", "30"],
-    ["--train-samples", "320", "--lr-warmup-samples", "12", "--lr-decay-samples", "250"],
-    ["--train-samples", "320", "--lr-warmup-fraction", "0.013"],
+@pytest.mark.parametrize("flags,warmup,decay", [  # in samples of the global batch 8, as Megatron's training.py
+    (["--train-iters", "40", "--lr-warmup-iters", "3", "--lr-decay-iters", "30"], 24, 240),
+    (["--train-iters", "40", "--lr-warmup-fraction", "0.07", "--lr-decay-iters", "30"], 0.07 * 240, 240),
+    (["--train-samples", "320", "--lr-warmup-samples", "12", "--lr-decay-samples", "250"], 12, 250),
+    (["--train-samples", "320", "--lr-warmup-fraction", "0.013"], 0.013 * 320, 320),
 ])
-def test_learning_rate_equals_megatron_cores_scheduler(flags, style):
-    """Our schedule, step by step, against megatron-core's OptimizerParamScheduler given the numbers
-    Megatron's training.py derives from the same flags (steps in samples, one step per update)."""
+def test_learning_rate_equals_megatron_cores_scheduler(flags, warmup, decay, style):
+    """Our schedule, update by update, against megatron-core's OptimizerParamScheduler given the warm-up
+    and decay Megatron's training.py derives from the same flags (one scheduler step per update)."""
     megatron_scheduler = pytest.importorskip("megatron.core.optimizer_param_scheduler")
     run = parse_run_config([*flags, "--lr", "1.0", "--min-lr", "0.1", "--lr-decay-style", style,
                             "--global-batch-size", "8", "--micro-batch-size", "8"], 1)
     training, batch = run.training, run.global_batch
-    if training.train_samples:
-        decay, warmup = training.lr_decay_samples or training.train_samples, training.lr_warmup_samples
-    else:
-        decay, warmup = training.decay_iters * batch, training.lr_warmup_iters * batch
-    if training.lr_warmup_fraction is not None:
-        warmup = training.lr_warmup_fraction * decay
+    assert training.lr_schedule(batch) == (8, pytest.approx(warmup), decay)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
     theirs = megatron_scheduler.OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=1.0, min_lr=0.1, lr_warmup_steps=warmup, lr_decay_steps=decay,

@@ -107,7 +107,12 @@ def hf_to_native(args, log) -> str:
     group(outer_from_hf(source.get, config), "embedding, final norm, output")
     for index in range(config.n_layers):
         group(layer_from_hf(index, source.get, config), f"layer {index + 1}/{config.n_layers}")
-    params_dtype = dtype or source.get("model.norm.weight", (config.d_model,)).dtype
+    return _finish_native(writer, config, args, dtype or source.get("model.norm.weight", (config.d_model,)).dtype,
+                          log)
+
+
+def _finish_native(writer: OfflineWriter, config, args, params_dtype, log) -> str:
+    """Publish a converted native checkpoint and its model.yaml; say how to train from it."""
     directory = writer.finish(converted_metadata(config, os.path.abspath(args.input), params_dtype, writer.layout()))
     save_config(config, os.path.join(args.output, "model.yaml"))
     log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)} (stage layers "
@@ -148,12 +153,7 @@ def _megatron_to_native(args, log, source, writer: OfflineWriter, dtype) -> str:
     group(outer_from_megatron(source.get, config, megatron), "embedding, final norm, output")
     for index in range(config.n_layers):
         group(layer_from_megatron(index, source.get, config, megatron), f"layer {index + 1}/{config.n_layers}")
-    directory = writer.finish(converted_metadata(config, os.path.abspath(args.input), first["dtype"], writer.layout()))
-    save_config(config, os.path.join(args.output, "model.yaml"))
-    log(f"wrote {directory} for tensor {writer.tensor} x pipeline {len(writer.stage_layers)} (stage layers "
-        f"{writer.stage_layers}); train from it with --config {os.path.join(args.output, 'model.yaml')} "
-        f"--load {args.output}")
-    return directory
+    return _finish_native(writer, config, args, first["dtype"], log)
 
 
 def native_to_megatron(args, log) -> str:
