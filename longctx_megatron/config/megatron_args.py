@@ -126,8 +126,9 @@ class MegatronArchitecture:
                          "learned_absolute; this model uses RoPE: pass --position-embedding-type rope)")
         if self.add_bias_linear or self.add_qkv_bias:
             name = "add_bias_linear" if self.add_bias_linear else "add_qkv_bias"
-            found.append(f"{say(name, True)}: biases in the linear layers (Megatron's default; this model has none: "
-                         "pass --disable-bias-linear and no --add-qkv-bias)")
+            said = "no --disable-bias-linear" if self.source == "flags" and self.add_bias_linear else say(name, True)
+            found.append(f"{said}: biases in the linear layers (Megatron's default; this model has none: pass "
+                         "--disable-bias-linear and no --add-qkv-bias)")
         if self.rotary_percent != 1.0:
             found.append(f"{say('rotary_percent', self.rotary_percent)} (RoPE on part of each head; this model "
                          "rotates the whole head: 1.0)")
