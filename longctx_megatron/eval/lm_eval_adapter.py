@@ -7,7 +7,8 @@ tokenizer_model=runs/tiny-cpu/tokenizer.model --tasks my_task --include_path my_
 lm-eval 0.4 finds models only among the modules it has imported, so this module registers
 ``longctx`` and then runs lm-eval's own command line (``lm_eval`` with the same arguments); in
 Python, import it and pass ``model="longctx"`` to ``lm_eval.simple_evaluate``. ``model_args``:
-``load``, ``tokenizer_type``, ``tokenizer_model``, ``vocab_size``, ``ckpt_step``, ``dtype``
+``load``, ``tokenizer_type``, ``tokenizer_model``, ``vocab_size``, ``vocab_file``, ``merge_file``,
+``tiktoken_pattern``, ``ckpt_step``, ``dtype``
 (float32 / bfloat16 / float16), ``quantize`` (none / int8), ``prefill_chunk``, ``max_length``
 (default: the model's max_seq_len) and ``max_gen_toks`` (256). One process, no tensor parallelism.
 
@@ -47,6 +48,7 @@ def _optional_int(value) -> int | None:
 @register_model("longctx")
 class LongctxLM(LM):
     def __init__(self, load: str, tokenizer_type: str, tokenizer_model: str | None = None, vocab_size=None,
+                 vocab_file: str | None = None, merge_file: str | None = None, tiktoken_pattern: str | None = None,
                  ckpt_step=None, dtype: str | None = None, quantize: str = "none", prefill_chunk=512,
                  max_length=None, max_gen_toks=256, batch_size=None, device=None, **unknown):
         super().__init__()
@@ -55,7 +57,9 @@ class LongctxLM(LM):
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"longctx model_args: dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
         del batch_size, device  # lm-eval passes these to every model; requests run one at a time on the CPU/GPU here
-        self.tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, _optional_int(vocab_size))
+        self.tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, _optional_int(vocab_size),
+                                         vocab_file=vocab_file, merge_file=merge_file,
+                                         tiktoken_pattern=tiktoken_pattern)
         target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load_model(load, initialize_parallel(), target, _DTYPES.get(dtype), step=_optional_int(ckpt_step),
                             log=lambda *_: None)

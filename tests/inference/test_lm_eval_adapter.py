@@ -124,3 +124,12 @@ def test_rulers_needle_task_runs_through_the_adapter(checkpoint, tmp_path):
     [(metrics, responses)] = run_on_ranks(_ruler, 1, checkpoint, tokenizer_dir, timeout=600)
     assert len(responses) == 2 and all(isinstance(text, str) for text in responses)
     assert 0.0 <= metrics["4096,none"] <= 100.0
+
+
+def test_model_args_reach_megatrons_tokenizers():
+    """vocab_file / merge_file reach GPT2BPETokenizer as on the command line: a missing one is named before
+    any checkpoint is read."""
+    from longctx_megatron.eval.lm_eval_adapter import LongctxLM
+
+    with pytest.raises(ValueError, match="GPT2BPETokenizer needs --vocab-file and --merge-file"):
+        LongctxLM(load="unused", tokenizer_type="GPT2BPETokenizer", vocab_file="vocab.json")
