@@ -52,6 +52,15 @@ class _Bucket:
         start, stop = self.shard_range(dp_rank)
         return flat[start:stop]
 
+    def shard_pieces(self, dp_rank: int):
+        """(parameter, begin, end, at) for each parameter with values in DP rank ``dp_rank``'s shard: values
+        [begin, end) of the flattened parameter, which start at offset ``at`` of the rank's shard."""
+        first, last = self.shard_range(dp_rank)
+        for param, start, stop in self.param_ranges():
+            low, high = max(start, first), min(stop, last)
+            if low < high:
+                yield param, low - start, high - start, low - first
+
     def param_ranges(self):
         """(parameter, start, stop) of each parameter's values in the flat buffer, in order."""
         offset = 0

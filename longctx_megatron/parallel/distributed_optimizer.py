@@ -107,12 +107,9 @@ class DistributedOptimizer:
         for bucket, master in zip(self.grads.buckets, self.masters, strict=True):
             state = self.optimizer.state.get(master, {})
             flats = {kind: state[kind] for kind in MOMENTS if kind in state}
-            first, last = bucket.shard_range(self.ctx.dp_cp_rank)
-            for param, start, stop in bucket.param_ranges():
-                lo, hi = max(start, first), min(stop, last)
-                if lo < hi:
-                    yield (param, lo - start, hi - start, master.detach()[lo - first:hi - first],
-                           {kind: flat[lo - first:hi - first] for kind, flat in flats.items()})
+            for param, begin, end, at in bucket.shard_pieces(self.ctx.dp_cp_rank):
+                piece = slice(at, at + end - begin)
+                yield param, begin, end, master.detach()[piece], {kind: flat[piece] for kind, flat in flats.items()}
 
     def load_state(self, masters, moments, steps: int) -> None:
         """Set this rank's shards from model-space values (whole parameters, in their shape): the float32

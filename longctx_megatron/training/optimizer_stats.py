@@ -76,11 +76,8 @@ def _gradient_pieces(optimizer, chunks: list):
     grads = optimizer.grads
     for bucket in grads.buckets:
         shard = grads.shard(bucket)
-        first, last = bucket.shard_range(grads.ctx.dp_cp_rank)
-        for param, start, stop in bucket.param_ranges():
-            low, high = max(start, first), min(stop, last)
-            if low < high:
-                yield param, shard[low - first:high - first], low - start
+        for param, begin, end, at in bucket.shard_pieces(grads.ctx.dp_cp_rank):
+            yield param, shard[at:at + end - begin], begin
 
 
 def num_zeros_in_grad(optimizer, chunks: list, ctx: ParallelContext) -> int:
