@@ -154,6 +154,12 @@ class MegatronArchitecture:
                 found.append(str(error))
         return found
 
+    def check(self, what: str = "Megatron-LM would build a model this one cannot") -> None:
+        """ConfigError ``what: <every problem>`` unless this model can build these arguments."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(f"{what}: " + "; ".join(problems))
+
     def _kinds(self) -> list[str]:
         """Each layer's kind: sliding where the window applies, full where window_attn_skip_freq skips it."""
         skip, layers = self.window_attn_skip_freq, self.num_layers
@@ -169,9 +175,7 @@ class MegatronArchitecture:
     def model_config(self, vocab_size: int, seq_length: int | None = None) -> ModelConfig:
         """The ModelConfig Megatron's GPTModel would have (``vocab_size``: the padded vocabulary);
         ConfigError listing every difference this model cannot build."""
-        problems = self.problems()
-        if problems:
-            raise ConfigError("Megatron-LM would build a model this one cannot: " + "; ".join(problems))
+        self.check()
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"{self._say('hidden_size', self.hidden_size)} must be divisible by "
                               f"{self._say('num_attention_heads', self.num_attention_heads)}")
@@ -240,9 +244,7 @@ def adjustments(config: ModelConfig, given: dict) -> dict:
     if not given:
         return {}
     architecture = MegatronArchitecture(**{**config_arguments(config), **given})
-    problems = architecture.problems()
-    if problems:
-        raise ConfigError("the model flags ask for what this model cannot build: " + "; ".join(problems))
+    architecture.check("the model flags ask for what this model cannot build")
     target = architecture.model_config(config.vocab_size)
     overrides = {name: getattr(target, name) for arg in given for name in _FIELDS_OF.get(arg, ())}
     if "rotary_base" in given and "rope" not in overrides:  # keep the config's RoPE scaling, change its base

@@ -25,7 +25,7 @@ from longctx_megatron.parallel.parallelize import RECOMPUTE_GRANULARITIES
 from longctx_megatron.parallel.state import check_layout
 from longctx_megatron.training.lr_schedule import DECAY_STYLES
 from longctx_megatron.training.megatron_compat import add_no_effect_flags, no_effect_given, refused_flags
-from longctx_megatron.training.run_config import MEGATRON_SIZE_FIELDS, LoggingSection, RunConfig
+from longctx_megatron.training.run_config import LoggingSection, RunConfig
 
 # Megatron's --attention-backend names -> ours: fused (cuDNN) -> the compiled FlexAttention kernel,
 # unfused and local (materialised scores) -> the reference.
@@ -51,8 +51,7 @@ def _arch(name: str, kind=None, **options) -> Flag:
     """A Megatron architecture flag, under Megatron's dest name (config/megatron_args.MegatronArchitecture)."""
     dest = options.pop("dest", name.removeprefix("--").replace("-", "_"))
     if kind is bool:
-        return Flag(name, (f"model.megatron.{dest}",), {"action": "store_true", **options},
-                    convert=lambda on: True if on else None)
+        return _switch(name, f"model.megatron.{dest}", options.get("help"))
     return Flag(name, (f"model.megatron.{dest}",), {"type": kind, **options} if kind else options)
 
 
@@ -365,9 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     """The checked RunConfig of parsed flags ``args`` for a job of ``world_size`` processes."""
-    sections: dict[str, dict] = {"model": {"overrides": {}}, "parallel": {}, "training": {}, "data": {},
-                                 "checkpointing": {}, "logging": {}}
-    sections["model"]["megatron"] = {}
+    sections: dict[str, dict] = {"model": {"overrides": {}, "megatron": {}}, "parallel": {}, "training": {},
+                                 "data": {}, "checkpointing": {}, "logging": {}}
     for flag in FLAGS:
         value = getattr(args, _DEST[flag.name])
         value = flag.convert(value) if flag.convert else value
@@ -382,14 +380,10 @@ def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
             else:
                 sections[section][name] = value
     notices = [f"accepted for compatibility, no effect here: {flag}" for flag in no_effect_given(args)]
-    parallel, training, megatron = sections["parallel"], sections["training"], sections["model"]["megatron"]
+    parallel, training = sections["parallel"], sections["training"]
     if parallel.get("sequence_parallel") and parallel.get("tensor", 1) == 1:
         parallel["sequence_parallel"] = False  # as Megatron: SP at TP 1 would only change the numerics
         notices.append("--sequence-parallel is turned off: --tensor-model-parallel-size is 1 (as Megatron does)")
-    if "num_query_groups" in megatron and not megatron.get("group_query_attention") and "config_file" not in \
-            sections["model"] and all(name in megatron for name in MEGATRON_SIZE_FIELDS):
-        notices.append("--num-query-groups has no effect without --group-query-attention (as in Megatron): "
-                       "every query head has its own KV head")
     if sections["data"].get("mock_data") and "split" in sections["data"]:
         notices.append("--split has no effect with --mock-data (as in Megatron: mock data is split 1,1,1)")
     if training.get("train_samples") is not None:
@@ -404,9 +398,13 @@ def run_config(args: argparse.Namespace, world_size: int) -> RunConfig:
     if args.lr_warmup_fraction is not None and (args.lr_warmup_iters or args.lr_warmup_samples):
         raise ValueError("--lr-warmup-fraction and --lr-warmup-iters / --lr-warmup-samples are exclusive")
     defaults = RunConfig()
-    run = RunConfig(world_size=world_size, notices=tuple(notices),
-                    **{name: dataclasses.replace(getattr(defaults, name), **values)
-                       for name, values in sections.items()})
+    run = RunConfig(world_size=world_size, **{name: dataclasses.replace(getattr(defaults, name), **values)
+                                              for name, values in sections.items()})
+    megatron = run.model.megatron
+    if run.model.from_megatron_flags and "num_query_groups" in megatron and not megatron.get("group_query_attention"):
+        notices.append("--num-query-groups has no effect without --group-query-attention (as in Megatron): "
+                       "every query head has its own KV head")
+    run = dataclasses.replace(run, notices=tuple(notices))
     if run.training.train_samples is not None:
         if run.training.train_samples < run.global_batch:
             raise ValueError(f"--train-samples {run.training.train_samples} is less than one global batch "
@@ -441,9 +439,7 @@ def validate(run: RunConfig, precision_clash: bool = False) -> None:
 
     parallel, training, data, ckpt = run.parallel, run.training, run.data, run.checkpointing
     if run.model.from_megatron_flags:  # the architecture first: nothing else matters if it cannot be built
-        problems = MegatronArchitecture(**run.model.megatron).problems()
-        if problems:
-            fail("Megatron-LM would build a model this one cannot: " + "; ".join(problems))
+        MegatronArchitecture(**run.model.megatron).check()
     length = run.model.megatron.get("max_position_embeddings")
     if length is not None and length < training.seq_length:
         fail(f"--max-position-embeddings {length} is less than --seq-length {training.seq_length} (Megatron asserts "
