@@ -23,6 +23,7 @@ import dataclasses
 
 import torch
 
+from longctx_megatron.checkpoint.plan_export import layer_ranges, layers_apart, plan_problems
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.checks import is_real
 from longctx_megatron.config.errors import ConfigError
@@ -135,38 +136,13 @@ def config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         raise ConversionError(f"{where}: {error}") from None
 
 
-def _describe(spec) -> str:
-    if spec.kind == "sliding":
-        return f"sliding window {spec.window}" + (f" with global tokens every {spec.global_every}"
-                                                   if spec.global_every else "")
-    if spec.kind == "dilated":
-        return f"dilated attention (window {spec.window}, dilation {spec.dilation})"
-    return "full causal attention"
-
-
-def _ranges(layers: list[int]) -> str:
-    """"layer 2" or "layers 0-15, 20"."""
-    spans, start = [], layers[0]
-    for previous, current in zip(layers, layers[1:] + [None], strict=True):
-        if current != previous + 1:
-            spans.append(f"{start}" if start == previous else f"{start}-{previous}")
-            start = current
-    return ("layer " if len(layers) == 1 else "layers ") + ", ".join(spans)
-
-
 def config_to_hf(config: ModelConfig, allow_approximate: bool = False) -> tuple[dict, list[str]]:
     """config.json for ``config`` and the list of what an approximate export changes (empty when exact)."""
     plan = config.layer_plan()
     sliding = {(spec.window, spec.global_every) for spec in plan if spec.kind == "sliding"}
     mistral = all(spec.kind == "sliding" for spec in plan) and len(sliding) == 1 and not next(iter(sliding))[1]
-    groups: dict[str, list[int]] = {}
-    for index, spec in enumerate(plan):
-        if not mistral and spec.kind != "full":
-            groups.setdefault(_describe(spec), []).append(index)
-    rope_layers = [index for index, spec in enumerate(plan) if spec.rope != config.rope]
-    problems = [f"{_ranges(layers)}: {what}" for what, layers in groups.items()]
-    if rope_layers:
-        problems.append(f"{_ranges(rope_layers)}: a RoPE other than the model's ({config.rope})")
+    groups, rope_layers = layers_apart(config, lambda spec: not mistral and spec.kind != "full")
+    problems = plan_problems(config, groups, rope_layers)
     if config.rope.scaling == "ntk":
         problems.append("RoPE scaling 'ntk' (static NTK) has no Hugging Face rope_type")
     notes = []
@@ -177,10 +153,10 @@ def config_to_hf(config: ModelConfig, allow_approximate: bool = False) -> tuple[
                 "and Mistral one sliding window without global tokens in every layer; " + "; ".join(problems)
                 + ". Pass --allow-approximate to export it as Llama with full causal attention in those layers "
                 "(the model's outputs will change)")
-        notes = [f"{_ranges(layers)}: {what} -> full causal attention (every key they saw, and more)"
+        notes = [f"{layer_ranges(layers)}: {what} -> full causal attention (every key they saw, and more)"
                  for what, layers in groups.items()]
         if rope_layers:
-            notes.append(f"{_ranges(rope_layers)}: their own RoPE -> the model's RoPE ({config.rope})")
+            notes.append(f"{layer_ranges(rope_layers)}: their own RoPE -> the model's RoPE ({config.rope})")
         mistral = False
     rope = dataclasses.replace(config.rope, scaling="none") if config.rope.scaling == "ntk" else config.rope
     if config.rope.scaling == "ntk":

@@ -54,8 +54,9 @@ from dataclasses import dataclass
 import torch
 
 from longctx_megatron.checkpoint.errors import CheckpointError
-from longctx_megatron.checkpoint.hf import ConversionError, _describe, _ranges
+from longctx_megatron.checkpoint.hf import ConversionError
 from longctx_megatron.checkpoint.paths import regular_file
+from longctx_megatron.checkpoint.plan_export import layers_apart, plan_problems
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.config.errors import ConfigError
 from longctx_megatron.config.megatron_args import MegatronArchitecture
@@ -257,17 +258,11 @@ def config_to_megatron(config: ModelConfig, tensor: int, pipeline: int, transfor
     model it can express: full causal attention in every layer, or full and sliding layers of one
     window without global tokens, and one RoPE for all."""
     plan = config.layer_plan()
-    groups: dict[str, list[int]] = {}
-    for index, spec in enumerate(plan):
-        if spec.kind == "dilated" or (spec.kind == "sliding" and spec.global_every):
-            groups.setdefault(_describe(spec), []).append(index)
-    problems = [f"{_ranges(layers)}: {what}" for what, layers in groups.items()]
+    problems = plan_problems(config, *layers_apart(
+        config, lambda spec: spec.kind == "dilated" or (spec.kind == "sliding" and spec.global_every)))
     windows = sorted({spec.window for spec in plan if spec.kind == "sliding"})
     if len(windows) > 1:
         problems.append(f"sliding windows of {windows} keys (Megatron has one window_size)")
-    rope_layers = [index for index, spec in enumerate(plan) if spec.rope != config.rope]
-    if rope_layers:
-        problems.append(f"{_ranges(rope_layers)}: a RoPE other than the model's ({config.rope})")
     rope = config.rope
     if rope.scaling == "llama3" and (rope.original_max_position, rope.low_freq_factor, rope.high_freq_factor) != (
             8192, 1.0, 4.0):
