@@ -98,17 +98,27 @@ def hf_to_native(args, log) -> str:
     dtype = getattr(torch, args.dtype) if args.dtype else None
     writer = OfflineWriter(args.output, 0, config, args.target_tensor_parallel_size,
                            args.target_pipeline_parallel_size)
+    _write_native(writer, config, lambda: outer_from_hf(source.get, config),
+                  lambda index: layer_from_hf(index, source.get, config), dtype, log)
+    return _finish_native(writer, config, args, dtype or source.get("model.norm.weight", (config.d_model,)).dtype,
+                          log)
+
+
+def _write_native(writer: OfflineWriter, config, outer, layer, dtype, log) -> torch.dtype:
+    """Write ``outer()`` (embedding, final norm, output) and ``layer(index)`` of every layer, native tensors
+    by name, cast to ``dtype`` when given, one group at a time; returns the first tensor's dtype."""
+    first = []
 
     def group(tensors: dict, what: str) -> None:
         converted = {keys.model_key(name): t.to(dtype) if dtype else t for name, t in tensors.items()}
+        first.append(next(iter(converted.values())).dtype)
         files = writer.write_group(converted)
         log(f"{what}: {len(converted)} tensors -> {len(files)} files")
 
-    group(outer_from_hf(source.get, config), "embedding, final norm, output")
+    group(outer(), "embedding, final norm, output")
     for index in range(config.n_layers):
-        group(layer_from_hf(index, source.get, config), f"layer {index + 1}/{config.n_layers}")
-    return _finish_native(writer, config, args, dtype or source.get("model.norm.weight", (config.d_model,)).dtype,
-                          log)
+        group(layer(index), f"layer {index + 1}/{config.n_layers}")
+    return first[0]
 
 
 def _finish_native(writer: OfflineWriter, config, args, params_dtype, log) -> str:
@@ -142,18 +152,9 @@ def megatron_to_native(args, log) -> str:
 
 def _megatron_to_native(args, log, source, writer: OfflineWriter, dtype) -> str:
     config, megatron = source.config, source.layout
-    first = {}
-
-    def group(tensors: dict, what: str) -> None:
-        converted = {keys.model_key(name): t.to(dtype) if dtype else t for name, t in tensors.items()}
-        first.setdefault("dtype", next(iter(converted.values())).dtype)
-        files = writer.write_group(converted)
-        log(f"{what}: {len(converted)} tensors -> {len(files)} files")
-
-    group(outer_from_megatron(source.get, config, megatron), "embedding, final norm, output")
-    for index in range(config.n_layers):
-        group(layer_from_megatron(index, source.get, config, megatron), f"layer {index + 1}/{config.n_layers}")
-    return _finish_native(writer, config, args, first["dtype"], log)
+    params_dtype = _write_native(writer, config, lambda: outer_from_megatron(source.get, config, megatron),
+                                 lambda index: layer_from_megatron(index, source.get, config, megatron), dtype, log)
+    return _finish_native(writer, config, args, params_dtype, log)
 
 
 def native_to_megatron(args, log) -> str:
