@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from longctx_megatron.data.indexed_dataset import IndexedDatasetBuilder, building_dataset, optimal_dtype
-from longctx_megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from longctx_megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer, tokenizer_arguments
 
 BATCH_LINES = 2048  # lines in flight per worker and batch ...
 BATCH_BYTES = 16 * 2**20  # ... and bytes: a batch of long documents stays small (one longer line is a batch)
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--tiktoken-pattern", choices=("v1", "v2"), help="TikTokenizer's split regex (default v2)")
     group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
                        help="TikTokenizer: ids reserved for special tokens (default 1000)")
-    group.add_argument("--tokenizer-special-tokens", "--tiktoken-special-tokens", dest="tokenizer_special_tokens",
+    group.add_argument("--tokenizer-special-tokens", "--tiktoken-special-tokens", dest="tiktoken_special_tokens",
                        nargs="+", help="TikTokenizer's special tokens (must include <unk> <s> </s> <mask> <pad> "
                        "<cls> <sep>)")
     group.add_argument("--tokenizer-metadata", help="Megatron's tokenizer metadata JSON; its 'library' must "
@@ -96,14 +96,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         parser.error("--max-bad-fraction must be in [0, 1]")
     return args
-
-
-def tokenizer_options(args: argparse.Namespace) -> dict:
-    """build_tokenizer's arguments from the command line."""
-    return dict(tokenizer_type=args.tokenizer_type, tokenizer_model=args.tokenizer_model,
-                vocab_size=args.vocab_size, vocab_file=args.vocab_file, merge_file=args.merge_file,
-                tiktoken_pattern=args.tiktoken_pattern, tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
-                tiktoken_special_tokens=args.tokenizer_special_tokens)
 
 
 _LIBRARIES = {  # Megatron's tokenizer library of each --tokenizer-type (megatron.core.tokenizers)
@@ -260,7 +252,7 @@ def preprocess(args: argparse.Namespace, log=print) -> Stats:
     files = resolve_inputs(args.input)
     if args.tokenizer_metadata:
         check_tokenizer_metadata(args.tokenizer_metadata, args.tokenizer_type)
-    init = (tokenizer_options(args), args.json_keys, args.append_eod, args.split_sentences, args.lang,
+    init = (tokenizer_arguments(args), args.json_keys, args.append_eod, args.split_sentences, args.lang,
             args.keep_newlines)
     _init_worker(*init)  # also validates the tokenizer (and the sentence splitter) before any work starts
     tokenizer, dtype = _worker_state["tokenizer"], _worker_state["dtype"]

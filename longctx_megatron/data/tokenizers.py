@@ -299,6 +299,16 @@ def build_tokenizer(
     raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; known types: {', '.join(TOKENIZER_TYPES)}")
 
 
+TOKENIZER_FLAGS = ("tokenizer_type", "tokenizer_model", "vocab_size", "vocab_file", "merge_file", "tiktoken_pattern",
+                   "tiktoken_num_special_tokens", "tiktoken_special_tokens")
+
+
+def tokenizer_arguments(flags) -> dict:
+    """``build_tokenizer``'s arguments from anything holding the tokenizer flags under their names (an
+    argparse Namespace, the run config's data section)."""
+    return {name: getattr(flags, name, None) for name in TOKENIZER_FLAGS}
+
+
 def check_vocab_matches(model_vocab_size: int, tokenizer: Tokenizer) -> None:
     """Refuse a model whose embedding has fewer rows than the tokenizer has ids (a larger one is padding)."""
     if model_vocab_size < tokenizer.vocab_size:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from longctx_megatron.checkpoint.errors import CheckpointError
 from longctx_megatron.checkpoint.hf import ConversionError
 from longctx_megatron.config import ConfigError
-from longctx_megatron.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer
+from longctx_megatron.data.tokenizers import TOKENIZER_TYPES, Tokenizer, build_tokenizer, tokenizer_arguments
 from longctx_megatron.inference.engine import InferenceEngine
 from longctx_megatron.inference.loading import LoadedModel, load_model
 from longctx_megatron.inference.quantize import QUANTIZATIONS, quantize_weights
@@ -75,11 +75,7 @@ def open_session(args, log=print) -> Session:
         raise ParallelLayoutError(f"{world} processes for --tensor-model-parallel-size "
                                   f"{args.tensor_model_parallel_size} x --context-parallel-size "
                                   f"{args.context_parallel_size}: launch one process per tensor x context rank")
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size,
-                                vocab_file=args.vocab_file, merge_file=args.merge_file,
-                                tiktoken_pattern=args.tiktoken_pattern,
-                                tiktoken_num_special_tokens=args.tiktoken_num_special_tokens,
-                                tiktoken_special_tokens=args.tiktoken_special_tokens)
+    tokenizer = build_tokenizer(**tokenizer_arguments(args))
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     ctx = initialize_parallel(tensor=args.tensor_model_parallel_size, backend=default_backend(device),
                               context=args.context_parallel_size)

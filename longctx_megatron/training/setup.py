@@ -18,7 +18,7 @@ from longctx_megatron.config.model_config import describe_plan
 from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.data.blended import parse_data_path
 from longctx_megatron.data.indexed_dataset import dataset_exists
-from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches
+from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches, tokenizer_arguments
 from longctx_megatron.model.counting import estimate_params
 from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.pipeline_plan import describe_split, plan_pipeline
@@ -43,11 +43,7 @@ def tokenizer_and_model(run: RunConfig):
         config = run.model.resolve(demo_config(), run.training.seq_length)
     else:  # --vocab-size is NullTokenizer's id count (as in Megatron), not the model's vocabulary
         data = run.data
-        tokenizer = build_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_size,
-                                    vocab_file=data.vocab_file, merge_file=data.merge_file,
-                                    tiktoken_pattern=data.tiktoken_pattern,
-                                    tiktoken_num_special_tokens=data.tiktoken_num_special_tokens,
-                                    tiktoken_special_tokens=data.tiktoken_special_tokens)
+        tokenizer = build_tokenizer(**tokenizer_arguments(data))
         model = run.model
         if data.tokenizer_type in ("NullTokenizer", "TikTokenizer"):
             overrides = {key: value for key, value in model.overrides.items() if key != "vocab_size"}
