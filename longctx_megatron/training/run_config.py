@@ -131,6 +131,7 @@ class TrainingSection:
     initial_loss_scale: float = 2.0**32
     seed: int = 1234
     device: str | None = None
+    memory_per_device: float | None = None  # GiB per process; None: the CUDA device's capacity (no check on CPU)
 
     def global_batch(self, data_parallel: int) -> int:
         """Samples per iteration over all DP ranks: the one definition."""

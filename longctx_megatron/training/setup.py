@@ -19,12 +19,14 @@ from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.data.blended import parse_data_path
 from longctx_megatron.data.indexed_dataset import dataset_exists
 from longctx_megatron.data.tokenizers import ByteTokenizer, build_tokenizer, check_vocab_matches, tokenizer_arguments
+from longctx_megatron.memory.estimate import estimate_training
 from longctx_megatron.model.counting import estimate_params
 from longctx_megatron.parallel.data_parallel import DataParallelGradients
 from longctx_megatron.parallel.pipeline_plan import describe_split, plan_pipeline
 from longctx_megatron.parallel.state import check_model_fits_layout, initialize_parallel
 from longctx_megatron.training.arguments import validate
 from longctx_megatron.training.datasets import build_datasets
+from longctx_megatron.training.memory_check import check_fits, describe, device_capacity_gib, training_setup
 from longctx_megatron.training.metrics import Metrics, tensorboard_writer
 from longctx_megatron.training.optimizer import build_optimizer
 from longctx_megatron.training.precision import LossScaler
@@ -89,6 +91,8 @@ def setup(run: RunConfig, log=print) -> Trainer:
     sizes, costs, head = stage_sizes(run, config)
     parallel, training = run.parallel, run.training
     device = torch.device(training.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    memory = estimate_training(training_setup(run, config, sizes, device.type))
+    check_fits(run, memory, device_capacity_gib(run, device))
     ctx = initialize_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline, backend=parallel.backend_for(device),
                               timeout_minutes=parallel.timeout_minutes, context=parallel.context)
     if ctx.world_size != run.world_size:
@@ -100,6 +104,7 @@ def setup(run: RunConfig, log=print) -> Trainer:
     for notice in run.notices:
         log(notice)
     log(describe_plan(config))
+    log(describe(memory))
     log(f"model: {estimate_params(config):,} parameters; layout: tensor {ctx.tp_size} x pipeline {ctx.pp_size} x "
         f"data {ctx.dp_size}" + (f" x context {ctx.cp_size} ({parallel.cp_comm_type})" if ctx.cp_size > 1 else "")
         + (" with sequence parallelism" if parallel.sequence_parallel else ""))

@@ -1,0 +1,85 @@
+"""The memory model applied to a run: the per-rank estimate printed at start-up, and the refusal of a
+run that cannot fit, before any process group or allocation (memory/estimate.py is the model)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from longctx_megatron.config import ModelConfig
+from longctx_megatron.memory.estimate import TrainingSetup
+from longctx_megatron.memory.report import GIB, MemoryEstimate
+from longctx_megatron.training.run_config import RunConfig
+
+
+def training_setup(run: RunConfig, config: ModelConfig, sizes: list[int] | None = None,
+                   device_type: str | None = None) -> TrainingSetup:
+    """The memory model's view of ``run`` (``sizes``: layers per (virtual) stage, as setup.stage_sizes gives)."""
+    parallel, training = run.parallel, run.training
+    if device_type is None:
+        device_type = training.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return TrainingSetup(
+        config=config, seq_length=training.seq_length, micro_batch=training.micro_batch_size,
+        microbatches=run.microbatches, element=torch.empty((), dtype=training.dtype).element_size(),
+        tensor=parallel.tensor, pipeline=parallel.pipeline, data=run.data_parallel, context=parallel.context,
+        sequence_parallel=parallel.sequence_parallel, stage_sizes=tuple(sizes) if sizes else None,
+        distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute_granularity,
+        recompute_first_layers=parallel.recompute_first_layers, cuda=str(device_type).startswith("cuda"),
+    )
+
+
+def peak_rank(estimates: list[MemoryEstimate]) -> MemoryEstimate:
+    return max(estimates, key=lambda estimate: estimate.total)
+
+
+def describe(estimates: list[MemoryEstimate]) -> str:
+    """The start-up line: each pipeline rank's estimated peak, its moment and its largest terms."""
+    parts = []
+    for estimate in estimates:
+        largest = ", ".join(f"{name} {size / GIB:.2f}" for name, size in estimate.largest(3))
+        parts.append(f"{estimate.where}: {estimate.total / GIB:.2f} GiB ({largest})")
+    return "memory per process (estimate, GiB): " + "; ".join(parts)
+
+
+def advice(estimate: MemoryEstimate, run: RunConfig) -> list[str]:
+    """What would shrink the largest terms of ``estimate``."""
+    parallel, out = run.parallel, []
+    activations = sum(size for name, size in estimate.terms.items() if not name.startswith(("weights", "gradients",
+                                                                                             "optimizer")))
+    if activations > estimate.total / 2:
+        if parallel.recompute_granularity != "full":
+            out.append("--recompute-granularity " + ("full" if parallel.recompute_granularity == "selective"
+                                                     else "selective (or full)"))
+        out.append("a larger --context-parallel-size, or --tensor-model-parallel-size with --sequence-parallel")
+        if run.training.micro_batch_size > 1:
+            out.append("a smaller --micro-batch-size")
+    else:
+        if not parallel.distributed_optimizer and run.data_parallel > 1:
+            out.append("--use-distributed-optimizer")
+        out.append("a larger --tensor-model-parallel-size or --pipeline-model-parallel-size")
+    return out
+
+
+def check_fits(run: RunConfig, estimates: list[MemoryEstimate], capacity_gib: float | None) -> None:
+    """Refuse (ValueError) a run whose estimated peak on some rank exceeds ``capacity_gib``."""
+    if capacity_gib is None:
+        return
+    worst = peak_rank(estimates)
+    if worst.total <= capacity_gib * GIB:
+        return
+    largest = ", ".join(f"{name} {size / GIB:.2f} GiB" for name, size in worst.largest(3))
+    raise ValueError(f"this run needs about {worst.total / GIB:.1f} GiB per process ({worst.where}) but "
+                     f"{capacity_gib:g} GiB are available; largest terms: {largest}. Try "
+                     + "; or ".join(advice(worst, run))
+                     + ". (python tools/estimate_memory.py with the same flags shows every term.)")
+
+
+def device_capacity_gib(run: RunConfig, device: torch.device) -> float | None:
+    """--memory-per-device, else the CUDA device's total memory, else None (no check)."""
+    if run.training.memory_per_device is not None:
+        return run.training.memory_per_device
+    if device.type == "cuda":
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        return torch.cuda.get_device_properties(index).total_memory / GIB
+    return None
