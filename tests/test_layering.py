@@ -23,7 +23,7 @@ LAYERS = {
     "model": {"config", "packing"},
     "parallel": {"config", "model"},
     "checkpoint": {"config", "model", "parallel", "atomic_file"},
-    "memory": {"config", "model", "parallel"},
+    "memory": {"config", "model", "parallel", "inference"},
     "training": {"config", "data", "model", "parallel", "checkpoint", "memory", "atomic_file", "packing"},
     "inference": {"config", "data", "model", "parallel", "checkpoint", "atomic_file"},
     "eval": {"config", "data", "model", "parallel", "checkpoint", "inference", "atomic_file"},

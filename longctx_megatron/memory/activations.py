@@ -38,6 +38,21 @@ class LayerShape:
     sequence_parallel_ranks: int = 1  # TP size when sequence parallelism splits norms and residuals
     hidden_dropout: float = 0.0
     cuda: bool = False
+    context: int = 1  # context-parallel ranks sharing the sequence
+
+    def context_keys(self, spec: LayerSpec) -> int:
+        """Keys and values of other CP ranks this rank attends over (parallel/context.py): a full layer's
+        causal prefix (the last zigzag rank's is nearly the whole rest of the sequence), a local layer's
+        halo of its reach, plus the global tokens; 0 without context parallelism."""
+        if self.context == 1:
+            return 0
+        total = self.seq * self.context
+        if spec.kind == "full":
+            positions = total - self.seq
+        else:
+            reach = spec.window * (spec.dilation if spec.kind == "dilated" else 1)
+            positions = min(reach, total) + (-(-total // spec.global_every) if spec.global_every else 0)
+        return 2 * self.batch * positions * self.kv_heads * self.head_dim * self.element
 
     @property
     def tokens(self) -> int:
@@ -62,10 +77,13 @@ class LayerBytes:
 
 
 def _norm(shape: LayerShape) -> int:
-    """RMSNorm keeps its input (or its fp32 copy, for 16-bit input), the fp32 normalised input and the
-    fp32 inverse RMS; the linear after it keeps the output (gathered over TP under SP)."""
+    """RMSNorm keeps its input (on CPU, where F.rms_norm upcasts, an fp32 copy of 16-bit input), on CPU
+    the fp32 normalised input, and the fp32 inverse RMS; the linear after it keeps the output, gathered
+    over TP under sequence parallelism (the whole sequence, not this rank's part). On CUDA the fused
+    kernel (apex or torch) keeps only the input and the inverse RMS."""
     e, t = shape.element, shape.norm_tokens
-    return t * shape.d_model * (2 * F32) + t * F32 + shape.tokens * shape.d_model * e
+    kept = t * shape.d_model * e if shape.cuda else t * shape.d_model * (2 * F32)
+    return kept + t * F32 + shape.tokens * shape.d_model * e
 
 
 def _dropout(shape: LayerShape) -> int:
@@ -167,6 +185,9 @@ def layer_bytes(spec: LayerSpec, shape: LayerShape, recompute: str = "none") -> 
     the MLP's activations, then the attention's."""
     e, t, d = shape.element, shape.tokens, shape.d_model
     core, core_backward = _attention_core(spec, shape)
+    if shape.context > 1:
+        core = {**core, "context-parallel keys": shape.context_keys(spec)}
+        core_backward += shape.context_keys(spec)
     qkv = t * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * e  # kept whole: v is a view of it
     heads_out = t * shape.heads * shape.head_dim * e  # the heads' (b, s, h * D) copy the output projection keeps
     attention = {"attention norm": _norm(shape) + _dropout(shape), "qkv": qkv, **core, "attention output": heads_out}

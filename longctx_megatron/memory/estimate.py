@@ -76,7 +76,7 @@ class TrainingSetup:
             heads=config.n_heads // tp, kv_heads=config.n_kv_heads // tp, head_dim=config.head_dim,
             ffn=config.d_ff // tp, element=self.element,
             sequence_parallel_ranks=tp if self.sequence_parallel else 1, hidden_dropout=config.hidden_dropout,
-            cuda=self.cuda,
+            cuda=self.cuda, context=self.context,
         )
 
 

@@ -52,6 +52,7 @@ CELLS = {
     "pp2 interleaved": (2, MIXED + ["--seq-length", "512", "--micro-batch-size", "1", "--global-batch-size", "4",
                                     "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
                                     "1"]),
+    "cp2": (2, MIXED + ["--seq-length", "1024", *ONE, "--context-parallel-size", "2"]),
     "dp2 zero-1": (2, MIXED + ["--seq-length", "1024", "--micro-batch-size", "1", "--global-batch-size", "2",
                                "--use-distributed-optimizer"]),
 }
