@@ -27,6 +27,7 @@ from longctx_megatron.config.model_config import ModelConfig
 from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.inference.cache import GROW
 from longctx_megatron.memory.report import MemoryEstimate
+from longctx_megatron.model.attention.backends.recompute import query_blocks
 
 INT64 = 8
 FP32 = 4
@@ -119,18 +120,29 @@ def _attend_bytes(spec: LayerSpec, rank: _Rank, queries: int, keys: int, rows: i
     """Peak of one ``attend_by_rule`` group past its inputs: the mask being built, then the kept boolean
     mask with what the attention call allocates: on CPU SDPA's additive mask in the dtype, its output
     and log-sum-exp, the output zeroed where a row saw nothing; elsewhere the recomputing block kernel
-    (``masked_sdpa`` puts every query in one block, so it holds the float32 scores of all of them:
-    scores, their exponentials and the shifted copy), its float32 q, K, V copies and output."""
+    (``masked_sdpa`` cuts the queries into blocks of ``query_blocks`` rows, padded to whole blocks):
+    the padded q and mask, the float32 output and log-sum-exp, K and V widened to float32 once, and one
+    group's float32 scores (worked in place) with its q copy and its inverted mask or output; then the
+    output in the dtype, and the zeroed output."""
     pairs = rows * queries * keys
     q_bytes = rows * heads * queries * rank.head_dim * rank.item
     build = _mask_bytes(spec, rank, queries, keys, rows)
     if not rank.cuda:
         call = pairs * (1 + rank.item) + 2 * q_bytes + rows * heads * queries * FP32
         return max(build, call)
-    scores = rows * heads * queries * keys * FP32
-    kv_heads = max(1, heads * rank.kv_heads // rank.heads)
-    copies = (rows * heads * queries + 2 * rows * kv_heads * keys) * rank.head_dim * FP32
-    call = pairs + 3 * scores + copies + q_bytes * FP32 // rank.item + 2 * q_bytes
+    block, group = query_blocks(queries, rows * heads * keys)
+    padded = _ceil(queries, block) * block
+    padded_q = rows * heads * padded * rank.head_dim * rank.item  # also the output in the dtype
+    widened = rank.item != FP32  # float32 inputs are used as they are, not copied
+    held = pairs + rows * heads * padded * (rank.head_dim + 1) * FP32
+    if padded > queries:
+        held += padded_q + rows * padded * keys
+    if widened:
+        kv_heads = max(1, heads * rank.kv_heads // rank.heads)
+        held += 2 * rows * kv_heads * keys * rank.head_dim * FP32
+    group_rows = rows * heads * group
+    work = group_rows * (keys + rank.head_dim) * FP32 + max(rows * group * keys, group_rows * rank.head_dim * FP32)
+    call = max(held + max(work, padded_q if widened else 0), pairs + padded_q + q_bytes)
     return max(build, call)
 
 

@@ -4,7 +4,8 @@ Every cell of the grid (each layer kind alone and the mixed plan, batch 1 and 4,
 prompt, fp32 and bf16) runs ``InferenceEngine`` on the CPU under ``PeakTracker``; the estimate must be
 within 10% of the peak of the prefill, of the decode steps and of the whole run, its cache terms
 must be what the caches hold, and its working sets (the part beyond weights and caches, which the
-weights hide in the small cells) must be within 15%.
+weights hide in the small cells) must be within 15%. The off-CPU estimate (``device_type="cuda"``) is
+held to the same bounds by cells whose attention is forced through ``masked_sdpa``'s block kernel.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import pytest
 import torch
 
 from longctx_megatron.config import ModelConfig
+from longctx_megatron.inference import attention
 from longctx_megatron.inference.cache import GROW
 from longctx_megatron.memory.inference import estimate_inference
-from longctx_megatron.memory.inference_grid import GRID, Cell, measure
+from longctx_megatron.memory.inference_grid import DTYPES, GRID, PROMPTS, Cell, measure
+from longctx_megatron.model.attention.backends import recompute
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +55,25 @@ def test_estimate_is_within_10_percent_of_the_measured_peak(cell):
         estimate = cell.estimate(phase)
         assert estimate.total == pytest.approx(peak, rel=0.10), phase
         assert _cache_terms(estimate) == {kind: size for kind, size in measured.caches.items()}, phase
+        held = estimate.total - _working_set(estimate)
+        assert _working_set(estimate) == pytest.approx(peak - held, rel=0.15), phase
+
+
+@pytest.mark.parametrize("budget", [None, 1024], ids=["default-groups", "blocks-of-a-few-rows"])
+@pytest.mark.parametrize("cell", [Cell("mixed", 4, "long", "bf16"), Cell("dilated", 4, "short", "fp32")],
+                         ids=lambda cell: cell.name)
+def test_the_off_cpu_estimate_follows_the_block_kernel(cell, budget, monkeypatch):
+    """What CUDA runs, measured on the CPU: inference attention through ``masked_sdpa(fused=False)``,
+    with the default score budget (one block of the chunk's rows) and with one of 1024 scores, which
+    cuts every chunk into blocks of one or a few rows (padded where they do not divide it)."""
+    monkeypatch.setattr(attention, "masked_sdpa", functools.partial(recompute.masked_sdpa, fused=False))
+    if budget is not None:
+        monkeypatch.setattr(recompute, "SCORES_PER_GROUP", budget)
+    measured = measure(cell)
+    for phase, peak in (("prefill", measured.prefill), ("decode", measured.decode)):
+        estimate = estimate_inference(cell.config, cell.batch, PROMPTS[cell.prompt], cell.new_tokens,
+                                      DTYPES[cell.dtype], cell.chunk, device_type="cuda", phase=phase)
+        assert estimate.total == pytest.approx(peak, rel=0.10), phase
         held = estimate.total - _working_set(estimate)
         assert _working_set(estimate) == pytest.approx(peak - held, rel=0.15), phase
 

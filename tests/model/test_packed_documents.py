@@ -260,27 +260,97 @@ def test_flex_builds_one_block_mask_per_batch_and_window(monkeypatch):
     assert len(built) == 3
 
 
+# (query rows, scores per group or None for the default): one block; 64-row blocks two to a group with
+# a ragged tail (200 = 3 * 64 + 8); blocks of 4 rows cut by the score budget (9 = 2 * 4 + 1). The
+# budgets are in units of one row's scores: batch 3 x 4 heads x 13 keys.
+ROW_BLOCKS = [(9, None), (200, 156 * 128), (9, 156 * 4)]
+
+
+def _masked_sdpa_inputs(dtype, mask_heads, rows, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(3, heads, length, 8, generator=generator).to(dtype).requires_grad_()
+               for heads, length in ((4, rows), (2, 13), (2, 13)))
+    mask = torch.rand(3, mask_heads, rows, 13, generator=generator) < 0.5
+    grad = torch.randn(3, 4, rows, 8, generator=generator).to(dtype)
+    return q, k, v, mask, grad
+
+
+@pytest.mark.parametrize("rows,budget", ROW_BLOCKS, ids=["one-block", "64-row-blocks", "4-row-blocks"])
 @pytest.mark.parametrize("mask_heads", [1, 4], ids=["shared-mask", "mask-per-head"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-def test_masked_sdpa_off_cpu_path_equals_the_fused_one(dtype, tol, mask_heads):
+def test_masked_sdpa_off_cpu_path_equals_the_fused_one(dtype, tol, mask_heads, rows, budget, monkeypatch):
     """masked_sdpa's recomputing branch (what CUDA runs) against SDPA's fused one, forward and backward,
-    with one mask for every head and with a mask per query head (dilated layers' heads differ)."""
-    from longctx_megatron.model.attention.backends.recompute import masked_sdpa
+    with one mask for every head and with a mask per query head (dilated layers' heads differ), its
+    rows in one block or cut into blocks (and groups of them) with a ragged last block."""
+    from longctx_megatron.model.attention.backends import recompute
 
-    generator = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(3, heads, rows, 8, generator=generator).to(dtype).requires_grad_()
-               for heads, rows in ((4, 9), (2, 13), (2, 13)))
-    mask = torch.rand(3, mask_heads, 9, 13, generator=generator) < 0.5
+    if budget is not None:
+        monkeypatch.setattr(recompute, "SCORES_PER_GROUP", budget)
+    q, k, v, mask, grad = _masked_sdpa_inputs(dtype, mask_heads, rows)
     mask[..., 0] = True  # every row has a key
-    grad = torch.randn(3, 4, 9, 8, generator=generator).to(dtype)
     results = []
     for fused in (True, False):
-        out = masked_sdpa(q, k, v, mask, fused=fused)
+        out = recompute.masked_sdpa(q, k, v, mask, fused=fused)
         results.append((out, torch.autograd.grad(out, (q, k, v), grad)))
     (a, grads_a), (b, grads_b) = results
     torch.testing.assert_close(b, a, atol=tol, rtol=tol)
     for x, y in zip(grads_b, grads_a, strict=True):
         torch.testing.assert_close(x, y, atol=tol * 5, rtol=tol)
+
+
+@pytest.mark.parametrize("rows,budget", ROW_BLOCKS, ids=["one-block", "64-row-blocks", "4-row-blocks"])
+@pytest.mark.parametrize("mask_heads", [1, 4], ids=["shared-mask", "mask-per-head"])
+def test_masked_sdpa_off_cpu_rows_without_a_key_are_zero_as_in_the_dense_oracle(mask_heads, rows, budget,
+                                                                                monkeypatch):
+    """A row with no visible key (SDPA's result for one varies by kernel) gets output 0 and finite
+    gradients from the block branch, as from softmax.masked_attention on every row at once; the
+    float64 gradients pass gradcheck."""
+    from longctx_megatron.model.attention.backends import recompute
+    from longctx_megatron.model.attention.softmax import masked_attention
+
+    if budget is not None:
+        monkeypatch.setattr(recompute, "SCORES_PER_GROUP", budget)
+    q, k, v, mask, grad = _masked_sdpa_inputs(torch.float64, mask_heads, rows)
+    mask[:, :, ::3] = False  # every third row sees nothing, the last block's included
+
+    def dense(q, k, v):  # (N, H, R, D) grouped as (N, Hkv, g, R, D) over (N, Hkv, 1, K, D)
+        grouped = mask.unflatten(1, (2, 2)) if mask_heads > 1 else mask[:, None]
+        out, _ = masked_attention(q.unflatten(1, (2, 2)), k[:, :, None], v[:, :, None], grouped)
+        return out.flatten(1, 2)
+
+    results = []
+    for attend in (dense, lambda q, k, v: recompute.masked_sdpa(q, k, v, mask, fused=False)):
+        out = attend(q, k, v)
+        results.append((out, torch.autograd.grad(out, (q, k, v), grad)))
+    (want, want_grads), (got, got_grads) = results
+    assert (got[:, :, ::3] == 0).all()
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    for x, y in zip(got_grads, want_grads, strict=True):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, atol=1e-12, rtol=1e-12)
+    if rows < 64:  # cheap: a few hundred inputs
+        inputs = tuple(x.detach()[:1].requires_grad_() for x in (q, k, v))
+        mask = mask[:1]
+        assert torch.autograd.gradcheck(lambda q, k, v: recompute.masked_sdpa(q, k, v, mask, fused=False), inputs)
+
+
+def test_masked_sdpa_off_cpu_memory_does_not_grow_with_rows_times_keys():
+    """2048 queries over 4096 keys, 8 query heads: one float32 score tensor of every row is 256 MiB,
+    which the branch once held three of (one block of all rows); cut into blocks, forward and backward
+    peak far below one (measured 85 MiB with the inputs' gradients and the mask)."""
+    from longctx_megatron.memory.measure import PeakTracker
+    from longctx_megatron.model.attention.backends.recompute import masked_sdpa
+
+    generator = torch.Generator().manual_seed(0)
+    rows, keys = 2048, 4096
+    q = torch.randn(1, 8, rows, 64, generator=generator, requires_grad=True)
+    k, v = (torch.randn(1, 2, keys, 64, generator=generator, requires_grad=True) for _ in range(2))
+    mask = torch.arange(keys)[None, :] <= 2 * torch.arange(rows)[:, None]
+    grad = torch.randn(q.shape, generator=generator)
+    with PeakTracker() as tracker:
+        masked_sdpa(q, k, v, mask, fused=False).backward(grad)
+    scores = 8 * rows * keys * 4
+    assert tracker.peak < scores / 2
 
 
 @pytest.mark.parametrize("layout", ["none", "random"])
