@@ -72,6 +72,37 @@ def _sharded_weight(module, global_shape, dim, ctx: ParallelContext, padded=None
     module.weight_shard = ShardSpec(dim, ctx.tp_rank, ctx.tp_size, tuple(global_shape), padded, parts)
 
 
+class _SequenceParallelLinear(torch.autograd.Function):
+    """linear(all-gather of x over the sequence, weight) that keeps only this rank's sequence shard of x
+    for the backward pass and gathers it again there (Megatron's sequence-parallel linear): saving the
+    gathered input would keep TP times more, the whole sequence, for every projection of every layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, group):
+        ctx.group = group
+        ctx.save_for_backward(x, weight)
+        return F.linear(mappings.all_gather(x, mappings.SEQUENCE_DIM, group), weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = mappings.reduce_scatter(grad.matmul(weight), mappings.SEQUENCE_DIM, ctx.group)
+        if ctx.needs_input_grad[1]:
+            gathered = mappings.all_gather(x, mappings.SEQUENCE_DIM, ctx.group)
+            grad_weight = grad.flatten(0, -2).t().matmul(gathered.flatten(0, -2))
+        return grad_x, grad_weight, None
+
+
+def column_parallel_linear(x: torch.Tensor, weight: torch.Tensor, group, sequence_parallel: bool) -> torch.Tensor:
+    """The input of a column-parallel projection: copied in (its gradient all-reduced), or under
+    sequence parallelism all-gathered from the sequence shards (``_SequenceParallelLinear``)."""
+    if sequence_parallel and not mappings.is_single(group):
+        return _SequenceParallelLinear.apply(x, weight, group)
+    return F.linear(mappings.copy_to_tensor_model_parallel_region(x, group), weight)
+
+
 class ColumnParallelLinear(torch.nn.Module):
     """The output stays split (the next layer is row-parallel, or the vocab-parallel loss reads it).
     ``padded_out_features`` zero-pads the output dimension first (a vocabulary-sized output);
@@ -84,11 +115,7 @@ class ColumnParallelLinear(torch.nn.Module):
         _sharded_weight(self, (out_features, in_features), 0, ctx, padded_out_features, device, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = mappings.gather_from_sequence_parallel_region(x, self.group)
-        else:
-            x = mappings.copy_to_tensor_model_parallel_region(x, self.group)
-        return F.linear(x, self.weight)
+        return column_parallel_linear(x, self.weight, self.group, self.sequence_parallel)
 
 
 class RowParallelLinear(torch.nn.Module):
@@ -132,11 +159,7 @@ class VocabParallelHead(torch.nn.Module):
         self.tp_rank = ctx.tp_rank
 
     def forward(self, hidden, weight, labels=None, loss_mask=None, loss_reduction="mean"):
-        if self.sequence_parallel:
-            hidden = mappings.gather_from_sequence_parallel_region(hidden, self.group)
-        else:
-            hidden = mappings.copy_to_tensor_model_parallel_region(hidden, self.group)
-        logits = F.linear(hidden, weight)
+        logits = column_parallel_linear(hidden, weight, self.group, self.sequence_parallel)
         if labels is None:
             return logits, None
         vocab_start = self.tp_rank * weight.shape[0]

@@ -69,35 +69,27 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _single(group) -> bool:
+def is_single(group) -> bool:
     return group is None or _size(group) == 1
 
 
 def copy_to_tensor_model_parallel_region(x, group):
     """Identity forward; all-reduce of the gradient (input of a column-parallel layer)."""
-    if _single(group):
+    if is_single(group):
         return x
     return _Collective.apply(x, _identity, functools.partial(all_reduce, group=group))
 
 
 def reduce_from_tensor_model_parallel_region(x, group):
     """All-reduce forward; identity backward (output of a row-parallel layer)."""
-    if _single(group):
+    if is_single(group):
         return x
     return _Collective.apply(x, functools.partial(all_reduce, group=group), _identity)
 
 
-def gather_from_sequence_parallel_region(x, group):
-    """All-gather the sequence forward; reduce-scatter the gradient backward."""
-    if _single(group):
-        return x
-    return _Collective.apply(x, functools.partial(all_gather, dim=SEQUENCE_DIM, group=group),
-                             functools.partial(reduce_scatter, dim=SEQUENCE_DIM, group=group))
-
-
 def reduce_scatter_to_sequence_parallel_region(x, group):
     """Reduce-scatter along the sequence forward; all-gather the gradient backward."""
-    if _single(group):
+    if is_single(group):
         return x
     return _Collective.apply(x, functools.partial(reduce_scatter, dim=SEQUENCE_DIM, group=group),
                              functools.partial(all_gather, dim=SEQUENCE_DIM, group=group))

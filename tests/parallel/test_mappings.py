@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longctx_megatron.parallel import mappings
+from longctx_megatron.parallel.layers import column_parallel_linear
 from longctx_megatron.parallel.state import initialize_parallel
 from tests.distributed import run_on_ranks
 
@@ -31,9 +32,19 @@ def _mappings_body(rank, world_size):
     y, g = run(mappings.reduce_from_tensor_model_parallel_region, full * (rank + 1), upstream)
     torch.testing.assert_close(y, full * total)
     torch.testing.assert_close(g, upstream)
-    y, g = run(mappings.gather_from_sequence_parallel_region, mine_seq, upstream * (rank + 1))
-    torch.testing.assert_close(y, full)
-    torch.testing.assert_close(g, (upstream * total).chunk(world_size, 1)[rank])
+    # A column-parallel projection under sequence parallelism: all-gather forward, reduce-scatter of the
+    # input gradient backward, and only this rank's shard of the input kept for backward.
+    weight = torch.randn(3, 4, generator=generator, requires_grad=True)
+    saved = []
+    x = mine_seq.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = column_parallel_linear(x, weight, group, sequence_parallel=True)
+    grad_y = torch.randn(2, 6, 3, generator=generator) * (rank + 1)
+    y.backward(grad_y)
+    torch.testing.assert_close(y, full @ weight.detach().t())
+    torch.testing.assert_close(x.grad, (grad_y @ weight.detach() * total / (rank + 1)).chunk(world_size, 1)[rank])
+    torch.testing.assert_close(weight.grad, grad_y.flatten(0, 1).t() @ full.flatten(0, 1))
+    assert sorted(saved) == sorted([mine_seq.numel(), weight.numel()])  # not the gathered sequence
     y, g = run(mappings.reduce_scatter_to_sequence_parallel_region, full * (rank + 1),
                upstream.chunk(world_size, 1)[rank])
     torch.testing.assert_close(y, (full * total).chunk(world_size, 1)[rank])
