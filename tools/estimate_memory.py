@@ -63,6 +63,8 @@ def _inference(tool, run, config: ModelConfig) -> None:
     print(f"inference: batch {tool.batch}, prompt {length:,} tokens + {tool.new_tokens} new, "
           f"{run.training.precision}, TP {run.parallel.tensor}, {tool.device}")
     print(estimate.table())
+    for note in estimate.notes:
+        print(f"note: {note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     for estimate in estimates:
         print(f"\n{estimate.where}")
         print(estimate.table())
+    for note in estimates[0].notes:
+        print(f"note: {note}")
     capacity = run.training.memory_per_device
     if capacity is None:
         if tool.largest or tool.layouts:

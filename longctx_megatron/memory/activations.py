@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longctx_megatron.config.layer_plan import LayerSpec
+from longctx_megatron.model.mlp import BACKWARD_ROWS_ELEMENTS
 
 F32 = 4
 BOOL = 1
@@ -78,12 +79,17 @@ class LayerBytes:
 
 def _norm(shape: LayerShape) -> int:
     """RMSNorm keeps its input (on CPU, where F.rms_norm upcasts, an fp32 copy of 16-bit input), on CPU
-    the fp32 normalised input, and the fp32 inverse RMS; the linear after it keeps the output, gathered
-    over TP under sequence parallelism (the whole sequence, not this rank's part). On CUDA the fused
-    kernel (apex or torch) keeps only the input and the inverse RMS."""
+    the fp32 normalised input, and the fp32 inverse RMS; the projection after it keeps the output (under
+    sequence parallelism this rank's shard: parallel/layers.py gathers it again in backward). On CUDA
+    the fused kernel (apex or torch) keeps only the input and the inverse RMS."""
     e, t = shape.element, shape.norm_tokens
     kept = t * shape.d_model * e if shape.cuda else t * shape.d_model * (2 * F32)
-    return kept + t * F32 + shape.tokens * shape.d_model * e
+    return kept + t * F32 + t * shape.d_model * e
+
+
+def _regathered(shape: LayerShape) -> int:
+    """Under sequence parallelism a projection's backward gathers its input again: the whole sequence."""
+    return shape.tokens * shape.d_model * shape.element if shape.sequence_parallel_ranks > 1 else 0
 
 
 def _dropout(shape: LayerShape) -> int:
@@ -185,14 +191,23 @@ def layer_bytes(spec: LayerSpec, shape: LayerShape, recompute: str = "none") -> 
     the MLP's activations, then the attention's."""
     e, t, d = shape.element, shape.tokens, shape.d_model
     core, core_backward = _attention_core(spec, shape)
+    core_backward += _regathered(shape)
     if shape.context > 1:
         core = {**core, "context-parallel keys": shape.context_keys(spec)}
         core_backward += shape.context_keys(spec)
-    qkv = t * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * e  # kept whole: v is a view of it
-    heads_out = t * shape.heads * shape.head_dim * e  # the heads' (b, s, h * D) copy the output projection keeps
+    # The QKV output stays alive where attention keeps v, a view of it: SDPA's causal kernel, global
+    # queries, the CUDA kernels. Windows on CPU copy v into key spans, so it is freed.
+    keeps_v = shape.cuda or spec.kind == "full" or (spec.kind == "sliding" and spec.global_every)
+    qkv = t * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * e if keeps_v else 0
+    # The heads' (b, s, h * D) copy the output projection keeps; SDPA's causal kernel on CPU already
+    # returns its output in that layout, so there it is a view of the output kept above.
+    heads_out = 0 if spec.kind == "full" and not shape.cuda else t * shape.heads * shape.head_dim * e
     attention = {"attention norm": _norm(shape) + _dropout(shape), "qkv": qkv, **core, "attention output": heads_out}
-    mlp = {"mlp norm": _norm(shape) + _dropout(shape), "swiglu": t * shape.ffn * e * 4}  # [gate; up], silu, product
-    mlp_backward = t * shape.ffn * e * 4 + t * d * e
+    # SwiGLU keeps [gate; up] and the product (model/mlp.py). Its backward holds the product's gradient
+    # and the [gate; up] gradient it returns, plus two temporaries for one slice of tokens.
+    mlp = {"mlp norm": _norm(shape) + _dropout(shape), "swiglu": t * shape.ffn * e * 3}
+    temporaries = min(t * shape.ffn, BACKWARD_ROWS_ELEMENTS) * 2 * e
+    mlp_backward = t * shape.ffn * 3 * e + temporaries + _regathered(shape)
     attention_total, mlp_total = sum(attention.values()), sum(mlp.values())
     if recompute == "full":
         block_input = shape.norm_tokens * d * e
@@ -217,7 +232,7 @@ def head_bytes(shape: LayerShape, vocab: int, tensor_parallel: int) -> LayerByte
     if tensor_parallel == 1:
         backward = 2 * logits * F32
     else:
-        backward = logits * e
+        backward = logits * e + _regathered(shape)
     saved = {"final norm": _norm(shape), "logits": logits * F32}
     return LayerBytes(saved, ((backward, sum(saved.values())),))
 

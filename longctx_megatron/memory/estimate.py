@@ -226,19 +226,30 @@ def _replay(setup: TrainingSetup, pipeline_rank: int) -> _Moment:
     return best
 
 
+def _unmodelled(setup: TrainingSetup) -> tuple[str, ...]:
+    """What the estimate leaves out for this run (ADR 0017)."""
+    notes = []
+    if setup.config.attention_dropout > 0:
+        notes.append("attention dropout > 0 is not modelled (SDPA keeps dropout masks; on CPU it may keep the scores)")
+    if setup.cuda:
+        notes.append("CUDA terms are unmeasured (no GPU check yet); allocator caching and kernel workspaces are "
+                     "not counted")
+    return tuple(notes)
+
+
 def estimate_training(setup: TrainingSetup) -> list[MemoryEstimate]:
     """The peak of every pipeline rank (the other dimensions are symmetric), itemised at that peak."""
-    out = []
+    out, notes = [], _unmodelled(setup)
     for rank in range(setup.pipeline):
         states, step = model_states(setup, rank)
         moment = _replay(setup, rank)
         where = f"pipeline rank {rank}"
         if step > moment.total:
             terms = {**states, "optimizer step (all-gather, AdamW temporaries)": step}
-            out.append(MemoryEstimate(terms, f"{where}, at the optimizer step"))
+            out.append(MemoryEstimate(terms, f"{where}, at the optimizer step", notes))
             continue
         activations = {f"activations: {name}": size for name, size in moment.live.items() if size}
         if moment.extra:
             activations[f"working set: {moment.what}"] = moment.extra
-        out.append(MemoryEstimate({**states, **activations}, f"{where}, at the {moment.what}"))
+        out.append(MemoryEstimate({**states, **activations}, f"{where}, at the {moment.what}", notes))
     return out
