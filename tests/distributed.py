@@ -73,9 +73,27 @@ def _entry(body, rank, world_size, port, sender, args):
         pass
 
 
+PORT_ATTEMPTS = 3
+
+
 def run_on_ranks(body, world_size: int, *args, timeout: float = 180.0) -> list:
+    """``body(rank, world_size, *args)`` on every rank; the ranks' return values in rank order.
+
+    The rendezvous port is free when chosen but only bound seconds later, by rank 0's store, once
+    the rank has spawned and imported torch; in between another process (another test's gloo
+    connections take ephemeral ports from the same range) may take it. Rank 0 then fails with
+    EADDRINUSE before any rank ran the body, and the run starts again on a new port."""
+    for _ in range(PORT_ATTEMPTS - 1):
+        try:
+            return _run_once(body, world_size, args, timeout, free_port())
+        except RankFailed as error:
+            if "EADDRINUSE" not in str(error):
+                raise
+    return _run_once(body, world_size, args, timeout, free_port())
+
+
+def _run_once(body, world_size: int, args: tuple, timeout: float, port: int) -> list:
     context = multiprocessing.get_context("spawn")
-    port = free_port()
     pipes = [context.Pipe(duplex=False) for _ in range(world_size)]
     processes = [
         context.Process(target=_entry, args=(body, rank, world_size, port, pipes[rank][1], args), daemon=True)
