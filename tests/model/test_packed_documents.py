@@ -412,3 +412,22 @@ def test_full_attention_in_long_documents_runs_per_document_and_matches_the_orac
         torch.testing.assert_close(a, b, atol=1e-5, rtol=2e-6)
     monkeypatch.setattr(decompose, "LONG_DOCUMENT", 1)  # every document long: no window at all
     torch.testing.assert_close(backend.attend(q, k, v, FullPattern(), 0.0, documents), want, atol=2e-6, rtol=2e-6)
+
+
+def test_chunked_window_shorter_than_its_window_on_the_off_cpu_path(monkeypatch):
+    """A sequence no longer than the window leaves the chunked backend's second SDPA call no blocks:
+    the off-CPU kernel gets an empty batch and must return an empty result (it divided by zero)."""
+    from longctx_megatron.model.attention.backends import chunked
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 300, 32, generator=generator, requires_grad=True)
+    k = torch.randn(1, 2, 300, 32, generator=generator, requires_grad=True)
+    v = torch.randn(1, 2, 300, 32, generator=generator, requires_grad=True)
+    expected = chunked.sdpa_window_attention(q, k, v, 1024)
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    fused = chunked.masked_sdpa
+    monkeypatch.setattr(chunked, "masked_sdpa", lambda *args, **kwargs: fused(*args, fused=False, **kwargs))
+    out = chunked.sdpa_window_attention(q, k, v, 1024)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for grad, reference in zip(torch.autograd.grad(out.sum(), (q, k, v)), expected_grads, strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-5)

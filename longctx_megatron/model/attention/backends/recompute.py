@@ -27,6 +27,7 @@ def query_blocks(rows: int, scores_per_row: int) -> tuple[int, int]:
     (batch x heads x keys) are cut into blocks for the kernel below: at most ROWS_PER_BLOCK rows, and
     few enough (down to one) that a block's scores fit in SCORES_PER_GROUP; ``_groups`` then takes as
     many blocks at a time as still fit. ``masked_sdpa`` cuts its rows so; the memory model reads it."""
+    scores_per_row = max(1, scores_per_row)  # an empty batch has no scores
     block = max(1, min(ROWS_PER_BLOCK, rows, SCORES_PER_GROUP // scores_per_row))
     return block, min(-(-rows // block), max(1, SCORES_PER_GROUP // (scores_per_row * block))) * block
 
@@ -189,6 +190,8 @@ def masked_sdpa(q, k, v, mask, dropout_p: float = 0.0, fused: bool | None = None
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=True)
     n, heads, rows, _ = q.shape
     n_kv, keys = k.shape[1], k.shape[2]
+    if q.numel() == 0:  # no sequences (a chunked window's empty tail slice) or no rows: nothing to attend
+        return q.new_zeros(q.shape)
     block = query_blocks(rows, n * heads * keys)[0]
     n_blocks = -(-rows // block)
     pad = n_blocks * block - rows
