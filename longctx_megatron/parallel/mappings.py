@@ -37,6 +37,8 @@ def all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     # Collectives take rank-major buffers concatenated along dim 0.
     parts = torch.empty((world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     all_gather_single(parts, x.contiguous(), group=group)
+    if _leading_ones(x, dim):  # rank-major is already the concatenation (one sample): no second copy
+        return parts.view(*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1:])
     return torch.cat(parts.chunk(world), dim=dim)
 
 
@@ -47,8 +49,18 @@ def reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split over {world} ranks")
     chunks = x.chunk(world, dim=dim)
     out = torch.empty_like(chunks[0], memory_format=torch.contiguous_format)
-    reduce_scatter_single(out, torch.cat(chunks, dim=0), group=group)
+    if _leading_ones(x, dim):  # the chunks already lie rank-major (one sample): no copy to make them so
+        stacked = x.contiguous().view(world * chunks[0].shape[0], *chunks[0].shape[1:])
+    else:
+        stacked = torch.cat(chunks, dim=0)
+    reduce_scatter_single(out, stacked, group=group)
     return out
+
+
+def _leading_ones(x: torch.Tensor, dim: int) -> bool:
+    """Whether every dimension of ``x`` before ``dim`` has size 1, so that chunks along ``dim`` of a
+    contiguous tensor are contiguous blocks in order (a micro-batch of one sample at long context)."""
+    return all(size == 1 for size in x.shape[:dim % x.dim()])
 
 
 class _Collective(torch.autograd.Function):

@@ -49,6 +49,11 @@ def _mappings_body(rank, world_size):
                upstream.chunk(world_size, 1)[rank])
     torch.testing.assert_close(y, (full * total).chunk(world_size, 1)[rank])
     torch.testing.assert_close(g, upstream)
+    # One sample (the long-context case) takes the no-copy path of both sequence collectives.
+    one = full[:1]
+    torch.testing.assert_close(mappings.all_gather(one.chunk(world_size, 1)[rank], 1, group), one)
+    torch.testing.assert_close(mappings.reduce_scatter(one * (rank + 1), 1, group),
+                               (one * total).chunk(world_size, 1)[rank])
     return True
 
 
