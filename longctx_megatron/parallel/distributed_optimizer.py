@@ -54,8 +54,9 @@ class DistributedOptimizer:
         apart = [all(p in decoupled for p in bucket.params) for bucket in grads.buckets]
         groups = [{"params": [m for m, alone in zip(self.masters, apart, strict=True) if alone == flag],
                    "decoupled": flag} for flag in (False, True)]
+        # fused on CUDA: the foreach kernels would allocate temporaries the size of the whole shard
         self.optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=lr, betas=betas,
-                                           eps=eps, weight_decay=0.0)
+                                           eps=eps, weight_decay=0.0, fused=self.masters[0].is_cuda)
         self._lr_group = {id(m): group for group in self.optimizer.param_groups for m in group["params"]}
 
     @property
