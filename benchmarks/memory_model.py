@@ -7,7 +7,9 @@ mixed plan at a length where attention dominates and one where it does not, reco
 TP2 + SP, PP2 1F1B and interleaved, ZeRO-1, fp32 and bf16) and prints, per rank, the peak of live
 tensor bytes over one whole step measured by memory.measure.PeakTracker, the estimate of
 memory/estimate.py, their error and the moment the estimate puts the peak at. Memory is not noisy:
-one run per cell. The test suite asserts |error| <= 10% on the same grid.
+one run per cell. The test suite asserts |error| <= 10% on the same grid. Then the inference grid
+(memory/inference_grid.py: each plan, batch 1 and 4, a short and a long prompt, fp32 and bf16,
+through the real engine's prefill and decode), held to the same bound by its test.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
+
+from longctx_megatron.memory.inference_grid import inference_rows
 from tests.memory.training_grid import CELLS, measure_cell
 
 
@@ -31,6 +36,15 @@ def main(names: list[str]) -> None:
             moment = where.split(", at the ", 1)[-1]
             print(f"{name:<24} {'pp' + str(pipeline_rank):>4} {measured / 2**20:12.2f} {estimated / 2**20:12.2f} "
                   f"{100 * error:+6.1f}%  {moment}", flush=True)
+    print(f"largest |error| {100 * worst:.1f}% ({time.perf_counter() - start:.0f} s)")
+    if names:
+        return
+    torch.set_num_threads(1)  # the inference cells are small: threads only add contention
+    print(f"\n{'inference cell':<28} {'measured MiB':>12} {'estimate MiB':>12} {'error':>7}")
+    worst, start = 0.0, time.perf_counter()
+    for name, estimated, measured, error in inference_rows():
+        worst = max(worst, abs(error))
+        print(f"{name:<28} {measured / 2**20:12.2f} {estimated / 2**20:12.2f} {100 * error:+6.1f}%")
     print(f"largest |error| {100 * worst:.1f}% ({time.perf_counter() - start:.0f} s)")
 
 

@@ -27,23 +27,33 @@ from longctx_megatron.memory.inference import estimate_inference
 from longctx_megatron.memory.planner import largest_fitting, rank_layouts
 from longctx_megatron.memory.report import GIB
 from longctx_megatron.training.arguments import build_parser, parse_run_config
-from longctx_megatron.training.memory_check import training_setup
-from longctx_megatron.training.setup import stage_sizes, tokenizer_and_model
+from longctx_megatron.training.memory_check import device_capacity_gib, training_setup
+from longctx_megatron.training.setup import check_model_and_data, stage_sizes, tokenizer_and_model
+
+SEARCH_LIMIT = 1 << 22  # --largest seq-length searches up to this many tokens
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
 
 
 def _tool_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
-    parser.add_argument("--world-size", type=int, help="processes (default: TP x PP x CP, one data-parallel rank)")
+    parser.add_argument("--world-size", type=_positive,
+                        help="processes (default: TP x PP x CP, one data-parallel rank)")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="where it runs: the attention kernels differ (default cuda)")
     parser.add_argument("--largest", choices=["seq-length", "micro-batch"],
                         help="the largest value that fits --memory-per-device")
-    parser.add_argument("--layouts", type=int, metavar="DEVICES", help="rank the layouts of this many devices")
+    parser.add_argument("--layouts", type=_positive, metavar="DEVICES", help="rank the layouts of this many devices")
     parser.add_argument("--inference", action="store_true", help="estimate generation instead of training")
-    parser.add_argument("--batch", type=int, default=1, help="--inference: sequences generated together")
-    parser.add_argument("--prompt-length", type=int, help="--inference: prompt tokens (default --seq-length)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="--inference: tokens generated")
-    parser.add_argument("--prefill-chunk", type=int, default=512, help="--inference: prompt tokens per forward")
+    parser.add_argument("--batch", type=_positive, default=1, help="--inference: sequences generated together")
+    parser.add_argument("--prompt-length", type=_positive, help="--inference: prompt tokens (default --seq-length)")
+    parser.add_argument("--new-tokens", type=_positive, default=256, help="--inference: tokens generated")
+    parser.add_argument("--prefill-chunk", type=_positive, default=512, help="--inference: prompt tokens per forward")
     return parser
 
 
@@ -56,6 +66,9 @@ def _world_size(argv: list[str], given: int | None) -> int:
 
 
 def _inference(tool, run, config: ModelConfig) -> None:
+    if run.parallel.pipeline > 1 or run.parallel.context > 1:
+        raise ValueError("--inference: generation runs without pipeline or context parallelism here "
+                         "(drop --pipeline-model-parallel-size / --context-parallel-size)")
     length = tool.prompt_length or run.training.seq_length
     estimate = estimate_inference(config, tool.batch, length, tool.new_tokens, run.training.dtype,
                                   prefill_chunk=tool.prefill_chunk, tensor=run.parallel.tensor,
@@ -67,18 +80,9 @@ def _inference(tool, run, config: ModelConfig) -> None:
         print(f"note: {note}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    tool, rest = _tool_parser().parse_known_args(argv)
-    try:
-        run = parse_run_config(rest, _world_size(rest, tool.world_size))
-        _, config = tokenizer_and_model(run)
-        if tool.inference:
-            _inference(tool, run, config)
-            return 0
-        sizes, _, _ = stage_sizes(run, config)
-    except (ValueError, ConfigError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+def _training(tool, run, config: ModelConfig) -> None:
+    check_model_and_data(run, config)
+    sizes, _, _ = stage_sizes(run, config)
     setup = training_setup(run, config, sizes, tool.device)
     print(f"training: {config.n_layers} layers, hidden {config.d_model}, seq {run.training.seq_length:,}, "
           f"micro-batch {run.training.micro_batch_size} x {run.microbatches}, {run.training.precision}, "
@@ -90,21 +94,25 @@ def main(argv: list[str] | None = None) -> int:
         print(estimate.table())
     for note in estimates[0].notes:
         print(f"note: {note}")
-    capacity = run.training.memory_per_device
+    capacity = device_capacity_gib(run, torch.device("cpu"))  # --memory-per-device (0 or absent: none)
     if capacity is None:
         if tool.largest or tool.layouts:
-            print("error: --largest and --layouts need --memory-per-device", file=sys.stderr)
-            return 2
-        return 0
+            raise ValueError("--largest and --layouts need --memory-per-device")
+        return
     worst = max(estimates, key=lambda estimate: estimate.total)
     verdict = "fits" if worst.total <= capacity * GIB else "does NOT fit"
     print(f"\npeak {worst.total / GIB:.2f} GiB ({worst.where}): {verdict} in {capacity:g} GiB per device")
     if tool.largest:
         field, step = ("seq_length", 1024) if tool.largest == "seq-length" else ("micro_batch", 1)
-        base = setup if field == "micro_batch" else dataclasses.replace(setup, config=dataclasses.replace(
-            config, max_seq_len=max(config.max_seq_len, 1 << 22)))
-        best = largest_fitting(base, int(capacity * GIB), field, step)
-        print(f"largest {tool.largest} that fits: {best:,}" if best else f"no {tool.largest} fits")
+        base = setup
+        if field == "seq_length":  # stages as planned for this length; longer lengths may balance otherwise
+            base = dataclasses.replace(setup, config=dataclasses.replace(config, max_seq_len=SEARCH_LIMIT))
+        best = largest_fitting(base, int(capacity * GIB), field, step, limit=SEARCH_LIMIT)
+        if not best:
+            print(f"no {tool.largest} fits")
+        else:
+            bound = "at least " if best + step > SEARCH_LIMIT else ""
+            print(f"largest {tool.largest} that fits: {bound}{best:,}")
     if tool.layouts:
         ranked = rank_layouts(setup, tool.layouts, run.global_batch, int(capacity * GIB))
         if not ranked:
@@ -112,6 +120,21 @@ def main(argv: list[str] | None = None) -> int:
         for place, layout in enumerate(ranked[:10], 1):
             print(f"{place:2}. {layout.describe():<52} peak {layout.peak / GIB:6.2f} GiB  "
                   f"step time x{layout.seconds / ranked[0].seconds:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _tool_parser()
+    tool, rest = parser.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        parser.print_help()
+        print("\nand every flag of pretrain_longctx.py:\n")
+    try:
+        run = parse_run_config(rest, _world_size(rest, tool.world_size))
+        _, config = tokenizer_and_model(run)
+        (_inference if tool.inference else _training)(tool, run, config)
+    except (ValueError, ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

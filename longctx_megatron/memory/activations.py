@@ -40,6 +40,7 @@ class LayerShape:
     hidden_dropout: float = 0.0
     cuda: bool = False
     context: int = 1  # context-parallel ranks sharing the sequence
+    cp_allgather: bool = False  # --cp-comm-type allgather: every layer gathers every rank's keys
 
     def context_keys(self, spec: LayerSpec) -> int:
         """Keys and values of other CP ranks this rank attends over (parallel/context.py): a full layer's
@@ -48,7 +49,7 @@ class LayerShape:
         if self.context == 1:
             return 0
         total = self.seq * self.context
-        if spec.kind == "full":
+        if spec.kind == "full" or self.cp_allgather:
             positions = total - self.seq
         else:
             reach = spec.window * (spec.dilation if spec.kind == "dilated" else 1)
@@ -199,9 +200,11 @@ def layer_bytes(spec: LayerSpec, shape: LayerShape, recompute: str = "none") -> 
     # queries, the CUDA kernels. Windows on CPU copy v into key spans, so it is freed.
     keeps_v = shape.cuda or spec.kind == "full" or (spec.kind == "sliding" and spec.global_every)
     qkv = t * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * e if keeps_v else 0
-    # The heads' (b, s, h * D) copy the output projection keeps; SDPA's causal kernel on CPU already
-    # returns its output in that layout, so there it is a view of the output kept above.
-    heads_out = 0 if spec.kind == "full" and not shape.cuda else t * shape.heads * shape.head_dim * e
+    # The heads' (b, s, h * D) copy the output projection keeps. SDPA's causal kernel on CPU, and flash-attn
+    # on CUDA (16-bit; full layers and windows without global tokens), already return their output in
+    # that layout: there it is a view of the output kept above.
+    flash = shape.cuda and e < F32 and (spec.kind == "full" or (spec.kind == "sliding" and not spec.global_every))
+    heads_out = 0 if (spec.kind == "full" and not shape.cuda) or flash else t * shape.heads * shape.head_dim * e
     attention = {"attention norm": _norm(shape) + _dropout(shape), "qkv": qkv, **core, "attention output": heads_out}
     # SwiGLU keeps [gate; up] and the product (model/mlp.py). Its backward holds the product's gradient
     # and the [gate; up] gradient it returns, plus two temporaries for one slice of tokens.

@@ -52,7 +52,11 @@ class TrainingSetup:
     distributed_optimizer: bool = False
     recompute: str = "none"  # none | selective | full
     recompute_first_layers: int | None = None  # full recomputation of only the first N layers of each chunk
-    cuda: bool = False
+    cuda: bool = False  # CUDA kernels (flash / flex, fused norms) instead of the CPU ones
+    attention_backend: str = "auto"
+    cp_comm_type: str = "p2p"  # p2p: a full layer's prefix, a local layer's halo; allgather: every key
+    documents: bool = False  # --reset-attention-mask: samples packed with documents (not modelled)
+    device_type: str = "cpu"
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -76,7 +80,7 @@ class TrainingSetup:
             heads=config.n_heads // tp, kv_heads=config.n_kv_heads // tp, head_dim=config.head_dim,
             ffn=config.d_ff // tp, element=self.element,
             sequence_parallel_ranks=tp if self.sequence_parallel else 1, hidden_dropout=config.hidden_dropout,
-            cuda=self.cuda, context=self.context,
+            cuda=self.cuda, context=self.context, cp_allgather=self.cp_comm_type == "allgather",
         )
 
 
@@ -227,10 +231,19 @@ def _replay(setup: TrainingSetup, pipeline_rank: int) -> _Moment:
 
 
 def _unmodelled(setup: TrainingSetup) -> tuple[str, ...]:
-    """What the estimate leaves out for this run (ADR 0017)."""
+    """What the estimate leaves out for this run (ADR 0017), said with every estimate."""
     notes = []
     if setup.config.attention_dropout > 0:
-        notes.append("attention dropout > 0 is not modelled (SDPA keeps dropout masks; on CPU it may keep the scores)")
+        notes.append("attention dropout > 0 is not modelled (SDPA keeps its masks; on CPU it may keep the scores)")
+    if setup.documents:
+        notes.append("packed documents (--reset-attention-mask) are not modelled: local layers keep a mask per "
+                     "block and, with global tokens, per-sample key sets")
+    expected = ("auto", "chunked") if setup.device_type == "cpu" else ("auto", "flash", "flex")
+    if setup.attention_backend not in expected:
+        notes.append(f"--attention-backend {setup.attention_backend} on {setup.device_type} is not modelled (the "
+                     f"estimate assumes {'chunked' if setup.device_type == 'cpu' else 'flash/flex'})")
+    if setup.device_type not in ("cpu", "cuda"):
+        notes.append(f"{setup.device_type} is not modelled: the estimate uses the CPU kernels' terms")
     if setup.cuda:
         notes.append("CUDA terms are unmeasured (no GPU check yet); allocator caching and kernel workspaces are "
                      "not counted")

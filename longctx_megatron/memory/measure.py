@@ -5,8 +5,8 @@ new storage is counted until it is freed (a finalizer on the storage). Tensors t
 mode was entered (weights, gradient buffers, optimizer state) are counted with ``track``. This sees
 what autograd keeps for backward, every temporary an operator returns, and communication buffers;
 it does not see scratch memory an operator allocates and frees inside one kernel (a fused kernel's
-workspace), which the estimates leave out as well. Works on every device; the GPU check reads
-``torch.cuda.max_memory_allocated`` instead.
+workspace), which the estimates leave out as well. Works on every device (on CUDA,
+``torch.cuda.max_memory_allocated`` also counts what the caching allocator rounds up).
 """
 
 from __future__ import annotations

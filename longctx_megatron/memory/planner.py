@@ -5,8 +5,10 @@
 * ``rank_layouts``: for a model, a device count and a global batch, every TP x PP x CP x DP layout
   (with sequence parallelism under TP, ZeRO-1 under DP) and recomputation mode that fits, ranked by
   ``step_time``, a simple cost model: compute at a fixed throughput, stretched by the pipeline
-  bubble and recomputation, plus the bytes each kind of parallelism communicates over its link.
-  It ranks layouts; it does not predict seconds.
+  bubble and recomputation's extra forward, plus the bytes each kind of parallelism communicates
+  over its link (TP always within a node; CP within a node while TP x CP fits in one; DP and PP
+  over the network once the job spans nodes). Communication is not overlapped with compute. It
+  ranks layouts; it does not predict seconds.
 """
 
 from __future__ import annotations
@@ -52,22 +54,30 @@ def step_time(setup: TrainingSetup, global_batch: int) -> float:
     devices = setup.tensor * setup.pipeline * setup.data * setup.context
     tokens = global_batch * seq
     compute = flops_per_token(config, seq) * tokens / devices / ACHIEVED_FLOPS
-    if setup.recompute != "none":  # one more forward: of every block (full) or of the attention core (selective)
-        forward = sum(layer_forward_flops(config, seq)) + head_forward_flops(config)
-        attention = sum(layer_forward_flops(config, seq)) - config.n_layers * 2 * _dense_params_per_layer(config)
-        compute *= 1 + (forward if setup.recompute == "full" else attention) / (3 * forward)
+    forward = sum(layer_forward_flops(config, seq)) + head_forward_flops(config)
+    # Recomputation runs one more forward: of every block (full) or of every attention module, its
+    # projections included (selective: everything but the MLP).
+    again = {"none": 0.0, "selective": forward - config.n_layers * 2 * 3 * config.d_model * config.d_ff,
+             "full": forward}[setup.recompute]
+    compute *= 1 + again / (3 * forward)
     bubble = (setup.pipeline - 1) / (setup.chunks * setup.microbatches + setup.pipeline - 1)
     element, local_tokens = setup.element, setup.micro_batch * seq // setup.context
     hidden = local_tokens * config.d_model * element * (setup.tensor - 1) / setup.tensor
     layers_here = config.n_layers / setup.pipeline
-    tp_bytes = 8 * hidden * layers_here * setup.microbatches  # 4 gathers/scatters forward, 4 backward per layer
+    # Per layer: SP gathers and scatters 2 + 2 times forward and 6 times backward (the projections'
+    # inputs gathered again); without SP 2 + 2 all-reduces of twice the bytes. Recomputation repeats
+    # the forward's (of the attention's 2 for selective).
+    per_layer = 10 + {"none": 0, "selective": 2, "full": 4}[setup.recompute]
+    tp_bytes = per_layer * hidden * layers_here * setup.microbatches
     kv = local_tokens * config.n_kv_heads * config.head_dim * element * 2 / setup.tensor
     cp_bytes = 3 * kv * (setup.context - 1) * layers_here * setup.microbatches  # keys/values and their gradients
     dp_bytes = 2 * _params_per_rank(setup) * 4 * (setup.data * setup.context - 1) / (setup.data * setup.context)
     pp_bytes = 2 * local_tokens * config.d_model * element / setup.tensor * setup.microbatches * setup.chunks
-    intra = (tp_bytes + cp_bytes) / INTRA_NODE_BYTES
-    inter_link = INTER_NODE_BYTES if devices > DEVICES_PER_NODE else INTRA_NODE_BYTES
-    return compute / (1 - bubble) + intra + (dp_bytes + (pp_bytes if setup.pipeline > 1 else 0)) / inter_link
+    across_nodes = devices > DEVICES_PER_NODE
+    cp_link = INTER_NODE_BYTES if setup.tensor * setup.context > DEVICES_PER_NODE else INTRA_NODE_BYTES
+    outer_link = INTER_NODE_BYTES if across_nodes else INTRA_NODE_BYTES
+    return (compute / (1 - bubble) + tp_bytes / INTRA_NODE_BYTES + cp_bytes / cp_link
+            + (dp_bytes + (pp_bytes if setup.pipeline > 1 else 0)) / outer_link)
 
 
 def _dense_params_per_layer(config) -> int:

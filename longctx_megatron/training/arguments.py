@@ -237,8 +237,9 @@ GROUPS: dict[str, tuple[str, list[Flag]]] = {
         Flag("--adam-beta2", ("training.adam_beta2",), {"type": float}),
         Flag("--adam-eps", ("training.adam_eps",), {"type": float}),
         Flag("--memory-per-device", ("training.memory_per_device",), {
-            "type": float, "help": "GiB each process may use (default on CUDA: the device's capacity); a run whose "
-            "estimated peak (longctx_megatron/memory) exceeds it is refused before any process group starts"}),
+            "type": float, "help": "GiB each process may use (default on CUDA: the device's capacity; 0: no check); "
+            "a run whose estimated peak (longctx_megatron/memory) exceeds it is refused before any process group "
+            "starts"}),
         Flag("--clip-grad", ("training.clip_grad",),
              {"type": float, "help": "global gradient-norm clip (0: none)"}),
         Flag("--calculate-per-token-loss", ("training.calculate_per_token_loss",), {

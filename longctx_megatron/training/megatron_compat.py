@@ -54,6 +54,9 @@ NO_EFFECT: dict[str, tuple[dict, str]] = {
     "--tensorboard-queue-size": ({"type": int}, "TensorBoard events are flushed at every log interval"),
     "--log-progress": ({"action": "store_true"}, "progress is in the log lines"),
     "--distributed-timeout-seconds-after-init": ({"type": int}, "one timeout applies throughout"),
+    "--report-theoretical-memory": ({"action": "store_true"},
+                                    "the per-rank memory estimate is always printed at start-up; "
+                                    "tools/estimate_memory.py itemises it"),
 }
 
 REFUSED_PREFIXES: dict[str, str] = {

@@ -91,8 +91,9 @@ def setup(run: RunConfig, log=print) -> Trainer:
     sizes, costs, head = stage_sizes(run, config)
     parallel, training = run.parallel, run.training
     device = torch.device(training.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    memory = estimate_training(training_setup(run, config, sizes, device.type))
-    check_fits(run, memory, device_capacity_gib(run, device))
+    memory_setup = training_setup(run, config, sizes, device.type)
+    memory = estimate_training(memory_setup)
+    check_fits(run, memory_setup, memory, device_capacity_gib(run, device))
     ctx = initialize_parallel(tensor=parallel.tensor, pipeline=parallel.pipeline, backend=parallel.backend_for(device),
                               timeout_minutes=parallel.timeout_minutes, context=parallel.context)
     if ctx.world_size != run.world_size:

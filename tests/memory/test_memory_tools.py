@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch.distributed as dist
 
 import pretrain_longctx
@@ -84,3 +85,21 @@ def test_estimate_memory_tool(capsys):
     assert estimate_memory.main(SEVEN_B + ["--inference", "--batch", "8"]) == 0
     assert "kv cache" in capsys.readouterr().out.lower()
     assert estimate_memory.main(["--num-layers", "2", "--largest", "micro-batch"]) == 2
+
+
+def test_estimate_memory_tool_refuses_what_it_cannot_answer(capsys):
+    assert estimate_memory.main(["--tensor-model-parallel-size", "4"]) == 2  # the demo model has 2 KV heads
+    assert "must divide n_kv_heads" in capsys.readouterr().err
+    assert estimate_memory.main(["--inference", "--pipeline-model-parallel-size", "2"]) == 2
+    assert estimate_memory.main(["--memory-per-device", "-1"]) == 2
+    with pytest.raises(SystemExit):
+        estimate_memory.main(["--inference", "--prefill-chunk", "0"])
+    assert estimate_memory.main(["--reset-attention-mask", "--attention-backend", "reference", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "packed documents (--reset-attention-mask) are not modelled" in out
+    assert "--attention-backend reference on cpu is not modelled" in out
+
+
+def test_memory_per_device_zero_turns_the_check_off():
+    assert pretrain_longctx.main(["--train-iters", "1", "--seq-length", "128", "--eval-iters", "1",
+                                  "--memory-per-device", "0"]) == 0
