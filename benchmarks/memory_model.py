@@ -4,23 +4,27 @@
 
 Runs every cell of tests/memory/training_grid.py (tiny models on CPU: each layer kind alone, the
 mixed plan at a length where attention dominates and one where it does not, recomputation modes,
-TP2 + SP, PP2 1F1B and interleaved, ZeRO-1, fp32 and bf16) and prints, per rank, the peak of live
-tensor bytes over one whole step measured by memory.measure.PeakTracker, the estimate of
-memory/estimate.py, their error and the moment the estimate puts the peak at. Memory is not noisy:
-one run per cell. The test suite asserts |error| <= 10% on the same grid. Then the inference grid
-(memory/inference_grid.py: each plan, batch 1 and 4, a short and a long prompt, fp32 and bf16,
-through the real engine's prefill and decode), held to the same bound by its test.
+dropout, TP2 + SP, PP2 1F1B and interleaved, CP2, ZeRO-1, fp32 and bf16) and prints, per rank, the
+peak of live tensor bytes over one whole step measured by memory.measure.PeakTracker, the estimate
+of memory/estimate.py, their error and the moment the estimate puts the peak at. One run per cell:
+repeated runs of a cell differ by about 1% (when storage finalizers run). The test suite asserts
+|error| <= 10% on the same grid. Then the inference grid (memory/inference_grid.py: each plan,
+batch 1 and 4, a short and a long prompt, fp32 and bf16, through the real engine's prefill and
+decode), held to the same bound by its test.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import torch
 
-from longctx_megatron.memory.inference_grid import inference_rows
-from tests.memory.training_grid import CELLS, measure_cell
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository: tests/
+
+from longctx_megatron.memory.inference_grid import inference_rows  # noqa: E402
+from tests.memory.training_grid import CELLS, measure_cell  # noqa: E402
 
 
 def main(names: list[str]) -> None:
