@@ -20,23 +20,23 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, group, vocab_start, vocab_size):
         local_vocab = logits.shape[-1]
         real = max(0, min(local_vocab, vocab_size - vocab_start))  # columns of this shard that are not padding
-        if real < local_vocab:
-            logits = logits.float().clone()
-            logits[..., real:] = float("-inf")
-        else:
-            logits = logits.float()
-        row_max = logits.max(dim=-1).values
+        # One fp32 working copy (the caller's logits are returned, so never changed), turned in place
+        # into shifted logits, then exponentials, then the softmax that backward needs: a second and
+        # third logits-sized fp32 tensor would be 8 bytes per logit more at the peak.
+        work = logits.float() if logits.dtype != torch.float32 else logits.clone()
+        work[..., real:] = float("-inf")
+        row_max = work.max(dim=-1).values
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - row_max[..., None]
+        work.sub_(row_max[..., None])
         elsewhere = (labels < vocab_start) | (labels >= vocab_start + local_vocab)
         local_labels = (labels - vocab_start).masked_fill(elsewhere, 0)
-        target = shifted.gather(-1, local_labels[..., None]).squeeze(-1).masked_fill(elsewhere, 0.0)
+        target = work.gather(-1, local_labels[..., None]).squeeze(-1).masked_fill(elsewhere, 0.0)
         target = all_reduce(target, group)
-        exp = shifted.exp()
-        sum_exp = all_reduce(exp.sum(dim=-1), group)
+        softmax = work.exp_()
+        sum_exp = all_reduce(softmax.sum(dim=-1), group)
         ignored = labels == IGNORE_INDEX
         loss = (torch.log(sum_exp) - target).masked_fill(ignored, 0.0)
-        softmax = exp.div_(sum_exp[..., None])
+        softmax.div_(sum_exp[..., None])
         ctx.save_for_backward(softmax, elsewhere, ignored, local_labels)
         return loss
 
