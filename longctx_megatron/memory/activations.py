@@ -94,8 +94,11 @@ def _regathered(shape: LayerShape) -> int:
 
 
 def _dropout(shape: LayerShape) -> int:
-    """A hidden dropout with p > 0 keeps its boolean mask (F.dropout with p = 0 returns its input)."""
-    return shape.norm_tokens * shape.d_model * BOOL if shape.hidden_dropout > 0 else 0
+    """A hidden dropout with p > 0 keeps its mask: on CUDA the fused kernel's booleans, on CPU the scaled
+    noise tensor in the activation dtype (F.dropout with p = 0 returns its input and keeps nothing)."""
+    if shape.hidden_dropout == 0:
+        return 0
+    return shape.norm_tokens * shape.d_model * (BOOL if shape.cuda else shape.element)
 
 
 def _blocks(window: int, seq: int) -> tuple[int, int, int]:
@@ -242,11 +245,12 @@ def head_bytes(shape: LayerShape, vocab: int, tensor_parallel: int) -> LayerByte
 
 def head_forward_extra(shape: LayerShape, vocab: int, tensor_parallel: int) -> int:
     """The logits' working set during the forward pass on top of what the head keeps: the logits in the
-    activation dtype (returned, so alive until the micro-batch's forward ends) and their fp32 copy."""
+    activation dtype (returned, so alive until the micro-batch's forward ends) and, in the plain head,
+    their fp32 copy for 16-bit logits (the vocab-parallel loss turns its one fp32 copy into the softmax
+    it keeps)."""
     logits = shape.tokens * vocab
-    copy = logits * F32 if shape.element < F32 else 0
-    shifted = logits * F32 if tensor_parallel > 1 else 0
-    return logits * shape.element + copy + shifted
+    copy = logits * F32 if shape.element < F32 and tensor_parallel == 1 else 0
+    return logits * shape.element + copy
 
 
 def embedding_bytes(shape: LayerShape) -> int:

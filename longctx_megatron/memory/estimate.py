@@ -168,6 +168,10 @@ def _stage_activations(setup: TrainingSetup, virtual_stage: int):
     else:
         kept["pipeline buffers"] = hidden if e < F32 else 0  # the received hidden (fp32: the first norm's input)
     layers = stage_layers(list(setup.sizes), virtual_stage)
+    # Each distinct RoPE config of the chunk's layers makes one fp32 (cos, sin) pair of (1, s, D) per
+    # forward (model/transformer.py), kept by every layer that rotates with it.
+    ropes = {plan[index].rope for index in layers}
+    kept["rope tables"] = len(ropes) * 2 * shape.seq * config.head_dim * F32
     for position, index in enumerate(layers):
         spec = plan[index]
         full = setup.recompute == "full" and (setup.recompute_first_layers is None
