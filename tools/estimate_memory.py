@@ -16,7 +16,6 @@ file is read unless given, and nothing is allocated: a 7B model at 100K tokens a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 import torch
@@ -25,7 +24,8 @@ from longctx_megatron.config import ConfigError, ModelConfig
 from longctx_megatron.memory.estimate import estimate_training
 from longctx_megatron.memory.inference import estimate_inference
 from longctx_megatron.memory.planner import largest_fitting, rank_layouts
-from longctx_megatron.memory.report import GIB
+from longctx_megatron.memory.report import GIB, peak_of
+from longctx_megatron.parallel.state import check_model_fits_layout
 from longctx_megatron.training.arguments import build_parser, parse_run_config
 from longctx_megatron.training.memory_check import device_capacity_gib, training_setup
 from longctx_megatron.training.setup import check_model_and_data, stage_sizes, tokenizer_and_model
@@ -66,6 +66,7 @@ def _world_size(argv: list[str], given: int | None) -> int:
 
 
 def _inference(tool, run, config: ModelConfig) -> None:
+    check_model_fits_layout(config, run.parallel.tensor)
     if run.parallel.pipeline > 1 or run.parallel.context > 1:
         raise ValueError("--inference: generation runs without pipeline or context parallelism here "
                          "(drop --pipeline-model-parallel-size / --context-parallel-size)")
@@ -99,15 +100,13 @@ def _training(tool, run, config: ModelConfig) -> None:
         if tool.largest or tool.layouts:
             raise ValueError("--largest and --layouts need --memory-per-device")
         return
-    worst = max(estimates, key=lambda estimate: estimate.total)
+    worst = peak_of(estimates)
     verdict = "fits" if worst.total <= capacity * GIB else "does NOT fit"
     print(f"\npeak {worst.total / GIB:.2f} GiB ({worst.where}): {verdict} in {capacity:g} GiB per device")
     if tool.largest:
         field, step = ("seq_length", 1024) if tool.largest == "seq-length" else ("micro_batch", 1)
-        base = setup
-        if field == "seq_length":  # stages as planned for this length; longer lengths may balance otherwise
-            base = dataclasses.replace(setup, config=dataclasses.replace(config, max_seq_len=SEARCH_LIMIT))
-        best = largest_fitting(base, int(capacity * GIB), field, step, limit=SEARCH_LIMIT)
+        # (the pipeline keeps the stages planned for --seq-length; a longer length may balance otherwise)
+        best = largest_fitting(setup, int(capacity * GIB), field, step, limit=SEARCH_LIMIT)
         if not best:
             print(f"no {tool.largest} fits")
         else:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from longctx_megatron.config.model_config import ModelConfig
-from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.memory.activations import (
     F32,
     LayerShape,
@@ -24,8 +23,8 @@ from longctx_megatron.memory.activations import (
     head_forward_extra,
     layer_bytes,
 )
+from longctx_megatron.memory.params import layer_params, local_vocab
 from longctx_megatron.memory.report import MemoryEstimate
-from longctx_megatron.model.attention.layer import GroupedQKV
 from longctx_megatron.parallel.pipeline_plan import stage_layers
 from longctx_megatron.parallel.pipeline_schedule import schedule_1f1b, schedule_interleaved
 
@@ -52,7 +51,6 @@ class TrainingSetup:
     distributed_optimizer: bool = False
     recompute: str = "none"  # none | selective | full
     recompute_first_layers: int | None = None  # full recomputation of only the first N layers of each chunk
-    cuda: bool = False  # CUDA kernels (flash / flex, fused norms) instead of the CPU ones
     attention_backend: str = "auto"
     cp_comm_type: str = "p2p"  # p2p: a full layer's prefix, a local layer's halo; allgather: every key
     documents: bool = False  # --reset-attention-mask: samples packed with documents (not modelled)
@@ -64,6 +62,11 @@ class TrainingSetup:
             return tuple(self.stage_sizes)
         per, extra = divmod(self.config.n_layers, self.pipeline)
         return tuple(per + (stage < extra) for stage in range(self.pipeline))
+
+    @property
+    def cuda(self) -> bool:
+        """Whether the CUDA kernels' terms apply (flash / flex, fused norms) instead of the CPU ones."""
+        return self.device_type == "cuda"
 
     @property
     def chunks(self) -> int:
@@ -84,22 +87,11 @@ class TrainingSetup:
         )
 
 
-def _local_vocab(setup: TrainingSetup) -> int:
-    vocab = setup.config.vocab_size
-    return padded_vocab_size(vocab, setup.tensor) // setup.tensor if setup.tensor > 1 else vocab
-
-
-def _layer_params(config: ModelConfig, tp: int) -> int:
-    qkv = config.d_model * GroupedQKV(config.group_size, config.head_dim).rows(config.n_kv_heads) // tp
-    out = config.n_heads * config.head_dim * config.d_model // tp
-    return qkv + out + 3 * config.d_model * config.d_ff // tp + 2 * config.d_model
-
-
 def _chunk_params(setup: TrainingSetup, virtual_stage: int) -> list[int]:
     """Parameter sizes (elements) of one virtual stage on one rank, as DataParallelGradients buckets them."""
     config, last = setup.config, len(setup.sizes) - 1
-    sizes = [_layer_params(config, setup.tensor)] * len(stage_layers(list(setup.sizes), virtual_stage))
-    vocab_rows = _local_vocab(setup) * config.d_model
+    sizes = [layer_params(config, setup.tensor)] * len(stage_layers(list(setup.sizes), virtual_stage))
+    vocab_rows = local_vocab(config, setup.tensor) * config.d_model
     if virtual_stage == 0 or (virtual_stage == last and config.tie_embeddings):
         sizes.append(vocab_rows)
     if virtual_stage == last:
@@ -113,7 +105,7 @@ def _buckets(setup: TrainingSetup, pipeline_rank: int) -> list[int]:
     """Padded sizes (elements) of this rank's gradient buckets: the embedding and output weights alone,
     the rest in buckets of BUCKET_MB, each padded to a multiple of the DP x CP size."""
     config, dp = setup.config, setup.data * setup.context
-    vocab_rows = _local_vocab(setup) * config.d_model
+    vocab_rows = local_vocab(config, setup.tensor) * config.d_model
     alone, rest = [], []
     for chunk in range(setup.chunks):
         for size in _chunk_params(setup, chunk * setup.pipeline + pipeline_rank):
@@ -128,11 +120,16 @@ def _buckets(setup: TrainingSetup, pipeline_rank: int) -> list[int]:
     return [-(-size // dp) * dp for size in alone + buckets]
 
 
+def rank_params(setup: TrainingSetup, pipeline_rank: int) -> int:
+    """Parameters (elements) one rank of pipeline rank ``pipeline_rank`` holds, over all its chunks."""
+    return sum(sum(_chunk_params(setup, c * setup.pipeline + pipeline_rank)) for c in range(setup.chunks))
+
+
 def model_states(setup: TrainingSetup, pipeline_rank: int) -> tuple[dict[str, int], int]:
     """(terms, optimizer step's extra working set) of the weights, gradients and optimizer state."""
     buckets = _buckets(setup, pipeline_rank)
     values = sum(buckets)
-    params = sum(sum(_chunk_params(setup, c * setup.pipeline + pipeline_rank)) for c in range(setup.chunks))
+    params = rank_params(setup, pipeline_rank)
     terms = {"weights": params * setup.element, "gradients (fp32 buckets)": values * F32}
     dp = setup.data * setup.context
     if setup.sharded_optimizer:
@@ -182,7 +179,7 @@ def _stage_activations(setup: TrainingSetup, virtual_stage: int):
         kept[name] = kept.get(name, 0) + part.total
         backwards.append([(f"backward of layer {index} ({spec.kind})", extra, {name: freed})
                           for extra, freed in part.phases])
-    vocab = _local_vocab(setup)
+    vocab = local_vocab(config, setup.tensor)
     weight_grad = vocab * config.d_model * e
     if virtual_stage == last:
         head = head_bytes(shape, vocab, setup.tensor)

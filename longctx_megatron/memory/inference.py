@@ -24,8 +24,8 @@ import torch
 
 from longctx_megatron.config.layer_plan import LayerSpec
 from longctx_megatron.config.model_config import ModelConfig
-from longctx_megatron.config.vocab import padded_vocab_size
 from longctx_megatron.inference.cache import GROW
+from longctx_megatron.memory.params import layer_params, local_vocab
 from longctx_megatron.memory.report import MemoryEstimate
 from longctx_megatron.model.attention.backends.recompute import query_blocks
 
@@ -66,9 +66,7 @@ class _Rank:
 
     @property
     def vocab(self) -> int:
-        if self.tensor == 1:
-            return self.config.vocab_size
-        return padded_vocab_size(self.config.vocab_size, self.tensor) // self.tensor
+        return local_vocab(self.config, self.tensor)
 
     def kv(self, positions: int, rows: int | None = None) -> int:
         """Bytes of keys and values of ``positions`` positions (all KV heads of the rank) for ``rows`` sequences."""
@@ -78,15 +76,8 @@ class _Rank:
 def weight_bytes(config: ModelConfig, dtype: torch.dtype, tensor: int = 1) -> int:
     """This rank's parameters: projections split over ``tensor`` ranks, the embedding by (padded)
     vocabulary rows, norms whole; tied embeddings once."""
-    item = dtype.itemsize
-    d, head_dim = config.d_model, config.head_dim
-    qkv_rows = (config.n_heads + 2 * config.n_kv_heads) * head_dim // tensor
-    projections = [(qkv_rows, d), (d, config.n_heads * head_dim // tensor), (2 * config.d_ff // tensor, d),
-                   (d, config.d_ff // tensor)]
-    per_layer = sum(rows * cols for rows, cols in projections) * item + 2 * d * item  # + the two RMSNorm weights
-    vocab = config.vocab_size if tensor == 1 else padded_vocab_size(config.vocab_size, tensor) // tensor
-    embeddings = vocab * d * item * (1 if config.tie_embeddings else 2)
-    return config.n_layers * per_layer + embeddings + d * item
+    embeddings = local_vocab(config, tensor) * config.d_model * (1 if config.tie_embeddings else 2)
+    return (config.n_layers * layer_params(config, tensor) + embeddings + config.d_model) * dtype.itemsize
 
 
 def layer_cache_bytes(spec: LayerSpec, rank: _Rank, capacity: int) -> tuple[int, int]:

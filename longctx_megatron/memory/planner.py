@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from longctx_megatron.memory.estimate import TrainingSetup, estimate_training
+from longctx_megatron.memory.estimate import TrainingSetup, estimate_training, rank_params
+from longctx_megatron.memory.report import peak_of
 from longctx_megatron.model.counting import flops_per_token, head_forward_flops, layer_forward_flops
 
 # The cost model's constants (ADR 0017): an H100-class device and node.
@@ -27,7 +28,7 @@ DEVICES_PER_NODE = 8
 
 
 def peak(setup: TrainingSetup) -> int:
-    return max(estimate.total for estimate in estimate_training(setup))
+    return peak_of(estimate_training(setup)).total
 
 
 def largest_fitting(setup: TrainingSetup, capacity: int, field: str, step: int = 1, limit: int = 1 << 22) -> int:
@@ -71,24 +72,13 @@ def step_time(setup: TrainingSetup, global_batch: int) -> float:
     tp_bytes = per_layer * hidden * layers_here * setup.microbatches
     kv = local_tokens * config.n_kv_heads * config.head_dim * element * 2 / setup.tensor
     cp_bytes = 3 * kv * (setup.context - 1) * layers_here * setup.microbatches  # keys/values and their gradients
-    dp_bytes = 2 * _params_per_rank(setup) * 4 * (setup.data * setup.context - 1) / (setup.data * setup.context)
+    dp_bytes = 2 * rank_params(setup, 0) * 4 * (setup.data * setup.context - 1) / (setup.data * setup.context)
     pp_bytes = 2 * local_tokens * config.d_model * element / setup.tensor * setup.microbatches * setup.chunks
     across_nodes = devices > DEVICES_PER_NODE
     cp_link = INTER_NODE_BYTES if setup.tensor * setup.context > DEVICES_PER_NODE else INTRA_NODE_BYTES
     outer_link = INTER_NODE_BYTES if across_nodes else INTRA_NODE_BYTES
     return (compute / (1 - bubble) + tp_bytes / INTRA_NODE_BYTES + cp_bytes / cp_link
             + (dp_bytes + (pp_bytes if setup.pipeline > 1 else 0)) / outer_link)
-
-
-def _dense_params_per_layer(config) -> int:
-    return (config.d_model * (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
-            + config.n_heads * config.head_dim * config.d_model + 3 * config.d_model * config.d_ff)
-
-
-def _params_per_rank(setup: TrainingSetup) -> int:
-    config = setup.config
-    per_layer = _dense_params_per_layer(config) / setup.tensor
-    return int(per_layer * config.n_layers / setup.pipeline + config.vocab_size * config.d_model / setup.tensor)
 
 
 @dataclass(frozen=True)

@@ -31,3 +31,8 @@ class MemoryEstimate:
             lines.append(f"{name:<{width}}  {size / GIB:9.3f}  {100 * size / total:5.1f}%")
         lines.append(f"{'total':<{width}}  {self.total / GIB:9.3f}")
         return "\n".join(lines)
+
+
+def peak_of(estimates: list[MemoryEstimate]) -> MemoryEstimate:
+    """The estimate with the largest total (the rank that decides whether a run fits)."""
+    return max(estimates, key=lambda estimate: estimate.total)

@@ -16,7 +16,8 @@ from longctx_megatron.model.attention.layer import GroupedQKV
 from longctx_megatron.model.attention.patterns import pattern_for
 
 
-def _layer_matmul_params(config: ModelConfig) -> int:
+def layer_matmul_params(config: ModelConfig) -> int:
+    """Weights of one layer's projections (QKV, output, SwiGLU), whole (unsharded)."""
     qkv = config.d_model * GroupedQKV(config.group_size, config.head_dim).rows(config.n_kv_heads)
     out = config.n_heads * config.head_dim * config.d_model
     mlp = 3 * config.d_model * config.d_ff
@@ -25,7 +26,7 @@ def _layer_matmul_params(config: ModelConfig) -> int:
 
 def estimate_params(config: ModelConfig) -> int:
     """Number of parameters; tied input/output embeddings count once."""
-    per_layer = _layer_matmul_params(config) + 2 * config.d_model  # + two RMSNorm weights
+    per_layer = layer_matmul_params(config) + 2 * config.d_model  # + two RMSNorm weights
     embeddings = config.vocab_size * config.d_model * (1 if config.tie_embeddings else 2)
     return config.n_layers * per_layer + embeddings + config.d_model  # + final norm
 
@@ -57,7 +58,7 @@ def _keys_in_sequence(pattern, length: int, head: int) -> int:
 
 def layer_forward_flops(config: ModelConfig, seq_len: int, documents: list[list[int]] | None = None) -> list[float]:
     """Forward FLOPs per token of each layer: its projections plus QK^T and PV over its real span."""
-    dense = 2 * _layer_matmul_params(config)
+    dense = 2 * layer_matmul_params(config)
     return [dense + 4 * config.n_heads * config.head_dim * keys
             for keys in mean_keys_per_query(config, seq_len, documents)]
 

@@ -9,31 +9,24 @@ import torch
 
 from longctx_megatron.config import ModelConfig
 from longctx_megatron.memory.estimate import TrainingSetup
-from longctx_megatron.memory.report import GIB, MemoryEstimate
+from longctx_megatron.memory.report import GIB, MemoryEstimate, peak_of
 from longctx_megatron.training.run_config import RunConfig
 
 
-def training_setup(run: RunConfig, config: ModelConfig, sizes: list[int] | None = None,
-                   device_type: str | None = None) -> TrainingSetup:
-    """The memory model's view of ``run`` (``sizes``: layers per (virtual) stage, as setup.stage_sizes gives)."""
+def training_setup(run: RunConfig, config: ModelConfig, sizes: list[int] | None, device_type: str) -> TrainingSetup:
+    """The memory model's view of ``run`` on ``device_type`` (``sizes``: layers per (virtual) stage, as
+    setup.stage_sizes gives)."""
     parallel, training = run.parallel, run.training
-    if device_type is None:
-        device_type = training.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device_type = torch.device(device_type).type
     return TrainingSetup(
         config=config, seq_length=training.seq_length, micro_batch=training.micro_batch_size,
-        microbatches=run.microbatches, element=torch.empty((), dtype=training.dtype).element_size(),
+        microbatches=run.microbatches, element=training.dtype.itemsize,
         tensor=parallel.tensor, pipeline=parallel.pipeline, data=run.data_parallel, context=parallel.context,
         sequence_parallel=parallel.sequence_parallel, stage_sizes=tuple(sizes) if sizes else None,
         distributed_optimizer=parallel.distributed_optimizer, recompute=parallel.recompute_granularity,
-        recompute_first_layers=parallel.recompute_first_layers, cuda=device_type == "cuda",
-        attention_backend=run.model.attention_backend, cp_comm_type=parallel.cp_comm_type,
+        recompute_first_layers=parallel.recompute_first_layers, attention_backend=run.model.attention_backend,
+        cp_comm_type=parallel.cp_comm_type,
         documents=run.data.reset_attention_mask, device_type=device_type,
     )
-
-
-def peak_rank(estimates: list[MemoryEstimate]) -> MemoryEstimate:
-    return max(estimates, key=lambda estimate: estimate.total)
 
 
 def describe(estimates: list[MemoryEstimate]) -> str:
@@ -73,7 +66,7 @@ def check_fits(run: RunConfig, setup: TrainingSetup, estimates: list[MemoryEstim
     """Refuse (ValueError) a run whose estimated peak on some rank exceeds ``capacity_gib``."""
     if capacity_gib is None:
         return
-    worst = peak_rank(estimates)
+    worst = peak_of(estimates)
     if worst.total <= capacity_gib * GIB:
         return
     largest = ", ".join(f"{name} {size / GIB:.2f} GiB" for name, size in worst.largest(3))

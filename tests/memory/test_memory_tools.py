@@ -91,6 +91,7 @@ def test_estimate_memory_tool_refuses_what_it_cannot_answer(capsys):
     assert estimate_memory.main(["--tensor-model-parallel-size", "4"]) == 2  # the demo model has 2 KV heads
     assert "must divide n_kv_heads" in capsys.readouterr().err
     assert estimate_memory.main(["--inference", "--pipeline-model-parallel-size", "2"]) == 2
+    assert estimate_memory.main(["--inference", "--tensor-model-parallel-size", "4"]) == 2
     assert estimate_memory.main(["--memory-per-device", "-1"]) == 2
     with pytest.raises(SystemExit):
         estimate_memory.main(["--inference", "--prefill-chunk", "0"])
