@@ -22,7 +22,7 @@ def test_silu_product_gradcheck(monkeypatch):
 
 
 @pytest.mark.parametrize("slice_elements", [1 << 22, 200])  # one slice; slices of 6 tokens, the last one ragged
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_silu_product_matches_autograd(dtype, slice_elements, monkeypatch):
     monkeypatch.setattr(mlp, "BACKWARD_ROWS_ELEMENTS", slice_elements)
     generator = torch.Generator().manual_seed(0)

@@ -48,6 +48,23 @@ def _cross_entropy_body(rank, world_size):
     torch.testing.assert_close(local.grad, want_grad[..., rank * local_size:(rank + 1) * local_size],
                                rtol=1e-6, atol=1e-7)
     assert (local.grad[1, 2:5] == 0).all()  # ignored labels: no gradient
+    assert torch.equal(local.detach(), logits[..., rank * local_size:(rank + 1) * local_size])  # input untouched
+
+    # 16-bit logits: the loss is computed in one fp32 copy, so it equals the fp32 loss of the rounded logits.
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = logits.to(dtype)
+        reference = rounded[..., :VOCAB].float().requires_grad_()
+        want16 = F.cross_entropy(reference.flatten(0, 1), labels.flatten(), reduction="none",
+                                 ignore_index=-100).view(3, 10)
+        (want16 * grad).sum().backward()
+        local16 = rounded[..., rank * local_size:(rank + 1) * local_size].clone().requires_grad_()
+        got16 = vocab_parallel_cross_entropy(local16, labels, ctx.tp_group, rank * local_size, VOCAB)
+        (got16 * grad).sum().backward()
+        torch.testing.assert_close(got16, want16, rtol=1e-6, atol=1e-6)
+        want16_grad = torch.cat([reference.grad, torch.zeros(3, 10, padded - VOCAB)], dim=-1)
+        assert local16.grad.dtype == dtype
+        torch.testing.assert_close(local16.grad.float(), want16_grad[..., rank * local_size:(rank + 1) * local_size],
+                                   rtol=1e-2, atol=1e-3)
 
     embedding = VocabParallelEmbedding(VOCAB, 8, ctx)
     table = torch.randn(VOCAB, 8, generator=torch.Generator().manual_seed(1))
